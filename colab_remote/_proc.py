@@ -1,0 +1,437 @@
+"""The only module that starts, signals or waits on processes.
+
+Long-lived children run detached (their own session, stdin from /dev/null, output to a log file,
+a pid file in the state folder) so they outlive the cell, an interrupted cell and a kernel restart.
+They are stopped only by the pid we recorded, and only after checking that the pid still runs the
+program we started (a pid can be reused): SIGTERM to the process group, wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ColabRemoteError, InstallError
+
+log = logging.getLogger(__name__)
+
+SECRET_FIFO_ENV = "COLAB_REMOTE_SECRET_FIFO"
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# Text handed to IPython's system_raw goes through var_expand ($name, {expr}): allow none of it.
+_INERT_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+# --- finding and installing programs -----------------------------------------------------------
+
+
+def find_program(name: str) -> str | None:
+    """Absolute path of ``name`` on PATH or in the sbin folders (sshd lives in /usr/sbin)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _SBIN_DIRS:
+        candidate = os.path.join(folder, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def require_program(name: str, *, package: str, install: bool, error: type[ColabRemoteError]) -> str:
+    """Path of ``name``; installs ``package`` with apt-get first when missing and ``install``."""
+    path = find_program(name)
+    if path:
+        return path
+    if install:
+        apt_install([package])
+        path = find_program(name)
+        if path:
+            return path
+    raise error(
+        f"{name} not found",
+        fix=f"pass install=True to install {package}, or run: apt-get install -y {package}",
+    )
+
+
+def apt_install(packages: Sequence[str], *, timeout: float = 900, progress: bool = True) -> None:
+    """``apt-get install -y packages`` non-interactively, with a progress bar."""
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise InstallError(
+            f"cannot install {' '.join(packages)}: this system has no apt-get",
+            fix=f"install {' '.join(packages)} with this system's package manager",
+        )
+    if os.geteuid() != 0:
+        raise InstallError(
+            f"cannot install {' '.join(packages)}: installing needs root",
+            fix=f"run as root, or: sudo apt-get install -y {' '.join(packages)}",
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    log_file = Path(tempfile.gettempdir()) / "colab_remote-apt.log"
+    quiet = ["-q", "-o", "Dpkg::Use-Pty=0", "-o", "APT::Status-Fd=1"]
+    install = [apt, "install", "-y", "--no-install-recommends", *quiet,
+               "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+               *packages]
+    deadline = time.monotonic() + timeout
+    with log_file.open("w") as out:
+        for step, argv in (("update", [apt, "update", *quiet]), ("install", install)):
+            rc = _run_with_status(argv, out, env, deadline, f"apt-get {step}", progress)
+            if rc != 0 and step == "install":
+                raise InstallError(
+                    f"apt-get install {' '.join(packages)} failed (exit {rc})",
+                    log_tail=tail(log_file),
+                    fix=f"run apt-get install -y {' '.join(packages)} by hand and read its output",
+                )
+
+
+def _run_with_status(argv: list[str], out: Any, env: Mapping[str, str], deadline: float,
+                     label: str, progress: bool) -> int:
+    """Run apt-get, turning its ``pmstatus``/``dlstatus`` lines into a tqdm bar."""
+    bar = None
+    if progress:
+        with contextlib.suppress(ImportError):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=100, desc=label, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(env), text=True)
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            fields = line.split(":", 3)
+            if bar is not None and len(fields) == 4 and fields[0] in ("pmstatus", "dlstatus"):
+                with contextlib.suppress(ValueError):
+                    bar.n = float(fields[2])
+                    bar.set_postfix_str(fields[3].strip()[:40], refresh=True)
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if bar is not None:
+            bar.close()
+    return rc
+
+
+# --- short-lived commands ----------------------------------------------------------------------
+
+
+def run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30,
+        error: type[ColabRemoteError] = ColabRemoteError, what: str = "", fix: str = "",
+        check: bool = True, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a short command; a secret goes in ``input`` (stdin), never in ``argv``.
+
+    A non-zero exit (with ``check``) or a timeout raises ``error`` with the command's output tail.
+    """
+    label = what or f"{os.path.basename(argv[0])} failed"
+    try:
+        done = subprocess.run(list(argv), input=input, capture_output=True, text=True,
+                              timeout=timeout, env=dict(env) if env is not None else None)
+    except subprocess.TimeoutExpired as e:
+        output = (_text(e.stdout) + _text(e.stderr)).strip()
+        raise error(f"{label}: no answer within {timeout:g} s", log_tail=_last(output), fix=fix) from e
+    except OSError as e:
+        raise error(f"{label}: {e}", fix=fix) from e
+    if check and done.returncode != 0:
+        output = (done.stdout + done.stderr).strip()
+        raise error(f"{label} (exit {done.returncode})", log_tail=_last(output), fix=fix)
+    return done
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _last(text: str, lines: int = 15) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def tail(path: str | os.PathLike[str], lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return _last(f.read().decode(errors="replace"), lines)
+    except OSError:
+        return ""
+
+
+# --- long-lived, detached children -------------------------------------------------------------
+
+
+def in_ipython() -> Any:
+    """The running IPython shell, or None."""
+    if "IPython" not in sys.modules:
+        return None
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def spawn_detached(argv: Sequence[str], *, run_dir: Path, name: str, secret: str | None = None,
+                   env: Mapping[str, str] | None = None, timeout: float = 10) -> int:
+    """Start ``argv`` in its own session, output to ``run_dir/name.log``; return its pid.
+
+    The launch is written into ``run_dir/name.launch.sh``. Inside IPython it is started through
+    ``get_ipython().system_raw`` (the way Colab expects background programs), elsewhere through
+    ``/bin/sh``; the text given to either holds only that script's path, so IPython's ``$name`` /
+    ``{expr}`` expansion has nothing to change. ``secret`` is handed over once through a 0600 FIFO
+    whose path the child finds in ``COLAB_REMOTE_SECRET_FIFO`` (see :func:`receive_secret`).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    launch_dir = run_dir if _INERT_PATH.fullmatch(str(run_dir)) else Path(
+        tempfile.mkdtemp(prefix="colab_remote-"))
+    pid_path = run_dir / f"{name}.pid"
+    log_path = run_dir / f"{name}.log"
+    launcher = launch_dir / f"{name}.launch.sh"
+    with contextlib.suppress(FileNotFoundError):
+        pid_path.unlink()
+    fifo: Path | None = None
+    lines = ["#!/bin/sh", f"# written by colab_remote to start {name} detached",
+             f"echo $$ > {shlex.quote(str(pid_path))}.tmp && mv -f {shlex.quote(str(pid_path))}.tmp "
+             f"{shlex.quote(str(pid_path))}"]
+    extra = dict(env or {})
+    if secret is not None:
+        fifo = run_dir / f"{name}.secret"
+        with contextlib.suppress(FileNotFoundError):
+            fifo.unlink()
+        os.mkfifo(fifo, 0o600)
+        extra[SECRET_FIFO_ENV] = str(fifo)
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in extra.items()]
+    lines.append(f"exec {shlex.join(argv)} </dev/null >>{shlex.quote(str(log_path))} 2>&1")
+    launcher.write_text("\n".join(lines) + "\n")
+    launcher.chmod(0o700)
+    command = f"setsid /bin/sh {launcher} </dev/null >/dev/null 2>&1 &"
+    shell = in_ipython()
+    if shell is not None and hasattr(shell, "system_raw"):
+        shell.system_raw(command)
+    else:
+        subprocess.run(["/bin/sh", "-c", command], timeout=timeout, check=True)
+    deadline = time.monotonic() + timeout
+    pid = None
+    while time.monotonic() < deadline:
+        pid = read_pid(pid_path)
+        if pid is not None:
+            break
+        time.sleep(0.005)
+    if pid is None:
+        raise ColabRemoteError(f"{name} did not start within {timeout:g} s", log_tail=tail(log_path),
+                               fix=f"run {shlex.join(argv)} by hand to see why")
+    if fifo is not None:
+        try:
+            _hand_over(fifo, secret or "", pid, deadline=time.monotonic() + timeout)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                fifo.unlink()
+    return pid
+
+
+def _hand_over(fifo: Path, secret: str, pid: int, *, deadline: float) -> None:
+    """Write ``secret`` into the FIFO once the child has opened it for reading."""
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        if not pid_alive(pid) or time.monotonic() > deadline:
+            raise ColabRemoteError("the background process exited before it took its password",
+                                   fix="see its log with .logs()")
+        time.sleep(0.005)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, secret.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def receive_secret(timeout: float = 30) -> str | None:
+    """In a child started with ``secret=``: read it from the FIFO (once) and forget the path."""
+    path = os.environ.pop(SECRET_FIFO_ENV, None)
+    if not path:
+        return None
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(timeout))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return data.decode().rstrip("\n")
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise TimeoutError("nobody handed over the secret in time")
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a pid file, or None when there is none."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of ``pid`` ([] when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def is_ours(pid: int | None, marker: str) -> bool:
+    """True when ``pid`` runs and its command line names ``marker`` (our config or state path)."""
+    return pid is not None and pid_alive(pid) and any(marker in a for a in cmdline(pid))
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def stop(pid: int | None, *, marker: str, timeout: float = 5, also: Iterable[int] = ()) -> bool:
+    """SIGTERM the process group of ``pid`` (if it is still ours), wait, then SIGKILL.
+
+    ``also`` are more pids (e.g. sshd's per-connection children) stopped the same way.
+    Returns True when something was stopped.
+    """
+    if not is_ours(pid, marker):
+        return False
+    assert pid is not None
+    targets = [pid, *also]
+    for target in targets:
+        _signal_group(target, signal.SIGTERM)
+    if not wait_until(lambda: not any(pid_alive(t) for t in targets), timeout):
+        for target in targets:
+            _signal_group(target, signal.SIGKILL)
+        wait_until(lambda: not any(pid_alive(t) for t in targets), 2)
+    for target in targets:  # reap it if it happens to be our own child
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(target, os.WNOHANG)
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# --- ports -------------------------------------------------------------------------------------
+
+
+def ssh_banner(host: str, port: int, timeout: float = 1.0) -> str | None:
+    """The SSH identification line a server at host:port sends, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            data = b""
+            while b"\n" not in data and len(data) < 512:
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
+    return line if line.startswith("SSH-") else None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when another program already listens on host:port (we cannot bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` atomically with ``mode`` from the first byte (never world-readable)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def is_private(path: Path) -> bool:
+    """True when only the owner may read ``path``."""
+    return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
+

@@ -1,0 +1,262 @@
+"""Pure functions: validate input, parse ``user@host``, build ssh/rsync argv and config text.
+
+Nothing here starts a process or touches the network, so all of it is tested with plain asserts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import os
+import re
+import shlex
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# POSIX portable login names, as useradd accepts them by default (Debian's NAME_REGEX is stricter).
+_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ssh-dss",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+
+def check_port(value: object, name: str = "port", *, allow_zero: bool = False) -> int:
+    """Return ``value`` if it is a TCP port number, else raise ``ValueError``/``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in 1..65535, got {value!r}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        allowed = "0 (let the server pick) or 1..65535" if allow_zero else "1..65535"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def check_user(user: object, name: str = "user") -> str:
+    """Return ``user`` if it is a valid POSIX login name (no spaces, no leading '-', no ':')."""
+    if not isinstance(user, str):
+        raise TypeError(f"{name} must be a str, got {user!r}")
+    if not _USER_RE.fullmatch(user):
+        raise ValueError(
+            f"{name} {user!r} is not a valid login name: use 1-32 characters of letters, digits, "
+            "'_', '.', '-', not starting with '-' or a digit"
+        )
+    return user
+
+
+def check_password(password: object) -> str:
+    """Return ``password`` if chpasswd and ssh can take it (no newline, ':' or NUL)."""
+    if not isinstance(password, str):
+        raise TypeError("password must be a str")
+    if not password:
+        raise ValueError("password must not be empty (pass None to generate one)")
+    for bad, label in (("\n", "a newline"), ("\r", "a carriage return"), (":", "':'"), ("\0", "NUL")):
+        if bad in password:
+            raise ValueError(f"password must not contain {label}")
+    return password
+
+
+def check_host(host: object) -> str:
+    """Return ``host`` (a DNS name, an IPv4 address or a bare IPv6 address) or raise ``ValueError``."""
+    if not isinstance(host, str) or not host:
+        raise ValueError("host must not be empty")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(
+            f"host {host!r} is not a host name or IP address (letters, digits, '.', '-'; "
+            "IPv6 in brackets: user@[::1])"
+        )
+    return host
+
+
+@dataclass(frozen=True)
+class Destination:
+    """``user@host`` split into its parts; ``path`` is set for ``user@host:path``."""
+
+    user: str
+    host: str
+    path: str = ""
+
+    @property
+    def target(self) -> str:
+        """The ``user@host`` argument for ssh (IPv6 without brackets, as ssh wants it)."""
+        return f"{self.user}@{self.host}"
+
+    @property
+    def rsync_host(self) -> str:
+        """``user@host`` as rsync wants it before ``:path`` (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}" + (f":{self.path}" if self.path else "")
+
+
+def parse_destination(text: object, *, with_path: bool = False) -> Destination:
+    """Parse ``user@host`` (``user@[v6]``), or ``user@host:path`` when ``with_path``.
+
+    >>> parse_destination("bob@example.org").target
+    'bob@example.org'
+    """
+    what = "user@host:path" if with_path else "user@host"
+    if not isinstance(text, str):
+        raise TypeError(f"destination must be a str like {what!r}, got {text!r}")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"destination {text!r} must not contain spaces; expected {what}")
+    user, at, rest = text.partition("@")
+    if not at or not user or not rest:
+        raise ValueError(f"destination {text!r} is not of the form {what}")
+    check_user(user, "the user in destination")
+    path = ""
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"destination {text!r}: missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as e:
+            raise ValueError(f"destination {text!r}: {host!r} is not an IPv6 address") from e
+        if with_path:
+            if not after.startswith(":"):
+                raise ValueError(f"destination {text!r} has no ':path'; expected {what}")
+            path = after[1:]
+        elif after:
+            raise ValueError(f"destination {text!r}: unexpected {after!r} after the address")
+    else:
+        if with_path:
+            host, colon, path = rest.partition(":")
+            if not colon:
+                raise ValueError(f"destination {text!r} has no ':path'; expected {what}")
+        else:
+            host = rest
+            if ":" in host:
+                try:
+                    ipaddress.IPv6Address(host)
+                except ValueError as e:
+                    raise ValueError(
+                        f"destination {text!r}: a port goes in port=, and an IPv6 address in "
+                        "brackets (user@[::1])"
+                    ) from e
+        check_host(host)
+    if with_path:
+        if not path or path.strip("/") == "" and path.startswith("/"):
+            raise ValueError(f"destination {text!r}: the remote path must not be empty or '/'")
+        if "\0" in path or "\n" in path:
+            raise ValueError(f"destination {text!r}: the remote path must not contain NUL or newline")
+    return Destination(user, host, path)
+
+
+def ssh_option_argv(options: dict[str, str | int]) -> list[str]:
+    """``{"Port": 22}`` -> ``["-o", "Port=22"]``, in insertion order."""
+    argv: list[str] = []
+    for key, value in options.items():
+        argv += ["-o", f"{key}={value}"]
+    return argv
+
+
+def host_key_options(known_hosts: Path, *, pinned: bool) -> dict[str, str | int]:
+    """Host-key checking: ``accept-new`` into our own known_hosts, or ``yes`` against a pinned key.
+
+    Never ``StrictHostKeyChecking=no``: the first connection records the key, later ones check it.
+    """
+    return {
+        "UserKnownHostsFile": str(known_hosts),
+        "GlobalKnownHostsFile": "/dev/null",
+        "StrictHostKeyChecking": "yes" if pinned else "accept-new",
+        "UpdateHostKeys": "no",
+    }
+
+
+def rsync_ssh_command(ssh_argv: list[str]) -> str:
+    """The string for ``rsync -e``: rsync splits it itself, so quote every word."""
+    return shlex.join(ssh_argv)
+
+
+# --- public keys -------------------------------------------------------------------------------
+
+
+def _key_blob(line: str) -> tuple[str, bytes] | None:
+    """``(type, blob)`` of an authorized_keys / .pub line, skipping leading options."""
+    words = line.split()
+    for i, word in enumerate(words[:-1]):
+        if word in _KEY_TYPES:
+            try:
+                blob = base64.b64decode(words[i + 1], validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            if len(blob) < 4:
+                return None
+            (n,) = struct.unpack(">I", blob[:4])
+            if blob[4 : 4 + n].decode("ascii", "replace") != word:
+                return None
+            return word, blob
+    return None
+
+
+def parse_public_keys(text_or_path: str | os.PathLike[str]) -> list[str]:
+    """Public key lines from key text (one or more lines) or from a file holding them.
+
+    Raises ``ValueError`` for anything that is not a public key (a private key, a typo).
+    """
+    if isinstance(text_or_path, os.PathLike) or (
+        isinstance(text_or_path, str)
+        and "\n" not in text_or_path
+        and not any(text_or_path.lstrip().startswith(t) for t in _KEY_TYPES)
+        and Path(text_or_path).expanduser().is_file()
+    ):
+        path = Path(text_or_path).expanduser()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"authorized_keys: cannot read {path}: {e}") from e
+    elif isinstance(text_or_path, str):
+        text = text_or_path
+    else:
+        raise TypeError("authorized_keys must be public key text or a path to a file of them")
+    keys = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "PRIVATE KEY" in line:
+            raise ValueError("authorized_keys holds a PRIVATE key; pass the public key (the .pub file)")
+        if _key_blob(line) is None:
+            shown = line if len(line) <= 40 else line[:37] + "..."
+            raise ValueError(
+                f"authorized_keys: {shown!r} is not a public key line "
+                f"(expected e.g. 'ssh-ed25519 AAAA... comment'; types: {', '.join(_KEY_TYPES[:4])}, ...)"
+            )
+        keys.append(line)
+    if not keys:
+        raise ValueError("authorized_keys holds no public key")
+    return keys
+
+
+def fingerprint(pub_line: str) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key line (as ``ssh-keygen -l`` prints)."""
+    parsed = _key_blob(pub_line)
+    if parsed is None:
+        raise ValueError(f"not a public key line: {pub_line[:40]!r}")
+    digest = hashlib.sha256(parsed[1]).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def jump_spec(dest: Destination, port: int) -> str:
+    """The ``-J`` argument: ``user@host`` or ``user@host:port`` (IPv6 in brackets)."""
+    host = f"[{dest.host}]" if ":" in dest.host else dest.host
+    return f"{dest.user}@{host}" + (f":{port}" if port != 22 else "")
