@@ -179,7 +179,8 @@ class _Announcement:
 def announce(obj: Any) -> None:
     """Print ``obj`` in a terminal; display it (HTML and text) in a notebook."""
     shell = _proc.in_ipython()
-    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+    # A notebook kernel's shell (ipykernel's, or Colab's subclass of it) has a kernel attached.
+    if shell is not None and getattr(shell, "kernel", None) is not None:
         from IPython.display import display
 
         display(obj)
@@ -337,8 +338,8 @@ def sshd_config(*, port: int, user: str, password_login: bool, host_keys: list[P
         "# Written by colab_remote.start_sshd(); rewritten on every call. Do not edit.",
         f"Port {port}",
         *([f"ListenAddress {listen_address}"] if listen_address else []),
-        *[f"HostKey {p}" for p in host_keys],
-        f"PidFile {pid_file}",
+        *[f"HostKey {_config_word(p)}" for p in host_keys],
+        f"PidFile {_config_word(pid_file)}",
         f"AllowUsers {user}",
         f"PermitRootLogin {'yes' if password_login else 'prohibit-password'}",
         f"PasswordAuthentication {'yes' if password_login else 'no'}",
@@ -367,6 +368,14 @@ def sshd_config(*, port: int, user: str, password_login: bool, host_keys: list[P
         f"Subsystem sftp {sftp}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _config_word(value: object) -> str:
+    """A path as one sshd_config word (double-quoted when it holds spaces)."""
+    text = str(value)
+    if '"' in text or "\n" in text:
+        raise ValueError(f"state_dir paths must not contain '\"' or newlines: {text!r}")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
 _UNSUPPORTED: set[str] = set()

@@ -196,7 +196,8 @@ def ssh_run(port: int, user: str, password: str | None, command: str, *, known_h
         passwords.append(password)
     try:
         for pw in passwords:
-            child.expect("assword:")
+            if child.expect(["assword:", pexpect.EOF]) == 1:
+                break
             child.sendline(pw)
         child.expect(pexpect.EOF)
     finally:
