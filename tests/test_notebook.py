@@ -1,0 +1,102 @@
+"""The example notebook, executed top to bottom by a real Jupyter kernel, and the one-command demo."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import colab_remote
+
+from .conftest import needs_root, needs_sshd, ssh_run
+
+pytestmark = [needs_root, needs_sshd]
+NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "Colab_SSH.ipynb"
+
+
+def _outputs_text(nb: nbformat.NotebookNode) -> str:
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                texts.append(out["text"])
+            data = out.get("data", {})
+            if "text/plain" in data:
+                texts.append(data["text/plain"])
+            if out.get("output_type") == "error":
+                texts.append("\n".join(out.get("traceback", [])))
+    return "\n".join(texts)
+
+
+def test_notebook_is_saved_without_outputs_and_has_tagged_parameters() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    names = set(re.findall(r"(?m)^([A-Z_]+) = .*# @param", params[0].source))
+    assert {"INSTALL_FROM", "SSHD_USER", "SSHD_PORT", "SERVER", "SERVER_PORT", "SERVER_PASSWORD",
+            "REMOTE_PORT", "PROJECT_DIR", "BACKUP_DIR", "STATE_DIR", "STOP_AT_END"} <= names
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
+    runtime_user = make_user()
+    state = tmp_path / "state"
+    project = tmp_path / "content" / "project"
+    remote_port = colab_remote._proc.free_port()
+    values = {
+        "INSTALL_FROM": "", "SSHD_USER": runtime_user.name, "SSHD_PORT": colab_remote._proc.free_port(),
+        "SSHD_LISTEN": "127.0.0.1", "SERVER": f"{server.user.name}@127.0.0.1", "SERVER_PORT": server.port,
+        "SERVER_PASSWORD": server.user.password, "REMOTE_PORT": remote_port, "PROJECT_DIR": str(project),
+        "BACKUP_DIR": "backup/project", "STATE_DIR": str(state), "STOP_AT_END": False,
+    }
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()),
+                                         metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(index + 1, injected)
+    client = NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()
+        text = _outputs_text(nb)
+        assert "self-check OK" in text, text
+        password = re.search(r"password:\s+([A-Za-z0-9]{20})", text).group(1)
+        # From outside, as a laptop would: through the server and the tunnel, into the runtime.
+        jump = (f"{server.user.name}@127.0.0.1:{server.port}", server.user.password)
+        out = ssh_run(remote_port, runtime_user.name, password, "id -un", known_hosts=tmp_path / "kh",
+                      jump=jump)
+        assert out.splitlines()[-1] == runtime_user.name
+        arrived = server.user.home / "backup" / "project" / "hello-from-colab.txt"
+        assert arrived.read_text() == "written in the notebook\n"
+        # The kernel is gone (nbclient shut it down): what it started still runs and is found.
+        found = colab_remote.status(state)
+        assert found.sshd is not None and found.sshd.alive and len(found.tunnels) == 1
+    finally:
+        colab_remote.stop_all(state)
+
+
+def test_demo_check_mode(tmp_path) -> None:
+    before = {p.pw_name for p in pwd.getpwall()}
+    done = subprocess.run([sys.executable, "-m", "colab_remote", "demo", "--check", "--base-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for expected in ("self-check OK", "arrived", "ssh -J", "Host colab-demo", "every check passed"):
+        assert expected in done.stdout
+    assert {p.pw_name for p in pwd.getpwall()} == before  # throwaway accounts removed
+    assert list(tmp_path.iterdir()) == []  # its folder removed
+
+
+def test_demo_needs_root_message() -> None:
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                           "colab_remote", "demo", "--check"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs root" in done.stderr
+
+
