@@ -5,26 +5,48 @@ Example:
     >>> sshd = start_sshd()  # doctest: +SKIP
 """
 
+from ._gcloud import gcloud_setup
 from .errors import (
     AuthenticationError,
     ColabRemoteError,
+    GcloudError,
     InstallError,
     MirrorError,
     SshdError,
     TunnelError,
 )
+from .mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
+from .reverse import Tunnel, find_tunnels, load_tunnel, reverse_forward, stop_tunnels
 from .server import Sshd, kernel_environment, start_sshd
+from .status import CheckResult, Status, self_check, status, stop_all
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "CheckResult",
     "ColabRemoteError",
+    "GcloudError",
     "InstallError",
+    "Mirror",
     "MirrorError",
     "Sshd",
+    "Status",
     "SshdError",
+    "Tunnel",
     "TunnelError",
+    "find_mirrors",
+    "find_tunnels",
+    "gcloud_setup",
     "kernel_environment",
+    "load_tunnel",
+    "mirror",
+    "push",
+    "reverse_forward",
+    "self_check",
     "start_sshd",
+    "status",
+    "stop_all",
+    "stop_mirrors",
+    "stop_tunnels",
 ]

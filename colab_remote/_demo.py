@@ -102,7 +102,7 @@ def run_demo(*, check: bool = False, timeout: float | None = None, base_dir: str
 
         _step("how you would connect")
         _say(f"  {tunnel.connection_string}")
-        _say(f"  (runtime password: {sshd.password}; server password: the one you set)")
+        _say(f"  (server password: {server_password}; runtime password: {sshd.password}; both throwaway)")
         _say("VS Code Remote-SSH / ~/.ssh/config:\n" + tunnel.ssh_config(alias="colab-demo"))
 
         if not check:

@@ -88,15 +88,27 @@ def apt_install(packages: Sequence[str], *, timeout: float = 900, progress: bool
                "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
                *packages]
     deadline = time.monotonic() + timeout
-    with log_file.open("w") as out:
-        for step, argv in (("update", [apt, "update", *quiet]), ("install", install)):
-            rc = _run_with_status(argv, out, env, deadline, f"apt-get {step}", progress)
-            if rc != 0 and step == "install":
-                raise InstallError(
-                    f"apt-get install {' '.join(packages)} failed (exit {rc})",
-                    log_tail=tail(log_file),
-                    fix=f"run apt-get install -y {' '.join(packages)} by hand and read its output",
-                )
+    # Without systemd, openssh-server's postinst would start the system's own sshd on port 22
+    # (the port start_sshd wants). A policy-rc.d that says "no" keeps it from starting.
+    policy = Path("/usr/sbin/policy-rc.d")
+    added_policy = not policy.exists()
+    if added_policy:
+        policy.write_text("#!/bin/sh\n# colab_remote: no service starts during apt-get install\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        with log_file.open("w") as out:
+            for step, argv in (("update", [apt, "update", *quiet]), ("install", install)):
+                rc = _run_with_status(argv, out, env, deadline, f"apt-get {step}", progress)
+                if rc != 0 and step == "install":
+                    raise InstallError(
+                        f"apt-get install {' '.join(packages)} failed (exit {rc})",
+                        log_tail=tail(log_file),
+                        fix=f"run apt-get install -y {' '.join(packages)} by hand and read its output",
+                    )
+    finally:
+        if added_policy:
+            with contextlib.suppress(OSError):
+                policy.unlink()
 
 
 def _run_with_status(argv: list[str], out: Any, env: Mapping[str, str], deadline: float,
@@ -435,3 +447,168 @@ def is_private(path: Path) -> bool:
     """True when only the owner may read ``path``."""
     return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
 
+
+
+# --- children of a supervisor (the reverse tunnel's) -------------------------------------------
+
+
+def spawn_pty(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> Any:
+    """Start ``argv`` on its own pseudo-terminal (its own session), for answering ssh's prompts.
+
+    Echo is off from the first byte, so a password typed at a prompt can never come back in the
+    output we log. Returns a ``pexpect.spawn``; end it with :func:`end_pty`.
+    """
+    import pexpect
+
+    child = pexpect.spawn(argv[0], list(argv[1:]), env=dict(env) if env is not None else None,
+                          echo=False, encoding="utf-8", codec_errors="replace", timeout=None)
+    # pexpect sleeps 0.1 s in close()/terminate() by default: not on a path a user waits on.
+    for obj in (child, child.ptyproc):
+        obj.delayafterclose = 0
+        obj.delayafterterminate = 0
+    return child
+
+
+def end_pty(child: Any, timeout: float = 2) -> None:
+    """Stop a :func:`spawn_pty` child: SIGTERM (ssh closes its connection cleanly), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError, OSError):
+        if child.isalive():
+            child.kill(signal.SIGTERM)
+            wait_until(lambda: not child.isalive(), timeout, interval=0.01)
+    with contextlib.suppress(Exception):
+        child.close(force=True)
+
+
+def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start a short command without waiting (its output is small and read by :func:`finish`)."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(env) if env is not None else None)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 0) -> tuple[int, str, str] | None:
+    """``(returncode, stdout, stderr)`` of a :func:`start`-ed command, or None while it runs.
+
+    With ``timeout`` it waits that long, then kills the command and reports it as failed (-9).
+    """
+    if proc.poll() is None:
+        if timeout <= 0:
+            return None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def send_signal(pid: int, sig: int) -> bool:
+    """Signal one pid we started (the caller checked it is ours); False when it is gone."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def tcp_answers(addresses: Sequence[tuple[int, int, int, str, Any]], timeout: float = 0.25) -> bool:
+    """True when a TCP connect to any of ``addresses`` (from getaddrinfo) succeeds within timeout."""
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(sockaddr)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+# --- the mirror's channels ---------------------------------------------------------------------
+
+
+def open_pipes(argv: Sequence[str], *, stderr_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with binary pipes on stdin/stdout (a long-lived channel) and stderr to a log.
+
+    It stays in our process group, so stopping the mirror stops it too; end it with :func:`end_pipes`.
+    """
+    with open(stderr_path, "ab") as err:
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, bufsize=0)
+
+
+def end_pipes(proc: subprocess.Popen[bytes] | None, timeout: float = 2) -> None:
+    """Close a :func:`open_pipes` channel: EOF on its stdin, wait, then SIGTERM and SIGKILL."""
+    if proc is None:
+        return
+    for f in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):
+            if f is not None:
+                f.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def run_bytes(argv: Sequence[str], data: bytes, *, timeout: float) -> tuple[int, str]:
+    """Run ``argv`` with ``data`` on stdin; ``(exit code, output tail)``; -9 after ``timeout``."""
+    try:
+        done = subprocess.run(list(argv), input=data, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return -9, _last(_text(e.stdout) + _text(e.stderr))
+    except OSError as e:
+        return -1, str(e)
+    return done.returncode, _last((done.stdout + done.stderr).decode(errors="replace"))
+
+
+def run_streamed(argv: Sequence[str], *, timeout: float, out: Any = None) -> tuple[int, str]:
+    """Run ``argv`` printing its output line by line as it comes; ``(exit code, output tail)``.
+
+    After ``timeout`` seconds it is killed (exit -9).
+    """
+    out = out or sys.stdout
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.write(line)
+            out.flush()
+            lines = [*lines[-30:], line]
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    return rc, "".join(lines[-15:])
+
+
+def converse(argv: Sequence[str], answers: Sequence[str], *, timeout: float) -> tuple[int | None, str]:
+    """Run ``argv`` on a terminal, typing ``answers`` in turn at each password prompt.
+
+    Returns ``(exit status, output)``; a prompt with no answer left, a passphrase prompt or the
+    timeout ends the program (exit status None).
+    """
+    import pexpect
+
+    child = spawn_pty(argv)
+    left = list(answers)
+    try:
+        while True:
+            i = child.expect(["assword:", "passphrase", pexpect.EOF, pexpect.TIMEOUT], timeout=timeout)
+            if i == 0 and left:
+                child.sendline(left.pop(0))
+                continue
+            break
+    finally:
+        output = child.before if isinstance(child.before, str) else ""
+        end_pty(child)
+    return child.exitstatus, output.replace("\r\n", "\n").strip()

@@ -260,3 +260,145 @@ def jump_spec(dest: Destination, port: int) -> str:
     """The ``-J`` argument: ``user@host`` or ``user@host:port`` (IPv6 in brackets)."""
     host = f"[{dest.host}]" if ":" in dest.host else dest.host
     return f"{dest.user}@{host}" + (f":{port}" if port != 22 else "")
+
+
+# --- reverse tunnel ----------------------------------------------------------------------------
+
+# ssh gives up on a silent link after ServerAliveInterval * ServerAliveCountMax seconds (9 s here):
+# long enough for a slow mobile uplink, short enough to be back well within 20 s.
+TUNNEL_ALIVE_INTERVAL = 3
+TUNNEL_ALIVE_COUNT = 3
+
+
+def reverse_spec(remote_port: int, local_port: int) -> str:
+    """The ``-R`` argument: ``remote_port:localhost:local_port`` (0 lets the server pick)."""
+    return f"{remote_port}:localhost:{local_port}"
+
+
+def tunnel_options(*, known_hosts: Path | None, pinned: bool, identity_file: str | None,
+                   password: bool) -> dict[str, str | int]:
+    """ssh options of every tunnel connection (the same for our supervisor and for autossh).
+
+    ``known_hosts`` None leaves host keys to the caller (gcloud keeps its own known_hosts).
+    Without a password there is nobody to answer a prompt, so ``BatchMode`` makes ssh fail fast.
+    """
+    options: dict[str, str | int] = {
+        "ExitOnForwardFailure": "yes",
+        "ServerAliveInterval": TUNNEL_ALIVE_INTERVAL,
+        "ServerAliveCountMax": TUNNEL_ALIVE_COUNT,
+        "TCPKeepAlive": "yes",
+        "ConnectTimeout": 10,
+        "NumberOfPasswordPrompts": 1,
+        "BatchMode": "no" if password else "yes",
+        "PermitLocalCommand": "no",
+    }
+    if known_hosts is not None:
+        options.update(host_key_options(known_hosts, pinned=pinned))
+    if identity_file is not None:
+        options["IdentityFile"] = identity_file
+        options["IdentitiesOnly"] = "yes"
+    return options
+
+
+def tunnel_ssh_argv(ssh: str, dest: Destination, *, port: int, remote_port: int, local_port: int,
+                    options: dict[str, str | int]) -> list[str]:
+    """The plain one-connection tunnel: ``ssh -N -R remote_port:localhost:local_port ... user@host``.
+
+    >>> tunnel_ssh_argv("ssh", Destination("bob", "h"), port=22, remote_port=20022, local_port=22,
+    ...                 options={})[:4]
+    ['ssh', '-N', '-R', '20022:localhost:22']
+    """
+    return [ssh, "-N", "-R", reverse_spec(remote_port, local_port), "-T",
+            *ssh_option_argv(options), "-p", str(port), dest.target]
+
+
+def master_flags(control_path: Path, options: dict[str, str | int]) -> list[str]:
+    """Flags of one supervised connection: an idle ControlMaster the forward is added to later.
+
+    A forward added through the control socket (``-O forward``) takes milliseconds on a connection
+    that is already authenticated, which is how a standby connection replaces a dead one at once.
+    """
+    return ["-N", "-T", "-o", "ControlMaster=yes", "-o", f"ControlPath={control_path}",
+            "-o", "ControlPersist=no", *ssh_option_argv(options)]
+
+
+def master_argv(ssh: str, dest: Destination, *, port: int, control_path: Path,
+                options: dict[str, str | int]) -> list[str]:
+    """``ssh -N -o ControlMaster=yes -o ControlPath=... options -p port user@host``."""
+    return [ssh, *master_flags(control_path, options), "-p", str(port), dest.target]
+
+
+def mux_argv(ssh: str, control_path: Path, *args: str) -> list[str]:
+    """A client of a running master: ``ssh -S ctl -O forward -R ...`` or ``ssh -S ctl -T x cmd``.
+
+    The host argument is required by ssh's syntax but unused: the master is already connected.
+    """
+    if args and args[0] == "-O":
+        return [ssh, "-S", str(control_path), *args, "colab-remote-mux"]
+    # ProxyCommand=false: should the master be gone, fail instead of dialling "colab-remote-mux".
+    return [ssh, "-S", str(control_path), "-T", "-o", "BatchMode=yes", "-o", "ProxyCommand=false",
+            "colab-remote-mux", *args]
+
+
+# The remote sshd process that serves one connection is the parent of any command run on it.
+SESSION_PID_COMMAND = "echo colab-remote-session $PPID"
+
+
+def reclaim_command(pids: list[int]) -> str:
+    """Remote shell text that ends our own dead sessions still holding the forwarded port.
+
+    Only processes named sshd* are signalled (a pid may have been reused) and the server lets a
+    user signal only their own processes.
+    """
+    listed = " ".join(str(int(p)) for p in pids)
+    return (f'for p in {listed}; do case "$(ps -o comm= -p "$p" 2>/dev/null)" in sshd*) '
+            'kill "$p";; esac; done; true')
+
+
+def connection_string(jump: str, *, remote_port: int, login_user: str) -> str:
+    """What the user types on their laptop: ``ssh -J bob@server -p 20022 root@localhost``."""
+    return f"ssh -J {jump} -p {remote_port} {login_user}@localhost"
+
+
+def ssh_config_block(alias: str, *, jump: str, remote_port: int, login_user: str) -> str:
+    """A ``~/.ssh/config`` block for the runtime behind the tunnel (VS Code Remote-SSH reads it).
+
+    ``HostKeyAlias`` keeps the runtime's key apart from whatever else answers on
+    localhost:remote_port; the runtime's key changes with each new runtime unless its host keys
+    are kept (start_sshd(host_keys=...)).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", alias):
+        raise ValueError(f"alias {alias!r} must be letters, digits, '_', '.', '-'")
+    return "\n".join([
+        f"Host {alias}",
+        "    HostName localhost",
+        f"    Port {remote_port}",
+        f"    User {login_user}",
+        f"    ProxyJump {jump}",
+        f"    HostKeyAlias {alias}",
+        "    ServerAliveInterval 15",
+        "",
+    ])
+
+
+def known_hosts_line(host: str, port: int, key_line: str) -> str:
+    """A known_hosts line pinning ``key_line`` (``type base64 [comment]``) for host:port."""
+    parsed = _key_blob(key_line)
+    if parsed is None:
+        raise ValueError(f"host_key {key_line[:40]!r} is not a public key line")
+    pattern = host if port == 22 else f"[{host}]:{port}"
+    return f"{pattern} {parsed[0]} {base64.b64encode(parsed[1]).decode()}"
+
+
+def check_host_key(host_key: object) -> str:
+    """Return ``host_key`` if it is a ``SHA256:`` fingerprint or a known_hosts/public key line."""
+    if not isinstance(host_key, str):
+        raise TypeError(f"host_key must be a str ('SHA256:...' or a key line), got {host_key!r}")
+    text = host_key.strip()
+    if re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}=?", text):
+        return text.rstrip("=")
+    if "\n" not in text and _key_blob(text) is not None:
+        return text
+    raise ValueError(
+        f"host_key {host_key[:50]!r} is neither a 'SHA256:...' fingerprint (as ssh-keygen -l prints) "
+        "nor a known_hosts or public key line ('ssh-ed25519 AAAA...')")

@@ -60,8 +60,184 @@ def _add_sshd(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sshd)
 
 
+def _cmd_tunnel(args: argparse.Namespace) -> int:
+    from .reverse import find_tunnels, reverse_forward
+
+    if args.stop:
+        stopped = 0
+        for tunnel in find_tunnels(args.state_dir):
+            if args.remote_port is None or args.remote_port in (tunnel.remote_port,
+                                                                tunnel.config["remote_port"]):
+                stopped += int(tunnel.alive)
+                tunnel.stop()
+        print(f"stopped {stopped} tunnel{'' if stopped == 1 else 's'}")
+        return 0
+    if not args.destination:
+        raise ValueError("give the server as user@host (or --stop)")
+    reverse_forward(args.destination, remote_port=20022 if args.remote_port is None else args.remote_port,
+                    local_port=args.local_port, port=args.port, password=read_password(args),
+                    identity_file=args.identity_file, via=args.via, zone=args.zone,
+                    project=args.project, state_dir=args.state_dir, host_key=args.host_key)
+    return 0
+
+
+def _add_tunnel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tunnel", help="keep a reverse tunnel to your server up",
+                       description="Forward a port on your server back to this runtime's sshd and "
+                                   "keep it up (a detached supervisor reconnects it).")
+    p.add_argument("destination", nargs="?", help="the server, user@host (via gcloud: user@INSTANCE)")
+    p.add_argument("--remote-port", type=int, default=None,
+                   help="port on the server (default 20022; 0: the server picks one)")
+    p.add_argument("--local-port", type=int, default=None,
+                   help="the runtime's sshd port (default: that of `colab-remote sshd`, else 22)")
+    p.add_argument("--port", type=int, default=22, help="the server's SSH port (default 22)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the server password (or key passphrase) from stdin")
+    p.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
+    p.add_argument("--host-key", metavar="KEY", help="pin the server's key: SHA256:... or a key line")
+    p.add_argument("--via", choices=["ssh", "gcloud"], default="ssh",
+                   help="plain ssh, or gcloud compute ssh to a Compute Engine VM")
+    p.add_argument("--zone", help="the VM's zone (--via gcloud)")
+    p.add_argument("--project", help="the VM's project (--via gcloud)")
+    p.add_argument("--state-dir", help="status and logs (default ~/.colab_remote)")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the tunnels of the state folder (only --remote-port's if given)")
+    p.set_defaults(func=_cmd_tunnel)
+
+
+def _cmd_gcloud_setup(args: argparse.Namespace) -> int:
+    from ._gcloud import gcloud_setup
+
+    done = gcloud_setup(project=args.project, zone=args.zone, region=args.region,
+                        account=args.account,
+                        disable_usage_reporting=not args.enable_usage_reporting)
+    for prop, value in done.items():
+        print(f"{prop} = {value}")
+    return 0
+
+
+def _add_gcloud_setup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gcloud-setup", help="set gcloud's project, region, zone and account",
+                       description="Run `gcloud config set` for the given values, project first "
+                                   "(gcloud checks a zone against the project). Log in separately "
+                                   "with `gcloud auth login`.")
+    p.add_argument("--project", help="project ID")
+    p.add_argument("--region", help="default region, e.g. us-central1")
+    p.add_argument("--zone", help="default zone, e.g. us-central1-a")
+    p.add_argument("--account", help="account e-mail address")
+    p.add_argument("--enable-usage-reporting", action="store_true",
+                   help="let gcloud report usage (off by default)")
+    p.set_defaults(func=_cmd_gcloud_setup)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import status
+
+    print(repr(status(args.state_dir)))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from .status import stop_all
+
+    print(f"stopped {stop_all(args.state_dir)} running process(es)")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .status import status
+
+    found = status(args.state_dir)
+    for handle in found.handles():
+        kind = type(handle).__name__.lower()
+        if args.which in ("all", kind):
+            print(f"== {handle!r}")
+            print(handle.logs(args.lines))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(check=args.check, timeout=args.timeout, base_dir=args.base_dir)
+
+
+def _add_status_commands(sub: argparse._SubParsersAction) -> None:
+    commands = (("status", _cmd_status, "show the sshd, tunnels and mirrors of the state folder"),
+                ("stop", _cmd_stop, "stop every mirror, tunnel and sshd of the state folder"))
+    for name, func, text in commands:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--state-dir", help="default ~/.colab_remote")
+        p.set_defaults(func=func)
+    p = sub.add_parser("logs", help="show the last lines of the logs", description="Show the last log lines.")
+    p.add_argument("which", nargs="?", default="all", choices=["all", "sshd", "tunnel", "mirror"])
+    p.add_argument("-n", "--lines", type=int, default=20)
+    p.add_argument("--state-dir", help="default ~/.colab_remote")
+    p.set_defaults(func=_cmd_logs)
+    p = sub.add_parser("demo", help="run the whole flow on this machine with throwaway accounts",
+                       description="Start a runtime sshd, a stand-in server, the tunnel and a mirror on "
+                                   "this machine, prove they work, then remove everything.")
+    p.add_argument("--check", action="store_true", help="exit after the proof instead of waiting")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--base-dir", help="where the demo's temporary folder goes (default /tmp)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_mirror(args: argparse.Namespace) -> int:
+    from .mirror import _run_foreground
+
+    return _run_foreground(args.local_dir, args.destination, port=args.port,
+                          password=read_password(args, "server password: "),
+                          identity_file=args.identity_file, state_dir=args.state_dir,
+                          exclude=args.exclude, delete=not args.no_delete,
+                          backup=not args.no_backup, restore=args.restore, host_key=args.host_key)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .mirror import push
+
+    return push(args.local_dir, args.destination, port=args.port,
+                password=read_password(args, "runtime password: "),
+                identity_file=args.identity_file, setup=args.setup, exclude=args.exclude,
+                state_dir=args.state_dir, host_key=args.host_key)
+
+
+def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mirror", help="mirror a folder to your server (foreground, Ctrl-C stops)",
+                       description="Watch LOCAL_DIR and push every change to user@host:path. "
+                                   "Deleted and overwritten server files go to the server's "
+                                   ".colab-remote-trash. mirror() in Python runs the same detached.")
+    p.add_argument("local_dir", metavar="LOCAL_DIR")
+    p.add_argument("destination", metavar="USER@HOST:PATH")
+    p.add_argument("--restore", action="store_true",
+                   help="first copy the server copy into LOCAL_DIR (a fresh runtime resumes)")
+    p.add_argument("--no-delete", action="store_true", help="never delete on the server")
+    p.add_argument("--no-backup", action="store_true", help="no trash on the server")
+    for q in (p, sub.add_parser(
+            "push", help="copy a project into a runtime and set it up (run on the server)",
+            description="Copy LOCAL_DIR into the runtime through the tunnel (nothing is deleted "
+                        "there), then run --setup in the copied folder with its output shown.")):
+        if q is not p:
+            q.add_argument("local_dir", metavar="LOCAL_DIR")
+            q.add_argument("destination", metavar="USER@HOST:PATH",
+                           help="e.g. root@localhost:/content/project")
+            q.add_argument("--setup", metavar="CMD", help="e.g. 'pip install -r requirements.txt'")
+            q.set_defaults(func=_cmd_push)
+        q.add_argument("--port", type=int, default=22, help="SSH port (default 22)")
+        q.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        q.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
+        q.add_argument("--host-key", metavar="KEY", help="pin the host key: SHA256:... or a key line")
+        q.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out (repeatable)")
+        q.add_argument("--state-dir", help="status, logs, known_hosts (default ~/.colab_remote)")
+    p.set_defaults(func=_cmd_mirror)
+
+
 # Each later feature adds its sub-command builder here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_sshd]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_sshd, _add_tunnel,
+                                                                   _add_gcloud_setup]
+
+SUBCOMMANDS.append(_add_status_commands)
+SUBCOMMANDS.append(_add_mirror_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "ColabRemoteError",
+    "GcloudError",
     "InstallError",
     "MirrorError",
     "SshdError",
@@ -52,6 +53,10 @@ class SshdError(ColabRemoteError):
 
 class TunnelError(ColabRemoteError):
     """The reverse tunnel could not be established or kept up."""
+
+
+class GcloudError(ColabRemoteError):
+    """The gcloud CLI is missing or failed (config set, instance lookup)."""
 
 
 class AuthenticationError(ColabRemoteError):

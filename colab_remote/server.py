@@ -9,7 +9,6 @@ stdin and returns only when the port answers with an SSH banner.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _proc, _ssh
+from . import _html, _proc, _ssh
 from .errors import SshdError
 
 __all__ = ["Sshd", "kernel_environment", "start_sshd"]
@@ -149,18 +148,13 @@ class Sshd:
         return "\n".join(lines)
 
     def _repr_html_(self, show_password: bool = False) -> str:
-        e = html.escape
-        rows = [("state", self._state()), ("user", self.user), ("port", str(self.port)),
-                ("pid", str(self.pid))]
+        rows = [("user", self.user), ("port", str(self.port)), ("pid", str(self.pid))]
         if self.password is not None:
             rows.append(("password", self.password if show_password else "(hidden: .password)"))
         rows += [(f"host key {kind}", fp) for kind, fp in self.fingerprints.items()]
-        body = "".join(f"<tr><th style='text-align:left'>{e(k)}</th><td><code>{e(v)}</code></td></tr>"
-                       for k, v in rows)
         hint = f"ssh -J you@your-server -p 20022 {self.user}@localhost"
-        return (f"<div class='colab-remote'><b>sshd</b><table>{body}</table>"
-                f"<p>Next: <code>reverse_forward(&quot;you@your-server&quot;)</code>, then "
-                f"<code>{e(hint)}</code></p></div>")
+        return _html.card("sshd", self._state(), rows,
+                          [("next: reverse_forward(\"you@your-server\"), then", hint)])
 
 
 class _Announcement:

@@ -143,7 +143,11 @@ class ServerSshd:
         """Stop the listener and every session it serves (a crash, as far as clients can tell)."""
         if self.proc is None:
             return
-        pids = [self.proc.pid, *_proc.children(self.proc.pid)]
+        # Every descendant: with privilege separation the process that serves a session
+        # (sshd: user@notty) is a grandchild and outlives its killed parent for a while.
+        pids = [self.proc.pid]
+        for pid in pids:
+            pids += [c for c in _proc.children(pid) if c not in pids]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 import colab_remote
@@ -37,7 +36,8 @@ def _outputs_text(nb: nbformat.NotebookNode) -> str:
 
 def test_notebook_is_saved_without_outputs_and_has_tagged_parameters() -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in code)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     names = set(re.findall(r"(?m)^([A-Z_]+) = .*# @param", params[0].source))
@@ -84,8 +84,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
 
 def test_demo_check_mode(tmp_path) -> None:
     before = {p.pw_name for p in pwd.getpwall()}
-    done = subprocess.run([sys.executable, "-m", "colab_remote", "demo", "--check", "--base-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240,
+    demo = [sys.executable, "-m", "colab_remote", "demo", "--check", "--base-dir", str(tmp_path)]
+    done = subprocess.run(demo, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     for expected in ("self-check OK", "arrived", "ssh -J", "Host colab-demo", "every check passed"):
@@ -95,8 +95,9 @@ def test_demo_check_mode(tmp_path) -> None:
 
 
 def test_demo_needs_root_message() -> None:
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                           "colab_remote", "demo", "--check"], capture_output=True, text=True, timeout=60)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run([*nobody, sys.executable, "-m", "colab_remote", "demo", "--check"],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "needs root" in done.stderr
 
 

@@ -374,3 +374,24 @@ def test_config_text_is_ours_and_complete(tmp_path) -> None:
                  "ClientAliveInterval 30", "GatewayPorts yes", "PermitUserEnvironment yes",
                  f"HostKey {tmp_path / 'k'}", "AllowUsers root"):
         assert line in text.splitlines()
+
+
+def test_install_errors_are_clear() -> None:
+    script = ("from colab_remote import _proc, InstallError\n"
+              "try:\n    _proc.apt_install(['openssh-server'], progress=False)\n"
+              "except InstallError as e:\n    print(e)\n")
+    no_apt = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": "/nonexistent"})
+    assert "has no apt-get" in no_apt.stdout
+    not_root = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "needs root" in not_root.stdout and "sudo apt-get install" in not_root.stdout
+
+
+def test_apt_install_runs_real_apt_get(capfd) -> None:
+    """openssh-server is installed already: apt-get runs for real and changes nothing."""
+    if not Path("/usr/bin/apt-get").exists():
+        pytest.skip("no apt-get here")
+    _proc.apt_install(["openssh-server"], progress=True)
+    assert "apt-get install" in capfd.readouterr().err  # the progress bar
+    assert _proc.find_program("sshd")

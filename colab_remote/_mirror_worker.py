@@ -1,0 +1,1107 @@
+"""The mirror process: watch a folder and push every change over one authenticated SSH connection.
+
+Run as ``python -m colab_remote._mirror_worker CONFIG`` (detached by :func:`colab_remote.mirror`,
+or in the foreground by ``colab-remote mirror``). The password arrives once through
+:func:`_proc.receive_secret` and stays in this process's memory, so it can log in again after the
+server comes back.
+
+Pieces:
+- :class:`Connection`: an ssh ControlMaster (password typed once through pexpect) and, over it, a
+  small agent on the server (python3 reading records from stdin). A push of a few small files is
+  one round trip on an open channel: no handshake, no shell start-up files. rsync over the same
+  master does the whole-tree passes (the first push, after bursts, after a reconnect) and big files.
+- :class:`Watcher`: watchfiles (notify) records what changed; a plain inotify "doorbell" on the same
+  folders says *when* to look, so an idle mirror sleeps in ``select`` instead of polling.
+- :class:`Worker`: merges changes while a push is in flight, keeps them through outages and
+  retries with backoff, answers ``stats``/``flush``/``stop`` on a unix socket, and writes its
+  status (0600) into the state folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _proc, _ssh, _sync
+from .errors import AuthenticationError, ColabRemoteError, MirrorError
+
+log = logging.getLogger("colab_remote.mirror")
+
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_OPS = 500
+BULK_FILES = 200            # this many new files in new folders go up through rsync instead
+BURST_PATHS = 200           # a push this big is a burst: a whole-tree pass follows once it is quiet
+BURST_QUIET = 0.3           # seconds without events before that pass
+FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
+BUSY_WINDOW = 0.5           # after an event, poll watchfiles directly this long before sleeping again
+IDLE_CHECK = 2.0            # while idle, look at watchfiles this often anyway (a folder the doorbell missed)
+BACKOFF_MAX = 5.0
+STATUS_EVERY = 1.0
+PRUNE_EVERY = 6 * 3600.0
+RETRY_AFTER_ERROR = 30.0
+
+
+class ConnectionLost(Exception):
+    """The channel to the server broke; pending changes are kept and sent after a reconnect."""
+
+
+# --- the connection ----------------------------------------------------------------------------
+
+
+class Connection:
+    """One ssh ControlMaster to the server, the agent channel over it, and rsync through it."""
+
+    def __init__(self, cfg: dict[str, Any], password: str | None, log_path: Path) -> None:
+        self.cfg = cfg
+        self.password = password
+        self.log_path = log_path
+        self.dest = _ssh.Destination(cfg["user"], cfg["host"], cfg["path"])
+        self.ssh = cfg["ssh"]
+        self.rsync = cfg["rsync"]
+        self.control_path = Path(cfg["sock_dir"]) / "cm"
+        self.master: Any = None
+        self.agent: Any = None
+        self.agent_ok = False
+        self.remote_rsync = True
+        self._buf = b""
+        self.outstanding = 0
+        self.sent_bytes = 0
+
+    # ssh options of the master; every later command goes through its control socket.
+    def options(self) -> dict[str, str | int]:
+        opts: dict[str, str | int] = {
+            "ServerAliveInterval": 5, "ServerAliveCountMax": 3, "TCPKeepAlive": "yes",
+            "ConnectTimeout": 10, "NumberOfPasswordPrompts": 1,
+            "BatchMode": "no" if self.password else "yes", "PermitLocalCommand": "no",
+            "Compression": "no", "LogLevel": "ERROR",
+        }
+        opts.update(_ssh.host_key_options(Path(self.cfg["known_hosts"]), pinned=self.cfg["pinned"]))
+        if self.cfg.get("identity_file"):
+            opts["IdentityFile"] = self.cfg["identity_file"]
+            opts["IdentitiesOnly"] = "yes"
+        elif self.password:
+            opts["PubkeyAuthentication"] = "no"
+            opts["PreferredAuthentications"] = "password,keyboard-interactive"
+        return opts
+
+    def mux(self, *args: str) -> list[str]:
+        """A command through the master (the known_hosts path names our state folder in ps)."""
+        return [self.ssh, "-S", str(self.control_path), "-T", "-o", "BatchMode=yes",
+                "-o", "ProxyCommand=false", "-o", "ControlMaster=no",
+                "-o", f"UserKnownHostsFile={self.cfg['known_hosts']}", self.dest.target, *args]
+
+    def rsync_e(self) -> str:
+        return _ssh.rsync_ssh_command(self.mux()[:-1])
+
+    @property
+    def rsync_dest(self) -> str:
+        return f"{self.dest.rsync_host}:{_sync.remote_path(self.dest.path)}"
+
+    @property
+    def up(self) -> bool:
+        return self.master is not None and self.master.isalive()
+
+    def open(self, timeout: float = 30) -> None:
+        """Log in (typing the password once), then start the agent; raise on failure."""
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()
+        argv = _ssh.master_argv(self.ssh, self.dest, port=self.cfg["port"],
+                                control_path=self.control_path, options=self.options())
+        child = _proc.spawn_pty(argv, env=dict(os.environ, LC_ALL="C"))
+        self.master = child
+        import pexpect
+
+        deadline = time.monotonic() + timeout
+        typed = 0
+        seen = ""
+        while True:
+            if self.control_path.exists() and child.isalive():
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                raise MirrorError(f"no SSH connection to {self.dest.target} port {self.cfg['port']} "
+                                  f"within {timeout:g} s", log_tail=seen,
+                                  fix="check the host, the port and that the server is up")
+            i = child.expect([r"(?i)passphrase[^\n]*:", r"(?i)password[^\n]*:", pexpect.EOF,
+                              pexpect.TIMEOUT], timeout=0.05)
+            seen += child.before or ""
+            if i in (0, 1):
+                seen += child.after or ""
+                if self.password is None or typed:
+                    self.close()
+                    raise AuthenticationError(
+                        f"{self.dest.target} refused the "
+                        f"{'password' if typed else 'login: it asks for a password, none was given'}",
+                        log_tail=seen[-2000:],
+                        fix="pass the right password= (or identity_file=) to mirror()")
+                child.sendline(self.password)
+                typed += 1
+            elif i == 2:
+                self.close()
+                raise self._login_error(seen)
+        log.info("connected to %s port %s", self.dest.target, self.cfg["port"])
+        self._start_agent()
+
+    def _login_error(self, text: str) -> ColabRemoteError:
+        if "Permission denied" in text:
+            return AuthenticationError(f"{self.dest.target} refused the login", log_tail=text,
+                                       fix="check the user, password= or identity_file=")
+        if "IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+            return MirrorError(f"the host key of {self.dest.host} does not match the one on record",
+                               log_tail=text,
+                               fix=f"if the server was reinstalled, remove its line from "
+                                   f"{self.cfg['known_hosts']}; otherwise do not connect")
+        return MirrorError(f"ssh to {self.dest.target} port {self.cfg['port']} failed",
+                           log_tail=text, fix="check the host, the port and that sshd runs there")
+
+    def _start_agent(self) -> None:
+        self.agent_ok = False
+        if not self.cfg.get("agent", True):
+            self._without_agent()
+            return
+        command, source = _sync.agent_command(self.dest.path, backup=self.cfg["backup"],
+                                              keep_days=self.cfg["keep_days"])
+        self.agent = _proc.open_pipes(self.mux(command), stderr_path=self.log_path)
+        assert self.agent.stdin is not None
+        os.set_blocking(self.agent.stdin.fileno(), False)
+        self._buf = b""
+        self.outstanding = self.sent_bytes = 0
+        try:
+            self._write(source, time.monotonic() + 30)
+            deadline = time.monotonic() + 30
+            while True:
+                line = self._readline(deadline)
+                if line.startswith(b"CRA1 "):
+                    self.remote_rsync = line.split()[1] != b"-"
+                    self.agent_ok = True
+                    break
+                if line.startswith(b"CRA-NOPYTHON"):
+                    log.warning("the server has no python3: every push is one rsync")
+                    _proc.end_pipes(self.agent)
+                    self.agent = None
+                    self._without_agent()
+                    break
+        except ConnectionLost as e:
+            _proc.end_pipes(self.agent)
+            self.agent = None
+            raise MirrorError("the mirror's helper did not start on the server",
+                              log_tail=_proc.tail(self.log_path),
+                              fix="check that the destination folder can be created") from e
+        if not self.remote_rsync:
+            raise MirrorError(f"rsync is not installed on {self.dest.host}",
+                              fix="install it on the server: apt-get install rsync (or dnf/apk add rsync)")
+
+    def _without_agent(self) -> None:
+        """No python3 on the server: create the folder and check for rsync with one command."""
+        path = _quote(_sync.remote_path(self.dest.path))
+        done = _proc.run(self.mux(f"mkdir -p -- {path} && command -v rsync"), timeout=30,
+                         check=False, error=MirrorError)
+        if done.returncode == 255:
+            raise MirrorError("the connection broke right after the login",
+                              log_tail=done.stderr, fix="try again")
+        self.remote_rsync = done.returncode == 0
+        if not self.remote_rsync and "rsync" not in done.stdout:
+            log.warning("creating %s on the server: %s", path, done.stderr.strip())
+
+    def close(self) -> None:
+        _proc.end_pipes(self.agent, timeout=1)
+        self.agent = None
+        self.agent_ok = False
+        if self.master is not None:
+            _proc.end_pty(self.master)
+            self.master = None
+        with contextlib.suppress(FileNotFoundError):
+            self.control_path.unlink()
+
+    # agent I/O: non-blocking with deadlines, so a dead link never hangs the mirror
+    def _write(self, data: bytes, deadline: float) -> None:
+        assert self.agent is not None and self.agent.stdin is not None
+        assert self.agent.stdout is not None
+        fd, rfd = self.agent.stdin.fileno(), self.agent.stdout.fileno()
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost("timed out sending to the server")
+            # Answers are read while sending, so an agent blocked on a full stdout (batches are
+            # pipelined) can never block us in turn.
+            readable, ready, _ = select.select([rfd], [fd], [], min(left, 1.0))
+            if readable:
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    raise ConnectionLost("the channel to the server closed")
+                self._buf += chunk
+            if not ready:
+                if self.agent.poll() is not None:
+                    raise ConnectionLost("the channel to the server closed")
+                continue
+            try:
+                n = os.write(fd, view[:1 << 20])
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise ConnectionLost(f"the channel to the server closed: {e}") from e
+            view = view[n:]
+
+    def _readline(self, deadline: float) -> bytes:
+        assert self.agent is not None and self.agent.stdout is not None
+        fd = self.agent.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost("the server did not answer in time")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise ConnectionLost("the channel to the server closed")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def send(self, records: list[bytes]) -> None:
+        """Send records and an end mark without waiting; :meth:`collect` reads the answers."""
+        data = b"".join(records) + _sync.pack(_sync.OP_END)
+        self._write(data, time.monotonic() + 30 + len(data) / 2e6)
+        self.outstanding += 1
+        self.sent_bytes += len(data)
+
+    def collect(self) -> list[list[str]]:
+        """Wait for the answer to every batch sent; the errors the agent reported."""
+        errors: list[list[str]] = []
+        deadline = time.monotonic() + 30 + self.sent_bytes / 2e6
+        while self.outstanding:
+            line = self._readline(deadline)
+            if not line.startswith(b"A "):
+                raise ConnectionLost(f"unexpected answer from the server: {line[:200]!r}")
+            errors += json.loads(line.decode(errors="replace").split(" ", 2)[2])
+            self.outstanding -= 1
+        self.sent_bytes = 0
+        return errors
+
+    def batch(self, records: list[bytes]) -> list[list[str]]:
+        """Send records and wait for the agent's answer; the errors it reported."""
+        self.send(records)
+        return self.collect()
+
+    def count(self) -> int:
+        """Files in the server copy (the trash not counted); 0 when it does not exist yet."""
+        if self.agent_ok:
+            data = _sync.pack(_sync.OP_COUNT)
+            deadline = time.monotonic() + 120
+            self._write(data, deadline)
+            line = self._readline(deadline)
+            return int(line.split()[1])
+        path = _sync.remote_path(self.dest.path)
+        script = (f"cd -- {_quote(path)} 2>/dev/null || {{ echo 0; exit 0; }}; "
+                  f"find . -path ./{_sync.TRASH} -prune -o ! -type d -print | wc -l")
+        done = _proc.run(self.mux(script), timeout=120, check=False, error=MirrorError)
+        try:
+            return int(done.stdout.split()[-1])
+        except (ValueError, IndexError) as e:
+            raise ConnectionLost("could not count the server's files") from e
+
+    def run_rsync(self, argv: list[str], *, data: bytes | None = None, timeout: float = 3600) -> str:
+        """Run rsync through the master; ConnectionLost when ssh failed, MirrorError otherwise."""
+        if data is None:
+            data = b""
+        rc, output = _proc.run_bytes(argv, data, timeout=timeout)
+        if _sync.rsync_exit_ok(rc):
+            return ""
+        if rc in (255, 12, 10, 30, 35, -9) or not self.up:
+            raise ConnectionLost(f"rsync exit {rc}: {output[-500:]}")
+        return f"rsync exit {rc}: {output[-1000:]}"
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+# --- the watcher -------------------------------------------------------------------------------
+
+
+_IN_FLAGS = 0x02 | 0x04 | 0x08 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # modify..move_self
+_IN_ONLYDIR = 0x01000000
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+
+
+class Doorbell:
+    """A plain inotify descriptor on every mirrored folder: readable when anything changed.
+
+    It carries no information (watchfiles has that); it only lets the watcher sleep in ``select``
+    while nothing happens, instead of waking every few milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self._libc: Any = None
+        self.fd = -1
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                self._libc, self.fd = libc, fd
+        self.full = False
+
+    def add_tree(self, top: str, flt: _sync.MirrorFilter) -> None:
+        if self.fd < 0 or self.full:
+            return
+        for folder, dirs, _ in os.walk(top):
+            rel = flt.relative(folder)
+            if rel is not None and flt.excluded(rel):
+                dirs[:] = []
+                continue
+            dirs[:] = [d for d in dirs if not flt.excluded(_join(rel, d))]
+            if self._libc.inotify_add_watch(self.fd, os.fsencode(folder), _IN_FLAGS | _IN_ONLYDIR) < 0:
+                if ctypes.get_errno() == 28:  # ENOSPC: out of watches; the idle check still finds changes
+                    self.full = True
+                    log.warning("inotify watch limit reached; changes may take up to %g s", IDLE_CHECK)
+                    return
+
+    def drain(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while os.read(self.fd, 65536):
+                    pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _join(rel: str | None, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+class Watcher(threading.Thread):
+    """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK)."""
+
+    def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any) -> None:
+        super().__init__(name="watch", daemon=True)
+        self.root, self.flt, self.deliver = root, flt, deliver
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self.bell = Doorbell()
+        self._sync_lock = threading.Lock()
+        self._sync_asked = 0
+        self.synced = 0
+        self._synced_cond = threading.Condition()
+
+    def run(self) -> None:
+        try:
+            from watchfiles._rust_notify import RustNotify
+        except ImportError as e:  # pragma: no cover - watchfiles is a dependency
+            self.error = e
+            self.ready.set()
+            return
+        try:
+            try:
+                notify = RustNotify([self.root], False, False, 300, True, True)
+            except TypeError:  # watchfiles before 0.21 has no ignore_permission_denied
+                notify = RustNotify([self.root], False, False, 300, True)  # type: ignore[call-arg]
+            self.bell.add_tree(self.root, self.flt)
+        except Exception as e:
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        busy_until = 0.0
+        try:
+            while not self.stopping:
+                if time.monotonic() > busy_until:
+                    fds = [self._wake_r] + ([self.bell.fd] if self.bell.fd >= 0 else [])
+                    select.select(fds, [], [], IDLE_CHECK)
+                    self.bell.drain()
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.set_blocking(self._wake_r, False)
+                        os.read(self._wake_r, 4096)
+                if self.stopping:
+                    break
+                asked = self._sync_asked
+                raw = notify.watch(1, 1, 30, None)
+                if isinstance(raw, set):
+                    busy_until = time.monotonic() + BUSY_WINDOW
+                    self._deliver(raw)
+                elif asked != self.synced:
+                    with self._synced_cond:
+                        self.synced = asked
+                        self._synced_cond.notify_all()
+        except Exception as e:
+            log.exception("the watcher failed")
+            self.error = e
+        finally:
+            with contextlib.suppress(Exception):
+                notify.close()
+            self.bell.close()
+
+    def _deliver(self, raw: set[tuple[int, str]]) -> None:
+        changes = []
+        for change, path in raw:
+            rel = self.flt.relative(path)
+            if rel is None or self.flt.excluded(rel):
+                continue
+            changes.append((change, rel))
+            if change == 1 and os.path.isdir(path) and not os.path.islink(path):
+                self.bell.add_tree(path, self.flt)
+        if changes:
+            self.deliver(changes)
+
+    def ring(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def sync(self, timeout: float) -> bool:
+        """Wait until every change made before this call has been delivered."""
+        with self._sync_lock:
+            self._sync_asked += 1
+            token = self._sync_asked
+        self.ring()
+        with self._synced_cond:
+            return self._synced_cond.wait_for(lambda: self.synced >= token or not self.is_alive(),
+                                              timeout)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.ring()
+        self.join(5)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# --- the worker --------------------------------------------------------------------------------
+
+
+def _stamp() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+class Worker:
+    """The mirror loop (see the module docstring)."""
+
+    def __init__(self, cfg: dict[str, Any], password: str | None) -> None:
+        self.cfg = cfg
+        self.root = cfg["local_dir"]
+        self.run_dir = Path(cfg["run_dir"])
+        self.status_path = self.run_dir / "status.json"
+        self.flt = _sync.MirrorFilter(self.root, cfg["exclude"])
+        self.conn = Connection(cfg, password, self.run_dir / "mirror.log")
+        self.cond = threading.Condition()
+        self.pending: set[str] = set()
+        self.added: set[str] = set()
+        self.deleted: set[str] = set()
+        self.events = 0
+        self.in_flight = False
+        self.pushed_events = 0
+        self.state = "starting"
+        self.stop_asked = False
+        self.stop_flush_until = 0.0
+        self.full_due: float | None = None
+        self.last_full = 0.0
+        self.last_prune = time.monotonic()
+        self.changed_since_full = False
+        self.stats: dict[str, Any] = {"files": 0, "bytes": 0, "pushes": 0, "full_passes": 0,
+                                      "deleted": 0, "last_push": None, "last_error": None,
+                                      "reconnects": 0}
+        self._status_written = 0.0
+        self._dirty = True
+        self.watcher: Watcher | None = None
+        self.server: socket.socket | None = None
+        self.connected = False
+        self.error_detail: dict[str, str] | None = None
+        self.error_count = 0
+
+    # -- status --------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        with self.cond:
+            pending = len(self.pending) + (1 if self.full_due is not None else 0)
+        return {**self.stats, "pending": pending, "state": self.state,
+                "connected": self.connected, "in_flight": self.in_flight}
+
+    def write_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (not self._dirty or now - self._status_written < STATUS_EVERY):
+            return
+        info = {"pid": os.getpid(), "id": self.cfg["id"], "local_dir": self.root,
+                "destination": self.cfg["destination"], "port": self.cfg["port"],
+                "config": self.cfg["config_path"], "sock_dir": self.cfg["sock_dir"],
+                "master_pid": self.conn.master.pid if self.conn.master is not None else None,
+                "updated": time.time(), "stats": self.snapshot(), "state": self.state,
+                "error": self.stats["last_error"] if self.state == "error" else None,
+                "error_detail": self.error_detail if self.state == "error" else None}
+        _proc.write_private(self.status_path, json.dumps(info, indent=1))
+        self._status_written = now
+        self._dirty = False
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        if error is not None:
+            self.stats["last_error"] = error
+        self._dirty = True
+        self.write_status(force=True)
+
+    # -- events --------------------------------------------------------------------------------
+    def deliver(self, changes: list[tuple[int, str]]) -> None:
+        with self.cond:
+            for change, rel in changes:
+                self.pending.add(rel)
+                if change == 1:
+                    self.added.add(rel)
+                elif change == 3:
+                    self.deleted.add(rel)
+            self.events += 1
+            self.changed_since_full = True
+            self.cond.notify_all()
+
+    # -- control socket ------------------------------------------------------------------------
+    def serve(self) -> None:
+        path = Path(self.cfg["sock_dir"]) / "ctl"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(path))
+        os.chmod(path, 0o600)
+        srv.listen(8)
+        self.server = srv
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                line = conn.makefile("rb").readline().decode().split()
+            except OSError:
+                return
+            if not line:
+                return
+            reply: dict[str, Any]
+            if line[0] == "stats":
+                reply = self.snapshot()
+            elif line[0] == "flush":
+                timeout = float(line[1]) if len(line) > 1 else 60.0
+                reason = self.flush(timeout)
+                reply = {"ok": not reason, "reason": reason, "stats": self.snapshot()}
+            elif line[0] == "stop":
+                self.request_stop(float(line[1]) if len(line) > 1 else 0.0)
+                reply = {"ok": True}
+            else:
+                reply = {"error": f"unknown command {line[0]!r}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def flush(self, timeout: float) -> str:
+        """Wait until everything changed before the call is on the server: '' when it is,
+        "timeout", or "errors" (the server refused some of it)."""
+        deadline = time.monotonic() + timeout
+        errors_before = self.error_count
+        if self.watcher is not None and not self.watcher.sync(min(timeout, 10)):
+            return "timeout"
+        with self.cond:
+            target = self.events
+            if self.full_due is not None:
+                self.full_due = time.monotonic()
+            self.cond.notify_all()
+            done = self.cond.wait_for(
+                lambda: self.pushed_events >= target and not self.pending and not self.in_flight
+                and self.full_due is None and self.connected,
+                max(0.0, deadline - time.monotonic()))
+        if not done:
+            return "timeout"
+        return "" if self.error_count == errors_before else "errors"
+
+    def request_stop(self, flush_timeout: float) -> None:
+        with self.cond:
+            self.stop_asked = True
+            self.stop_flush_until = time.monotonic() + flush_timeout
+            self.cond.notify_all()
+
+    # -- pushing -------------------------------------------------------------------------------
+    def full_pass(self) -> None:
+        """rsync the whole tree up (no --delete): new and changed files, old versions to the trash."""
+        argv = _sync.rsync_push_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
+                                     self.conn.rsync_dest, filters=self.flt.rsync_args(),
+                                     backup_dir=self._backup_dir())
+        t0 = time.monotonic()
+        warning = self.conn.run_rsync(argv)
+        blocked = _sync.blocked_paths(warning)
+        if blocked and self.conn.agent_ok:
+            # a server folder where this side has a file: the agent moves it to the trash
+            log.info("whole-tree pass: %d paths blocked by server folders; sending them", len(blocked))
+            with self.cond:
+                self.pending.update(blocked)
+                self.cond.notify_all()
+        elif warning:
+            self.error_count += 1
+            self.stats["last_error"] = warning
+            log.warning("whole-tree pass: %s", warning)
+        self.stats["full_passes"] += 1
+        self.last_full = time.monotonic()
+        log.info("whole-tree pass in %.3f s", self.last_full - t0)
+
+    def prune(self) -> None:
+        """Remove trash folders older than ``keep_days`` on the server."""
+        self.last_prune = time.monotonic()
+        if self.conn.agent_ok:
+            self.conn.batch([_sync.pack(_sync.OP_PRUNE,
+                                        mtime_ns=int(self.cfg["keep_days"] * 86400e9))])
+            return
+        minutes = max(1, int(self.cfg["keep_days"] * 1440))
+        path = _quote(f"{_sync.remote_path(self.conn.dest.path)}/{_sync.TRASH}")
+        _proc.run(self.conn.mux(f"[ -d {path} ] && find {path} -mindepth 1 -maxdepth 1 "
+                                f"-mmin +{minutes} -exec rm -rf {{}} + ; true"),
+                  timeout=300, check=False, error=MirrorError)
+
+    def _backup_dir(self) -> str | None:
+        return f"{_sync.TRASH}/{_stamp()}" if self.cfg["backup"] else None
+
+    def plan(self, paths: set[str], added: set[str], deleted: set[str]) -> tuple[
+            list[tuple[bytes, str, int, int, bytes | None]], list[str], list[str], list[str]]:
+        """Ops for the agent (op, rel, mode, mtime, data), files for rsync, deletes, and which of
+        the rsync files are a bulk of new ones (rsync's C receiver creates many files faster)."""
+        ops: list[tuple[bytes, str, int, int, bytes | None]] = []
+        fresh: list[tuple[bytes, str, int, int, bytes | None]] = []
+        big: list[str] = []
+        dels: list[str] = []
+        seen: set[str] = set()
+        linked: dict[str, bool] = {}
+
+        def under_link(rel: str) -> bool:
+            parts = rel.split("/")[:-1]
+            cur = ""
+            for part in parts:
+                cur = _join(cur, part)
+                if cur not in linked:
+                    linked[cur] = os.path.islink(os.path.join(self.root, cur))
+                if linked[cur]:
+                    return True
+            return False
+
+        def add(rel: str, st: os.stat_result, new: bool = False) -> None:
+            if rel in seen:
+                return
+            seen.add(rel)
+            mode = stat.S_IMODE(st.st_mode)
+            full = os.path.join(self.root, rel)
+            if stat.S_ISDIR(st.st_mode):
+                ops.append((_sync.OP_MKDIR, rel, mode, 0, None))
+            elif stat.S_ISLNK(st.st_mode):
+                try:
+                    ops.append((_sync.OP_LINK, rel, 0, 0, os.fsencode(os.readlink(full))))
+                except OSError:
+                    pass
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_size >= _sync.BIG_FILE or not self.conn.agent_ok:
+                    big.append(rel)
+                else:
+                    (fresh if new else ops).append((_sync.OP_PUT, rel, mode, st.st_mtime_ns, None))
+
+        def walk(rel: str) -> None:
+            for folder, dirs, files in os.walk(os.path.join(self.root, rel)):
+                frel = self.flt.relative(folder) or ""
+                keep = []
+                for name in dirs:
+                    r = _join(frel, name)
+                    if self.flt.excluded(r):
+                        continue
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(os.path.join(folder, name))
+                        add(r, st)
+                        if stat.S_ISDIR(st.st_mode):
+                            keep.append(name)
+                dirs[:] = keep
+                for name in files:
+                    r = _join(frel, name)
+                    if not self.flt.excluded(r):
+                        with contextlib.suppress(OSError):
+                            add(r, os.lstat(os.path.join(folder, name)), new=True)
+
+        for rel in sorted(paths):
+            if rel in seen or under_link(rel):
+                continue
+            try:
+                st = os.lstat(os.path.join(self.root, rel))
+            except OSError:
+                if rel in deleted and self.cfg["delete"]:
+                    dels.append(rel)
+                    ops.append((_sync.OP_DELETE, rel, 0, 0, None))
+                continue
+            if stat.S_ISDIR(st.st_mode) and rel in deleted and self.cfg["delete"]:
+                ops.append((_sync.OP_DELETE, rel, 0, 0, None))  # replaced: send it whole again
+                dels.append(rel)
+            add(rel, st)
+            if stat.S_ISDIR(st.st_mode) and (rel in added or rel in deleted):
+                walk(rel)  # files may have landed before the folder's watch existed
+        bulk: list[str] = []
+        if len(fresh) >= BULK_FILES:
+            bulk = [op[1] for op in fresh]
+        else:
+            ops += fresh
+        return ops, big, dels, bulk
+
+    def push(self, paths: set[str], added: set[str], deleted: set[str]) -> None:
+        t0 = time.monotonic()
+        ops, big, dels, bulk = self.plan(paths, added, deleted)
+        t_plan = time.monotonic() - t0
+        files = nbytes = 0
+        errors: list[list[str]] = []
+        if self.conn.agent_ok:
+            records: list[bytes] = []
+            size = 0
+            for op, rel, mode, mtime, data in ops:
+                if op == _sync.OP_PUT:
+                    try:
+                        with open(os.path.join(self.root, rel), "rb") as f:
+                            st = os.fstat(f.fileno())
+                            data = f.read()
+                    except OSError:
+                        continue  # gone again: its delete event follows
+                    mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+                    files += 1
+                    nbytes += len(data)
+                records.append(_sync.pack(op, os.fsencode(rel), mode=mode, mtime_ns=mtime,
+                                          data=data or b""))
+                size += len(records[-1])
+                if size >= BATCH_BYTES or len(records) >= BATCH_OPS:
+                    self.conn.send(records)  # pipelined: the next files are read meanwhile
+                    records, size = [], 0
+                    if self.conn.sent_bytes > 64 * BATCH_BYTES:
+                        errors += self.conn.collect()
+            if records:
+                self.conn.send(records)
+            errors += self.conn.collect()
+        else:
+            if dels:
+                script = _sync.remote_delete_script(dels, _stamp(), backup=self.cfg["backup"])
+                done = _proc.run(self.conn.mux(f"cd -- {_quote(_sync.remote_path(self.conn.dest.path))}"
+                                               " && exec sh -s"), input=script, timeout=120,
+                                 check=False, error=MirrorError)
+                if done.returncode == 255:
+                    raise ConnectionLost(done.stderr)
+            big = [rel for op, rel, *_ in ops if op in (_sync.OP_MKDIR, _sync.OP_LINK)] + big
+        if bulk:
+            argv = _sync.rsync_files_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
+                                          self.conn.rsync_dest, backup_dir=self._backup_dir())
+            failed = self.conn.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in bulk))
+            if failed:  # a folder in the server's way, say: the agent moves it to the trash
+                log.info("%s; sending those %d files through the agent", failed, len(bulk))
+                errors += self._put_through_agent(bulk)
+            files += len(bulk)
+            nbytes += sum(_size(os.path.join(self.root, r)) for r in bulk)
+        if big:
+            argv = _sync.rsync_files_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
+                                          self.conn.rsync_dest, backup_dir=self._backup_dir())
+            listed = b"".join(os.fsencode(r) + b"\0" for r in big)
+            warning = self.conn.run_rsync(argv, data=listed)
+            if warning:
+                errors.append(["", warning])
+            for rel in big:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(self.root, rel))
+                    if stat.S_ISREG(st.st_mode):
+                        files += 1
+                        nbytes += st.st_size
+        took = time.monotonic() - t0
+        if took > 0.2:
+            log.info("pushed %d files (%d ops, %d big) in %.3f s (planning %.3f s)",
+                     files, len(ops), len(big), took, t_plan)
+        s = self.stats
+        s["files"] += files
+        s["bytes"] += nbytes
+        s["deleted"] += len(dels)
+        s["pushes"] += 1
+        s["last_push"] = time.time()
+        if errors:
+            self.error_count += 1
+            s["last_error"] = "; ".join(f"{p}: {e}" for p, e in errors[:5])
+            log.warning("server errors: %s", s["last_error"])
+            # what failed (a full disk, say) is sent again by a whole-tree pass a little later
+            retry = time.monotonic() + RETRY_AFTER_ERROR
+            self.full_due = retry if self.full_due is None else min(self.full_due, retry)
+        if len(paths) >= BURST_PATHS:
+            self.full_due = time.monotonic() + BURST_QUIET
+        self._dirty = True
+
+    def _put_through_agent(self, rels: list[str]) -> list[list[str]]:
+        records = []
+        for rel in rels:
+            try:
+                with open(os.path.join(self.root, rel), "rb") as f:
+                    st = os.fstat(f.fileno())
+                    data = f.read()
+            except OSError:
+                continue
+            records.append(_sync.pack(_sync.OP_PUT, os.fsencode(rel), mode=stat.S_IMODE(st.st_mode),
+                                      mtime_ns=st.st_mtime_ns, data=data))
+            if len(records) >= BATCH_OPS:
+                self.conn.send(records)
+                records = []
+        if records:
+            self.conn.send(records)
+        return self.conn.collect()
+
+    def reconnect(self) -> None:
+        """Wait for the server (cheap port probes, backoff) and log in again."""
+        self.connected = False
+        self.conn.close()
+        self.set_state("retrying")
+        delay, cap = 0.2, BACKOFF_MAX
+        while not self.stop_asked or time.monotonic() < self.stop_flush_until:
+            if _proc.ssh_banner(self.conn.dest.host, self.cfg["port"], timeout=2) is not None:
+                try:
+                    self.conn.open()
+                    self.connected = True
+                    self.stats["reconnects"] += 1
+                    self.full_due = time.monotonic()
+                    self.set_state("running")
+                    log.info("reconnected")
+                    return
+                except ColabRemoteError as e:
+                    self.stats["last_error"] = e.what
+                    log.warning("reconnect failed: %s", e.what)
+                    if isinstance(e, AuthenticationError):
+                        # a changed password: keep trying, but slowly (no lockouts, no log spam)
+                        delay, cap = max(delay, 30.0), 60.0
+            with self.cond:
+                self.cond.wait(delay)
+            delay = min(delay * 2, cap)
+        raise ConnectionLost("stopped while the server was away")
+
+    def loop(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    if self.stop_asked and (not self.pending and self.full_due is None
+                                            or now >= self.stop_flush_until):
+                        return
+                    if self.pending:
+                        break
+                    if self.full_due is not None and now >= self.full_due:
+                        break
+                    if (self.changed_since_full and now - self.last_full > FULL_PASS_EVERY):
+                        self.full_due = now
+                        break
+                    if now - self.last_prune > PRUNE_EVERY:
+                        break
+                    if self.watcher is not None and not self.watcher.is_alive():
+                        # notify failed (the folder vanished, say): watch again, then a whole
+                        # pass covers whatever happened meanwhile
+                        self.stats["last_error"] = f"watching {self.root} failed: {self.watcher.error}"
+                        log.warning("%s; watching again", self.stats["last_error"])
+                        self.watcher = None
+                        if os.path.isdir(self.root):
+                            self.watcher = Watcher(self.root, self.flt, self.deliver)
+                            self.watcher.start()
+                            self.full_due = now + 1
+                        continue
+                    wait = 30.0 if self.full_due is None else self.full_due - now
+                    if self._dirty:
+                        wait = min(wait, STATUS_EVERY)
+                    self.in_flight = False
+                    self.cond.notify_all()
+                    self.write_status()
+                    self.cond.wait(max(0.001, wait))
+                paths, added, deleted = self.pending, self.added, self.deleted
+                self.pending, self.added, self.deleted = set(), set(), set()
+                target = self.events
+                self.in_flight = True
+                do_full = not paths and self.full_due is not None and now >= self.full_due
+                do_prune = not paths and not do_full
+                if do_full:
+                    self.full_due = None
+                    self.changed_since_full = False
+            try:
+                if do_full:
+                    self.full_pass()
+                elif do_prune:
+                    self.prune()
+                else:
+                    self.push(paths, added, deleted)
+            except (ConnectionLost, OSError) as e:
+                log.warning("push failed (%s); keeping %d changes", e, len(paths))
+                with self.cond:
+                    self.pending |= paths
+                    self.added |= added
+                    self.deleted |= deleted
+                    if do_full:
+                        self.full_due = time.monotonic()
+                self.stats["last_error"] = f"server unreachable: {e}"
+                try:
+                    self.reconnect()
+                except ConnectionLost:
+                    return
+                continue
+            with self.cond:
+                self.pushed_events = max(self.pushed_events, target)
+                if not self.pending:
+                    self.in_flight = False
+                self.cond.notify_all()
+            if time.monotonic() - self._status_written > STATUS_EVERY:
+                self.write_status()
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect, check or restore, start watching, first push. Raises on failure."""
+        self.set_state("connecting")
+        self.conn.open()
+        self.connected = True
+        self.write_status(force=True)
+        root = Path(self.root)
+        server_files = self.conn.count()
+        local_files = _count_local(self.root, self.flt) if root.is_dir() else 0
+        log.info("server copy: %d files; local: %d files", server_files, local_files)
+        if self.cfg["restore"]:
+            root.mkdir(parents=True, exist_ok=True)
+            if server_files:
+                self.set_state("restoring")
+                argv = _sync.rsync_pull_argv(self.conn.rsync, self.conn.rsync_e(),
+                                             self.conn.rsync_dest, self.root,
+                                             filters=self.flt.rsync_args())
+                try:
+                    warning = self.conn.run_rsync(argv)
+                except ConnectionLost as e:
+                    raise MirrorError("restoring from the server failed", log_tail=str(e),
+                                      fix="check the connection and try again") from e
+                if warning:
+                    raise MirrorError("restoring from the server failed", log_tail=warning,
+                                      fix="see the log; nothing was deleted on either side")
+        elif server_files and local_files * 2 < server_files:
+            why = ("is missing" if not root.exists() else "is empty" if local_files == 0
+                   else f"holds {local_files} files, fewer than half of the server copy's")
+            raise MirrorError(
+                f"refusing to mirror: {self.root} {why}, while the server copy "
+                f"{self.cfg['destination']} holds {server_files} files",
+                fix=f"to resume from the server copy, use mirror({self.root!r}, "
+                    f"{self.cfg['destination']!r}, restore=True); or mirror into another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        self.watcher = Watcher(self.root, self.flt, self.deliver)
+        self.watcher.start()
+        if not self.watcher.ready.wait(600) or self.watcher.error is not None:
+            raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
+                              fix="check the folder exists and is readable; raise "
+                                  "fs.inotify.max_user_watches for very large trees")
+        self.set_state("first push")
+        self.prune()
+        try:
+            self.full_pass()
+        except ConnectionLost as e:
+            raise MirrorError("the first push failed", log_tail=str(e),
+                              fix="check the connection and the server's disk") from e
+        self.changed_since_full = False
+        self.set_state("running")
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.server is not None:
+            with contextlib.suppress(OSError):
+                self.server.close()
+            with contextlib.suppress(FileNotFoundError):
+                (Path(self.cfg["sock_dir"]) / "ctl").unlink()
+        self.conn.close()
+        self.connected = False
+        if Path(self.cfg["sock_dir"]) != self.run_dir:  # a short folder in /tmp of our own
+            with contextlib.suppress(OSError):
+                Path(self.cfg["sock_dir"]).rmdir()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def _count_local(root: str, flt: _sync.MirrorFilter) -> int:
+    n = 0
+    for folder, dirs, files in os.walk(root):
+        rel = flt.relative(folder) or ""
+        dirs[:] = [d for d in dirs if not flt.excluded(_join(rel, d))]
+        n += sum(1 for f in files if not flt.excluded(_join(rel, f)))
+        n += sum(1 for d in dirs if os.path.islink(os.path.join(folder, d)))
+    return n
+
+
+def run(cfg: dict[str, Any], password: str | None, *, foreground: bool = False) -> int:
+    """Run one mirror until stopped (SIGTERM, SIGINT, or ``stop`` on the control socket)."""
+    worker = Worker(cfg, password)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Never block in a handler: a helper thread takes the lock and wakes the loop.
+        threading.Thread(target=worker.request_stop,
+                         args=(cfg.get("stop_flush", 10.0) if foreground else 2.0,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        worker.serve()
+        try:
+            worker.start()
+        except ColabRemoteError as e:
+            worker.error_detail = {"type": type(e).__name__, "what": e.what, "log_tail": e.log_tail,
+                                   "fix": e.fix}
+            worker.set_state("error", str(e))
+            log.error("%s", e)
+            return 1
+        except Exception as e:
+            log.exception("the mirror failed to start")
+            worker.set_state("error", f"{type(e).__name__}: {e}")
+            return 1
+        if foreground:
+            print(f"mirroring {cfg['local_dir']} -> {cfg['destination']} (Ctrl-C stops)", flush=True)
+        try:
+            worker.loop()
+        except Exception as e:
+            log.exception("the mirror failed")
+            worker.set_state("error", f"{type(e).__name__}: {e}")
+            return 1
+        worker.set_state("stopped")
+        return 0
+    finally:
+        worker.shutdown()
+        if worker.state != "error":
+            worker.state = "stopped"
+        worker.write_status(force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    cfg = json.loads(Path(args[0]).read_text())
+    password = _proc.receive_secret() if cfg.get("has_password") else None
+    return run(cfg, password)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""The detached process that keeps one reverse tunnel up; started by :func:`reverse_forward`.
+
+    python -m colab_remote._supervisor --run-dir DIR
+
+It keeps two authenticated ssh connections to the server, both ControlMasters: the *active* one
+carries the forward, the *standby* one carries nothing. When the active ssh exits (for any
+reason: a signal, exit status 0 after SIGTERM, ServerAlive giving up on a silent link) the forward
+is added to the standby through its control socket (``ssh -O forward``, a few milliseconds, no new
+handshake) and a new standby is dialled. When both are gone because the server is down, its SSH
+port is probed with a TCP connect every 0.05 s and dialled the moment it answers; only failures of
+a server that answers (password, protocol, a busy port) back off, up to 10 s.
+
+The server may hold on to the forwarded port for a while after a link died silently (sshd only
+notices when its own keepalives time out, and never while something keeps connecting to the
+port). Those are our own sessions: the pid of the server process behind each connection is
+recorded at connect time, and a busy port is reclaimed by ending those that are gone on our side.
+
+The password arrives once through :func:`_proc.receive_secret` and lives only in this process's
+memory; it is typed at ssh's prompt through a pseudo-terminal with echo off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _proc, _ssh
+
+log = logging.getLogger("colab_remote.tunnel")
+
+TICK = 0.01            # s between checks of the children while something is in flux
+IDLE_TICK = 0.1        # s when all is up (a dying ssh wakes the loop at once through its pty)
+PROBE_INTERVAL = 0.05  # s between TCP probes of a server that is down
+BACKOFF_CAP = 10.0     # s, the longest wait after failures of an answering server
+FORWARD_RETRY = 1.5    # s a busy port is retried (the server frees a dead session's port late)
+QUERY_TIMEOUT = 10.0   # s for the session-pid query and the reclaim command
+
+_PASSWORD = re.compile(r"(?i)(password|passcode)[^\n]*:\s*$")
+_PASSPHRASE = re.compile(r"(?i)enter passphrase for [^\n]*:\s*$")
+_NEW_PASSPHRASE = re.compile(r"(?i)(enter passphrase \(empty|enter same passphrase)[^\n]*:\s*$")
+_CONTINUE = re.compile(r"(?i)do you want to continue \(Y/n\)\?\s*$")
+_HOST_KEY_PROMPT = re.compile(r"(?i)are you sure you want to continue connecting[^\n]*\?\s*$")
+_SESSION = re.compile(r"colab-remote-session (\d+)")
+_ALLOCATED = re.compile(r"^\s*(\d+)\s*$", re.M)
+
+_AUTH = ("Permission denied", "Too many authentication failures", "no more authentication methods",
+         "Authentication failed")
+_HOST_KEY = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
+             "host key for", "No ED25519 host key is known", "No RSA host key is known")
+_DOWN = ("Connection refused", "Connection timed out", "No route to host", "Network is unreachable",
+         "Operation timed out")
+
+
+class Fatal(Exception):
+    """A failure that retrying will not fix before the user acts (only before the first forward)."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+
+
+class Conn:
+    """One ssh ControlMaster connection to the server."""
+
+    def __init__(self, number: int, child: Any, control_path: Path) -> None:
+        self.number = number
+        self.child = child
+        self.control_path = control_path
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+        self.session_pid: int | None = None
+        self.pid_query: Any = None
+        self.partial = ""
+        self.lines: list[str] = []
+        self.passwords_typed = 0
+        self.failure: tuple[str, str] | None = None
+        self.active = False
+        self.lines_at_ready = 0
+
+    @property
+    def pid(self) -> int:
+        return int(self.child.pid)
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+    def output(self) -> str:
+        return "\n".join([*self.lines[-15:], self.partial]).strip()
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path, config: dict[str, Any], secret: str | None) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.secret = secret
+        self.dest = _ssh.Destination(config["user"], config["host"])
+        self.ssh = config["ssh"]
+        self.control_dir = Path(config["control_dir"])
+        self.reconnect = bool(config.get("reconnect", True))
+        self.requested_port = int(config["remote_port"])
+        self.remote_port = self.requested_port
+        self.local_port = int(config["local_port"])
+        self.conns: list[Conn] = []
+        self.active: Conn | None = None
+        self.counter = 0
+        self.restarts = 0
+        self.state = "starting"
+        self.since = time.time()
+        self.last_error = ""
+        self.error_kind = ""
+        self.orphans: list[int] = [int(p) for p in config.get("reclaim", [])]
+        self.failures = 0
+        self.next_try = 0.0
+        self.server_down = False
+        self.next_probe = 0.0
+        self.lost_at: float | None = None
+        self.up_once = False
+        self.stopping = False
+        self.started = time.monotonic()
+        self.start_timeout = float(config.get("start_timeout", 30))
+        self.written: dict[str, Any] = {}
+        self.addresses: list[Any] | None = None
+        self.env = dict(os.environ, LC_ALL="C")
+        self.env.pop("SSH_ASKPASS", None)
+        self.env.pop("DISPLAY", None)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log.info("supervising %s -R %s (pid %d)", self.dest,
+                 _ssh.reverse_spec(self.requested_port, self.local_port), os.getpid())
+        code = 0
+        try:
+            while not self.stopping:
+                settled = self.active is not None and all(c.ready and c.pid_query is None
+                                                          for c in self.conns)
+                self._io(IDLE_TICK if settled and not self.server_down else TICK)
+                self._reap()
+                self._check_ready()
+                if self.active is None:
+                    self._restore()
+                self._keep_standby()
+                if not self.up_once and time.monotonic() - self.started > self.start_timeout:
+                    raise Fatal("timeout", f"no forward within {self.start_timeout:g} s: "
+                                + (self.last_error or "the server did not answer"))
+                self._write_status()
+        except Fatal as e:
+            log.error("%s", e)
+            self.state, self.error_kind, self.last_error = "failed", e.kind, str(e)
+            self.since = time.time()
+            code = 1
+        except Exception as e:  # a bug of ours: leave nothing running and say why
+            log.exception("supervisor failed")
+            self.state, self.error_kind, self.last_error = "failed", "other", f"supervisor failed: {e!r}"
+            self.since = time.time()
+            code = 2
+        self._shutdown()
+        if code == 0:
+            self.state, self.since = "stopped", time.time()
+        self._write_status()
+        return code
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _io(self, timeout: float) -> None:
+        fds = {}
+        for conn in self.conns:
+            fd = conn.child.child_fd
+            if fd is not None and fd >= 0:
+                fds[fd] = conn
+        if not fds:
+            time.sleep(timeout)
+            return
+        try:
+            readable, _, _ = select.select(list(fds), [], [], timeout)
+        except (InterruptedError, OSError, ValueError):
+            return
+        for fd in readable:
+            self._read(fds[fd])
+
+    def _read(self, conn: Conn) -> None:
+        import pexpect
+
+        while True:
+            try:
+                data = conn.child.read_nonblocking(4096, timeout=0)
+            except (pexpect.TIMEOUT, pexpect.EOF, OSError, ValueError):
+                return
+            if not data:
+                return
+            self._feed(conn, data)
+
+    def _feed(self, conn: Conn, data: str) -> None:
+        text = conn.partial + data.replace("\r", "")
+        *complete, conn.partial = text.split("\n")
+        for line in complete:
+            if line.strip():
+                log.info("[ssh %d] %s", conn.number, line.strip())
+                conn.lines = [*conn.lines[-30:], line.strip()]
+        prompt = conn.partial
+        if not prompt.strip():
+            return
+        if _PASSWORD.search(prompt):
+            log.info("[ssh %d] %s", conn.number, prompt.strip())
+            conn.partial = ""
+            if self.secret is None:
+                conn.failure = ("auth", "the server asks for a password; pass password=")
+                self._end(conn)
+            elif conn.passwords_typed >= 1:
+                conn.failure = ("auth", "the server refused the password")
+                self._end(conn)
+            else:
+                conn.passwords_typed += 1
+                conn.child.sendline(self.secret)
+        elif _PASSPHRASE.search(prompt):
+            log.info("[ssh %d] %s", conn.number, prompt.strip())
+            conn.partial = ""
+            if self.secret is None:
+                conn.failure = ("auth", "the key needs a passphrase; pass it as password=")
+                self._end(conn)
+            else:
+                conn.child.sendline(self.secret)
+        elif _NEW_PASSPHRASE.search(prompt):  # gcloud creating its key: no passphrase
+            log.info("[ssh %d] %s (empty)", conn.number, prompt.strip())
+            conn.partial = ""
+            conn.child.sendline("")
+        elif _CONTINUE.search(prompt):
+            log.info("[ssh %d] %s Y", conn.number, prompt.strip())
+            conn.partial = ""
+            conn.child.sendline("Y")
+        elif _HOST_KEY_PROMPT.search(prompt):
+            log.info("[ssh %d] %s no", conn.number, prompt.strip())
+            conn.partial = ""
+            conn.failure = ("hostkey", "ssh asked to trust an unknown host key")
+            conn.child.sendline("no")
+
+    def _end(self, conn: Conn) -> None:
+        _proc.end_pty(conn.child, timeout=1)
+
+    # --- connections ---------------------------------------------------------------------------
+
+    def _dial(self) -> None:
+        self.counter += 1
+        control_path = self.control_dir / f"c{self.counter}"
+        with contextlib.suppress(FileNotFoundError):
+            control_path.unlink()
+        options = self.config["options"]
+        if self.config.get("via") == "gcloud":
+            from . import _gcloud
+
+            # gcloud's own key-propagation probe (ssh ... -- :) gets --ssh-flag but not what
+            # follows "--": the ControlMaster and -N belong to the real connection only.
+            port = int(self.config["port"])
+            argv = _gcloud.gcloud_ssh_argv(self.config["gcloud"], self.dest,
+                                           zone=self.config.get("zone"),
+                                           project=self.config.get("project"),
+                                           ssh_flags=[*(["-p", str(port)] if port != 22 else []),
+                                                      *_ssh.ssh_option_argv(options)],
+                                           command=_ssh.master_flags(control_path, {}))
+        else:
+            argv = _ssh.master_argv(self.ssh, self.dest, port=int(self.config["port"]),
+                                    control_path=control_path, options=options)
+        child = _proc.spawn_pty(argv, env=self.env)
+        conn = Conn(self.counter, child, control_path)
+        self.conns.append(conn)
+        log.info("[ssh %d] dialling %s (pid %d)", conn.number, self.dest, conn.pid)
+
+    def _may_dial(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_try or self.stopping:
+            return False
+        if not self.server_down:
+            return True
+        if now < self.next_probe:
+            return False
+        self.next_probe = now + PROBE_INTERVAL
+        if self.addresses is None:
+            with contextlib.suppress(OSError):
+                self.addresses = socket.getaddrinfo(self.config.get("probe_host") or self.dest.host,
+                                                    int(self.config["port"]),
+                                                    type=socket.SOCK_STREAM)
+        if self.addresses and _proc.tcp_answers(self.addresses, timeout=0.25):
+            log.info("the server answers on port %s again", self.config["port"])
+            self.server_down = False
+            return True
+        return False
+
+    def _reap(self) -> None:
+        for conn in list(self.conns):
+            if conn.child.isalive():
+                continue
+            if conn.active:
+                self.lost_at = time.monotonic()
+            self._read(conn)
+            if conn.partial.strip():
+                conn.lines.append(conn.partial.strip())
+                log.info("[ssh %d] %s", conn.number, conn.partial.strip())
+                conn.partial = ""
+            with contextlib.suppress(Exception):
+                conn.child.close(force=True)
+            status = conn.child.exitstatus
+            how = f"exit status {status}" if status is not None else \
+                f"signal {conn.child.signalstatus}"
+            self.conns.remove(conn)
+            with contextlib.suppress(FileNotFoundError):
+                conn.control_path.unlink()
+            if conn.session_pid is not None:
+                self.orphans.append(conn.session_pid)
+                self.orphans = self.orphans[-16:]
+            if conn.pid_query is not None:
+                _proc.finish(conn.pid_query, timeout=0.5)
+            if conn.active:
+                self.active = None
+                self.state, self.since = "reconnecting", time.time()
+                said = conn.lines[conn.lines_at_ready:]
+                self.last_error = f"ssh (pid {conn.pid}) ended ({how})" + (f": {said[-1]}" if said else "")
+                self.error_kind = "lost"
+                log.warning("forward lost: %s", self.last_error)
+                if not self.reconnect:
+                    self.stopping = True
+            elif conn.ready:
+                log.info("[ssh %d] standby ended (%s)", conn.number, how)
+            else:
+                self._dial_failed(conn, how)
+
+    def _dial_failed(self, conn: Conn, how: str) -> None:
+        output = conn.output()
+        kind, text = conn.failure or ("", "")
+        if not kind:
+            if any(s in output for s in _HOST_KEY):
+                kind = "hostkey"
+            elif any(s in output for s in _AUTH):
+                kind = "auth"
+            elif "Could not resolve hostname" in output:
+                kind = "resolve"
+            elif any(s in output for s in _DOWN):
+                kind = "down"
+            else:
+                kind = "other"
+        last = output.splitlines()[-1] if output else how
+        message = f"{text}: {last}" if text else last
+        log.warning("[ssh %d] could not connect (%s): %s", conn.number, kind, message)
+        self.last_error, self.error_kind = message, kind
+        if kind == "down" and (self.config.get("via") != "gcloud" or self.config.get("probe_host")):
+            self.server_down = True
+            self.next_probe = time.monotonic() + PROBE_INTERVAL
+            return
+        if not self.up_once and kind in ("auth", "hostkey", "resolve"):
+            raise Fatal(kind, message)
+        self.failures += 1
+        delay = min(BACKOFF_CAP, 0.25 * 2 ** self.failures)
+        self.next_try = time.monotonic() + delay
+        log.info("next try in %.1f s (%d failures in a row)", delay, self.failures)
+
+    def _check_ready(self) -> None:
+        for conn in self.conns:
+            if not conn.ready and os.path.exists(conn.control_path):
+                # ssh creates the control socket only once it is logged in
+                conn.ready_at = time.monotonic()
+                conn.lines_at_ready = len(conn.lines)
+                log.info("[ssh %d] logged in after %.3f s", conn.number, conn.ready_at - conn.started)
+                conn.pid_query = _proc.start(
+                    _ssh.mux_argv(self.ssh, conn.control_path, _ssh.SESSION_PID_COMMAND), env=self.env)
+            if conn.pid_query is not None:
+                done = _proc.finish(conn.pid_query)
+                if done is None and time.monotonic() - (conn.ready_at or 0) > QUERY_TIMEOUT:
+                    done = _proc.finish(conn.pid_query, timeout=0.1)
+                if done is not None:
+                    conn.pid_query = None
+                    found = _SESSION.search(done[1])
+                    if found:
+                        conn.session_pid = int(found.group(1))
+                        log.info("[ssh %d] server session pid %d", conn.number, conn.session_pid)
+                    else:
+                        log.info("[ssh %d] no session pid (%s)", conn.number,
+                                 (done[2] or done[1]).strip()[-200:])
+
+    def _keep_standby(self) -> None:
+        if not self.reconnect and self.up_once:
+            return
+        spare = [c for c in self.conns if not c.active]
+        if self.active is not None and not self.reconnect:
+            return
+        if not spare and self._may_dial():
+            self._dial()
+
+    def _restore(self) -> None:
+        if time.monotonic() < self.next_try:
+            return
+        ready = [c for c in self.conns if c.ready and not c.active and c.child.isalive()]
+        if ready:
+            self._promote(ready[0])
+
+    # --- the forward ---------------------------------------------------------------------------
+
+    def _mux(self, conn: Conn, *args: str, timeout: float = 5) -> tuple[int, str, str]:
+        done = _proc.finish(_proc.start(_ssh.mux_argv(self.ssh, conn.control_path, *args),
+                                        env=self.env), timeout=timeout)
+        assert done is not None
+        return done
+
+    def _promote(self, conn: Conn) -> None:
+        spec = _ssh.reverse_spec(self.remote_port, self.local_port)
+        deadline = time.monotonic() + FORWARD_RETRY
+        reclaimed = False
+        while True:
+            rc, out, err = self._mux(conn, "-O", "forward", "-R", spec)
+            if rc == 0:
+                break
+            text = (err or out).strip()
+            if "forward" not in text or not conn.child.isalive():
+                log.warning("[ssh %d] could not add the forward: %s", conn.number, text)
+                return  # the master is gone: _reap deals with it
+            if self.orphans and not reclaimed:
+                self._reclaim(conn)
+                reclaimed = True
+            if time.monotonic() > deadline:
+                message = (f"remote port {self.remote_port} is already in use on the server "
+                           f"({text.splitlines()[-1] if text else 'forward refused'})")
+                self.last_error, self.error_kind = message, "busy"
+                if not self.up_once:
+                    raise Fatal("busy", message)
+                self.failures += 1
+                delay = min(BACKOFF_CAP, 0.25 * 2 ** self.failures)
+                self.next_try = time.monotonic() + delay
+                log.warning("%s; next try in %.1f s", message, delay)
+                return
+            time.sleep(0.005)
+        if self.remote_port == 0:
+            found = _ALLOCATED.search(out)
+            if found:
+                self.remote_port = int(found.group(1))
+                log.info("the server allocated port %d", self.remote_port)
+        conn.active = True
+        self.active = conn
+        self.failures = 0
+        self.orphans = []
+        self.up_once = True
+        self.state, self.since = "up", time.time()
+        if self.lost_at is not None:
+            self.restarts += 1
+            log.info("forward back on port %d %.3f s after it was lost (restart %d)",
+                     self.remote_port, time.monotonic() - self.lost_at, self.restarts)
+            self.lost_at = None
+        else:
+            log.info("forward up: server port %d -> localhost:%d", self.remote_port, self.local_port)
+        self._write_status()
+
+    def _reclaim(self, conn: Conn) -> None:
+        """End our own dead sessions that the server still keeps (they hold the port)."""
+        log.info("[ssh %d] reclaiming the port from our dead sessions %s", conn.number, self.orphans)
+        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans), timeout=QUERY_TIMEOUT)
+        if rc != 0:
+            log.warning("[ssh %d] reclaim failed (exit %d): %s", conn.number, rc, (err or out).strip())
+
+    # --- status --------------------------------------------------------------------------------
+
+    def _write_status(self) -> None:
+        standby = next((c for c in self.conns if not c.active), None)
+        status = {
+            "state": self.state,
+            "pid": os.getpid(),
+            "ssh_pid": self.active.pid if self.active else None,
+            "standby_pid": standby.pid if standby else None,
+            "standby_ready": bool(standby and standby.ready),
+            "remote_port": self.remote_port,
+            "requested_port": self.requested_port,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "error_kind": self.error_kind,
+            "since": self.since,
+            "sessions": [c.session_pid for c in self.conns if c.session_pid] + self.orphans,
+            "ssh_pids": [c.pid for c in self.conns],
+        }
+        if status != self.written:
+            _proc.write_private(self.run_dir / "status.json", json.dumps(status, indent=1))
+            self.written = status
+
+    def _shutdown(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                conn.child.kill(signal.SIGTERM)
+        for conn in self.conns:
+            _proc.end_pty(conn.child, timeout=2)
+            with contextlib.suppress(FileNotFoundError):
+                conn.control_path.unlink()
+            if conn.pid_query is not None:
+                _proc.finish(conn.pid_query, timeout=0.5)
+        self.conns = []
+        self.active = None
+        with contextlib.suppress(OSError):
+            self.control_dir.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m colab_remote._supervisor")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    config = json.loads((args.run_dir / "config.json").read_text())
+    secret = _proc.receive_secret() if config.get("has_secret") else None
+    return Supervisor(args.run_dir, config, secret).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

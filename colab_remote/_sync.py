@@ -1,0 +1,439 @@
+"""Pure pieces of the mirror: the filter, rsync/ssh argv, and the server-side agent's source.
+
+Nothing here starts a process or touches the network (tested with plain asserts). One
+:class:`MirrorFilter` decides what is mirrored for watchfiles, for the listing of new folders and
+for rsync (``rsync_filter_args``), so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import shlex
+import struct
+from collections.abc import Iterable, Sequence
+
+from watchfiles import BaseFilter, Change
+
+TRASH = ".colab-remote-trash"
+DEFAULT_EXCLUDES = ("__pycache__", ".ipynb_checkpoints", "*.pyc")
+TRASH_KEEP_DAYS = 7
+# Our own temporary names on the server (the agent writes there first, then renames).
+TMP_INFIX = ".colab-remote-tmp."
+# Files at least this big go through rsync (delta transfer, streamed) instead of the agent.
+BIG_FILE = 8 * 1024 * 1024
+
+# One record of the agent protocol: op, path length, mode, mtime (ns), payload size; then the path
+# and the payload. "E" ends a batch (the agent answers one line), "C" asks for a file count.
+RECORD = struct.Struct(">cIIqQ")
+OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_END, OP_COUNT, OP_PRUNE = (
+    b"P", b"D", b"L", b"X", b"E", b"C", b"T")
+
+
+def check_excludes(exclude: object) -> tuple[str, ...]:
+    """``exclude=`` as a tuple of glob patterns (``"*.log"``, ``"data/"``, ``"/build"``)."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if not isinstance(exclude, (list, tuple, set, frozenset)):
+        raise TypeError(f"exclude must be a glob pattern or a list of them, got {exclude!r}")
+    patterns = []
+    for p in exclude:
+        if not isinstance(p, str) or not p.strip("/") or "\n" in p or "\0" in p:
+            raise ValueError(f"exclude pattern {p!r} must be a non-empty glob such as '*.log' or 'data/'")
+        patterns.append(p)
+    return tuple(patterns)
+
+
+class MirrorFilter(BaseFilter):
+    """What is NOT mirrored: the defaults, the trash, our temporary names, and ``exclude`` patterns.
+
+    A pattern without ``/`` matches a file or folder name anywhere (rsync's rule); one with a
+    leading ``/`` or an inner ``/`` matches the path from the top of the mirrored folder. ``.git`` is
+    mirrored on purpose.
+
+    >>> f = MirrorFilter("/p", ["*.log"])
+    >>> f.excluded("a/x.log"), f.excluded(".git/HEAD"), f.excluded("src/__pycache__/m.pyc")
+    (True, False, True)
+    """
+
+    __slots__ = ("root", "patterns", "_names", "_anchored")
+
+    def __init__(self, root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.root = os.path.abspath(root)
+        self.patterns = (*DEFAULT_EXCLUDES, *exclude)
+        names, anchored = [], []
+        for p in (*self.patterns, TRASH, f"*{TMP_INFIX}*"):
+            bare = p.rstrip("/")
+            if "/" in bare:
+                anchored.append(re.compile(fnmatch.translate(bare.lstrip("/"))))
+            else:
+                names.append(re.compile(fnmatch.translate(bare)))
+        self._names = tuple(names)
+        self._anchored = tuple(anchored)
+
+    def excluded(self, rel: str) -> bool:
+        """True when ``rel`` (a path relative to the root, '/'-separated) is not mirrored."""
+        parts = rel.split("/")
+        for part in parts:
+            if any(r.match(part) for r in self._names):
+                return True
+        if self._anchored:
+            for i in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:i])
+                if any(r.match(prefix) for r in self._anchored):
+                    return True
+        return False
+
+    def relative(self, path: str) -> str | None:
+        """``path`` relative to the root, or None when it is the root or outside it."""
+        if not path.startswith(self.root + os.sep):
+            return None
+        return path[len(self.root) + 1:]
+
+    def __call__(self, change: Change, path: str) -> bool:
+        rel = self.relative(path)
+        return rel is not None and not self.excluded(rel)
+
+    def rsync_args(self) -> list[str]:
+        """The same rules as rsync ``--exclude`` options (the trash is always left out)."""
+        args = [f"--exclude=/{TRASH}/", f"--exclude=*{TMP_INFIX}*"]
+        for p in self.patterns:
+            if "/" in p.rstrip("/") and not p.startswith("/"):
+                p = "/" + p  # rsync anchors a pattern with an inner '/' too; say so explicitly
+            args.append(f"--exclude={p}")
+        return args
+
+    def __repr__(self) -> str:
+        return f"MirrorFilter({self.root!r}, {list(self.patterns)!r})"
+
+
+def mirror_id(local_dir: str, destination: str, port: int) -> str:
+    """A short stable name for one (folder, destination, port) mirror in the state folder."""
+    return hashlib.sha256(f"{local_dir}\0{destination}\0{port}".encode()).hexdigest()[:12]
+
+
+def remote_path(path: str) -> str:
+    """The remote path as both rsync and the agent take it: ``~/x`` becomes ``x`` (home-relative)."""
+    if path == "~":
+        raise ValueError("the remote path must not be the home folder itself; use e.g. ~/backup/project")
+    return path[2:] if path.startswith("~/") else path
+
+
+def check_remote_path(path: str) -> str:
+    """Refuse remote paths a mirror must never write over (``/``, ``~``, ``.``, empty)."""
+    stripped = remote_path(path).rstrip("/")
+    if stripped in ("", ".", "..", "/") or not path.strip("/"):
+        raise ValueError(f"the remote path {path!r} must name a folder, not '/', '~' or '.'")
+    if TRASH in stripped.split("/"):
+        raise ValueError(f"the remote path {path!r} must not be inside {TRASH}")
+    return stripped
+
+
+# --- rsync -------------------------------------------------------------------------------------
+
+# -rlpt: recursion, symlinks as symlinks, permissions, times; not owner/group (the server account
+# cannot set them, and restored files must belong to the runtime's user).
+RSYNC_BASE = ["-rlpt"]
+
+
+def rsync_push_argv(rsync: str, ssh_command: str, local_dir: str, rsync_dest: str, *,
+                    filters: Sequence[str], backup_dir: str | None) -> list[str]:
+    """A whole-tree pass: new and changed files up, overwritten ones into the trash; NO --delete.
+
+    Files that exist only on the server are never touched by a whole-tree pass.
+    """
+    backup = ["--backup", f"--backup-dir={backup_dir}"] if backup_dir else []
+    return [rsync, *RSYNC_BASE, *backup, *filters, "-e", ssh_command, f"{local_dir.rstrip('/')}/",
+            f"{rsync_dest}/"]
+
+
+def rsync_files_argv(rsync: str, ssh_command: str, local_dir: str, rsync_dest: str, *,
+                     backup_dir: str | None) -> list[str]:
+    """Push the NUL-separated list of files on stdin, content compared (``-I``), not size+time.
+
+    ``-I`` is what sends a file rewritten with the same size within the same second.
+    """
+    backup = ["--backup", f"--backup-dir={backup_dir}"] if backup_dir else []
+    return [rsync, "-lptI", "--from0", "--files-from=-", *backup, "-e", ssh_command,
+            f"{local_dir.rstrip('/')}/", f"{rsync_dest}/"]
+
+
+def rsync_pull_argv(rsync: str, ssh_command: str, rsync_dest: str, local_dir: str, *,
+                    filters: Sequence[str]) -> list[str]:
+    """restore: the server copy into the runtime; never deletes, keeps newer runtime files."""
+    return [rsync, *RSYNC_BASE, "--update", *filters, "-e", ssh_command, f"{rsync_dest}/",
+            f"{local_dir.rstrip('/')}/"]
+
+
+_BLOCKED = re.compile(r"could not make way for new (?:regular file|symlink|special file): (.+)$",
+                      re.MULTILINE)
+
+
+def blocked_paths(output: str) -> list[str]:
+    """Paths rsync could not write because a server folder was in the way (exit 23).
+
+    >>> blocked_paths("could not make way for new regular file: a/b\\nrsync error: ...")
+    ['a/b']
+    """
+    return _BLOCKED.findall(output)
+
+
+def rsync_exit_ok(code: int) -> bool:
+    """0, or 24 (a file vanished while it was sent: a warning, the next event sends it again)."""
+    return code in (0, 24)
+
+
+# --- ssh -----------------------------------------------------------------------------------------
+
+
+def remote_delete_script(paths: Sequence[str], stamp: str, *, backup: bool) -> str:
+    """POSIX sh that moves each path into the trash (or removes it), for servers without python3."""
+    lines = ["set -u"]
+    for rel in paths:
+        q = shlex.quote(rel)
+        if backup:
+            target = shlex.quote(f"{TRASH}/{stamp}/{rel}")
+            parent = shlex.quote(os.path.dirname(f"{TRASH}/{stamp}/{rel}"))
+            lines.append(f"if [ -e {q} ] || [ -L {q} ]; then mkdir -p -- {parent} && "
+                         f"mv -f -- {q} {target}; fi")
+        else:
+            lines.append(f"rm -rf -- {q}")
+    return "\n".join(lines) + "\n"
+
+
+def agent_command(dest: str, *, backup: bool, keep_days: float) -> tuple[str, bytes]:
+    """The remote command that starts the agent, and the source to send on its stdin first.
+
+    The command is short and fixed (the account's shell runs it once per connection); the agent's
+    code then arrives on stdin, so nothing about it depends on the remote shell's quoting.
+    """
+    config = {"dest": remote_path(dest), "backup": backup, "keep_days": keep_days,
+              "trash": TRASH, "tmp": TMP_INFIX}
+    source = (f"CFG = {config!r}\n" + AGENT_SOURCE).encode()
+    boot = f"import sys;exec(sys.stdin.buffer.read({len(source)}))"
+    command = ("if command -v python3 >/dev/null 2>&1; then exec python3 -u -c "
+               f"{shlex.quote(boot)}; fi; echo CRA-NOPYTHON; exit 97")
+    return command, source
+
+
+def pack(op: bytes, path: bytes = b"", *, mode: int = 0, mtime_ns: int = 0, data: bytes = b"") -> bytes:
+    """One agent record."""
+    return RECORD.pack(op, len(path), mode, mtime_ns, len(data)) + path + data
+
+
+# The server side. Python 3.6+ only, standard library only; bytes paths throughout (any name).
+AGENT_SOURCE = r'''
+import calendar, json, os, shutil, stat, struct, sys, time
+REC = struct.Struct(">cIIqQ")
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+TRASH = CFG["trash"].encode()
+TMP = CFG["tmp"].encode()
+known = set()
+stamp = [None]
+
+def trash_dir():
+    if stamp[0] is None:
+        t = time.time()
+        stamp[0] = (time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(t)) + ".%06dZ" % int(t % 1 * 1e6)).encode()
+    return os.path.join(TRASH, stamp[0])
+
+def lst(p):
+    try:
+        return os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+def trash_target(p):
+    d = os.path.join(trash_dir(), p)
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    n, t = 1, d
+    while lst(t) is not None:
+        t = d + b".%d" % n
+        n += 1
+    return t
+
+def remove(p, st):
+    known.clear()
+    if CFG["backup"]:
+        os.rename(p, trash_target(p))
+    elif stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p)
+    else:
+        os.unlink(p)
+
+def keep_old(p, st):
+    if not CFG["backup"]:
+        return
+    t = trash_target(p)
+    try:
+        os.link(p, t, follow_symlinks=False)
+    except OSError:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(p), t)
+        else:
+            shutil.copy2(p, t)
+
+def check(p):
+    parts = p.split(b"/")
+    if not p or p.startswith(b"/") or b".." in parts or b"" in parts or parts[0] == TRASH:
+        raise ValueError("refused path %r" % p)
+
+def parent(p):
+    d = os.path.dirname(p)
+    if not d or d in known:
+        return
+    cur = b""
+    for part in d.split(b"/"):
+        cur = os.path.join(cur, part) if cur else part
+        if cur in known:
+            continue
+        st = lst(cur)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            remove(cur, st)
+            st = None
+        if st is None:
+            try:
+                os.mkdir(cur)
+            except FileExistsError:  # made meanwhile
+                if not os.path.isdir(cur) or os.path.islink(cur):
+                    raise
+        known.add(cur)
+
+def tmpname(p):
+    d, b = os.path.split(p)
+    return os.path.join(d, b"." + b[:180] + TMP + b"%d" % os.getpid())
+
+def put(p, mode, mtime, data):
+    parent(p)
+    st = lst(p)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        remove(p, st)
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+        with open(p, "rb") as f:
+            same = f.read() == data
+        if same:
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(p, mode)
+            if st.st_mtime_ns != mtime:
+                os.utime(p, ns=(mtime, mtime))
+            return
+    t = tmpname(p)
+    # umask is 0 here: the file gets its mode at creation, one system call less per file
+    fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.utime(t, ns=(mtime, mtime))
+    if st is not None:
+        keep_old(p, st)
+    os.rename(t, p)
+
+def mkdir(p, mode):
+    parent(p)
+    st = lst(p)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        remove(p, st)
+        st = None
+    if st is None:
+        os.mkdir(p)
+    if st is None or stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(p, mode)
+    known.add(p)
+
+def link(p, target):
+    parent(p)
+    st = lst(p)
+    if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(p) == target:
+        return
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        remove(p, st)
+        st = None
+    t = tmpname(p)
+    if lst(t) is not None:
+        os.unlink(t)
+    os.symlink(target, t)
+    if st is not None:
+        keep_old(p, st)
+    os.rename(t, p)
+
+def delete(p):
+    st = lst(p)
+    if st is not None:
+        remove(p, st)
+
+def count():
+    n = 0
+    for d, dirs, files in os.walk(b"."):
+        if d == b".":
+            dirs[:] = [x for x in dirs if x != TRASH]
+        n += len(files) + sum(1 for x in dirs if os.path.islink(os.path.join(d, x)))
+    return n
+
+def prune(days):
+    cut = time.time() - days * 86400
+    try:
+        names = os.listdir(TRASH)
+    except FileNotFoundError:
+        return
+    for n in names:
+        p = os.path.join(TRASH, n)
+        try:
+            old = calendar.timegm(time.strptime(n[:19].decode(), "%Y-%m-%dT%H-%M-%S")) < cut
+        except ValueError:
+            old = os.lstat(p).st_mtime < cut
+        if old:
+            shutil.rmtree(p, ignore_errors=True)
+
+def main():
+    root = os.path.expanduser(CFG["dest"])
+    os.makedirs(root, exist_ok=True)
+    os.chdir(root)
+    os.umask(0)
+    out.write(("CRA1 %s\n" % (shutil.which("rsync") or "-")).encode())
+    out.flush()
+    errors, n = [], 0
+    while True:
+        h = inp.read(REC.size)
+        if len(h) < REC.size:
+            return
+        op, plen, mode, mtime, size = REC.unpack(h)
+        p = inp.read(plen)
+        data = inp.read(size) if size else b""
+        if op == b"E":
+            out.write(("A %d %s\n" % (n, json.dumps(errors[:20]))).encode())
+            out.flush()
+            errors, n, stamp[0] = [], 0, None
+            continue
+        if op == b"C":
+            out.write(("C %d\n" % count()).encode())
+            out.flush()
+            continue
+        n += 1
+        try:
+            if op == b"T":
+                prune(mtime / 86400e9)
+                continue
+            check(p)
+            if op == b"P":
+                put(p, mode & 0o7777, mtime, data)
+            elif op == b"D":
+                mkdir(p, mode)
+            elif op == b"L":
+                link(p, data)
+            elif op == b"X":
+                delete(p)
+        except Exception as e:
+            known.clear()
+            errors.append([p.decode("utf-8", "replace"), "%s: %s" % (type(e).__name__, e)])
+
+main()
+'''

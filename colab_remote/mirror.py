@@ -1,0 +1,556 @@
+"""mirror(): keep a project folder safe on your own server, fast, without ever losing a file.
+
+The recipe this grew from watched the folder and ran ``rsync --delete`` from it, which wipes the
+server when it runs from a fresh, empty runtime. Here the server copy is only ever added to:
+files the mirror overwrites or deletes (only what it saw deleted while watching) go to
+``<dest>/.colab-remote-trash/<UTC time>/`` first, a missing or near-empty runtime folder is refused
+(``restore=True`` resumes from the server instead), and every file is written under a temporary
+name and renamed into place.
+
+The work happens in a detached process (see ``_mirror_worker``) that outlives the cell and a
+kernel restart; :class:`Mirror` is its handle, and :func:`find_mirrors` finds it again from a fresh
+process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _html, _proc, _ssh, _sync
+from .errors import AuthenticationError, MirrorError
+from .server import announce, default_state_dir
+
+__all__ = ["Mirror", "find_mirrors", "mirror", "push", "stop_mirrors"]
+
+log = logging.getLogger(__name__)
+
+
+def _query(sock: Path, command: str, timeout: float) -> dict[str, Any] | None:
+    """One request on the mirror's control socket; None when nobody answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock))
+            s.sendall(command.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    try:
+        return dict(json.loads(data))
+    except ValueError:
+        return None
+
+
+class Mirror:
+    """A running mirror (or the record of one). Start it with :func:`mirror`.
+
+    Attributes: ``local_dir``, ``destination``, ``port``, ``pid``, ``run_dir`` (status and log).
+
+    Example:
+        >>> with mirror("/content/project", "me@server:backup/project", password=pw) as m:  # doctest: +SKIP
+        ...     train()
+        ...     m.flush()
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        info = self._info()
+        self.pid: int | None = info.get("pid")
+        self.local_dir: str = info.get("local_dir", "")
+        self.destination: str = info.get("destination", "")
+        self.port: int = info.get("port", 22)
+        self.config_path = str(run_dir / "config.json")
+
+    def _info(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.run_dir / "status.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def _sock(self) -> Path:
+        return Path(self._info().get("sock_dir") or self.run_dir) / "ctl"
+
+    @property
+    def alive(self) -> bool:
+        """True while the mirror process runs."""
+        return _proc.is_ours(self.pid, self.config_path)
+
+    @property
+    def state(self) -> str:
+        """starting, connecting, restoring, first push, running, retrying, error or stopped."""
+        if not self.alive:
+            state = self._info().get("state", "stopped")
+            return state if state == "error" else "stopped"
+        return str(self._info().get("state", "starting"))
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """files and bytes pushed, pushes, whole-tree passes, last push time, pending changes,
+        last error, reconnects (live from the process; from its status file once it stopped)."""
+        live = _query(self._sock, "stats", 2) if self.alive else None
+        if live is not None:
+            return live
+        return dict(self._info().get("stats", {}))
+
+    def flush(self, timeout: float = 60) -> None:
+        """Push everything pending now and wait until the server has it.
+
+        Raises:
+            MirrorError: not done within ``timeout`` (the server unreachable, say); nothing is lost,
+                the mirror keeps trying.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not self.alive:
+            raise MirrorError("the mirror is not running", log_tail=self.logs(),
+                              fix="start it again with mirror(...)")
+        reply = _query(self._sock, f"flush {timeout:g}", timeout + 5)
+        if reply is None or not reply.get("ok"):
+            stats = (reply or {}).get("stats") or {}
+            if (reply or {}).get("reason") == "errors":
+                what = "the server refused some changes"
+                fix = "see the errors above (permissions? a full disk?); a whole-tree pass retries them"
+            else:
+                what = (f"the mirror did not reach the server within {timeout:g} s "
+                        f"({stats.get('pending', '?')} changes pending, state {stats.get('state', '?')})")
+                fix = "check the server; the mirror keeps every change and retries"
+            raise MirrorError(what, log_tail=str(stats.get("last_error") or "") or self.logs(5), fix=fix)
+
+    def stop(self, flush: bool = True, timeout: float = 30) -> None:
+        """Stop the mirror (after pushing what is pending, with ``flush``). Safe to call twice."""
+        info = self._info()
+        if self.alive:
+            if flush:
+                with contextlib.suppress(MirrorError):
+                    self.flush(timeout)
+            _query(self._sock, "stop 0", 2)
+            _proc.wait_until(lambda: not self.alive, 5, interval=0.02)
+            master = info.get("master_pid")
+            marker = f"ControlPath={Path(info.get('sock_dir') or self.run_dir) / 'cm'}"
+            also = [master] if master and _proc.is_ours(master, marker) else []
+            _proc.stop(self.pid, marker=self.config_path, timeout=5, also=also)
+        sock_dir = info.get("sock_dir")
+        if sock_dir and Path(sock_dir) != self.run_dir:
+            for name in ("ctl", "cm"):
+                with contextlib.suppress(OSError):
+                    (Path(sock_dir) / name).unlink()
+            with contextlib.suppress(OSError):
+                Path(sock_dir).rmdir()
+
+    def logs(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the mirror's log."""
+        return _proc.tail(self.run_dir / "mirror.log", lines)
+
+    def __enter__(self) -> Mirror:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _summary(self) -> tuple[str, dict[str, Any]]:
+        stats = self.stats
+        return self.state, stats
+
+    def __repr__(self) -> str:
+        state, s = self._summary()
+        return (f"<Mirror {self.local_dir} -> {self.destination} {state}, {s.get('pushes', 0)} pushes, "
+                f"{s.get('files', 0)} files, {s.get('pending', 0)} pending, pid {self.pid}>")
+
+    def _repr_html_(self) -> str:
+        state, s = self._summary()
+        last = s.get("last_push")
+        rows = [("local", self.local_dir), ("server", self.destination), ("port", str(self.port)),
+                ("pid", str(self.pid)),
+                ("pushed", f"{s.get('files', 0)} files, {s.get('bytes', 0)} bytes in "
+                           f"{s.get('pushes', 0)} pushes"),
+                ("pending", str(s.get("pending", 0))),
+                ("last push", time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"),
+                ("last error", str(s.get("last_error") or "none")),
+                ("trash", f"deleted and overwritten files: {_sync.TRASH}/ on the server")]
+        return _html.card("mirror", state, rows)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _local_dir(local_dir: object) -> str:
+    if not isinstance(local_dir, (str, os.PathLike)):
+        raise TypeError(f"local_dir must be a path, got {local_dir!r}")
+    text = os.fspath(local_dir)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("local_dir must not be empty")
+    path = os.path.realpath(os.path.expanduser(text))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"local_dir {text} is a file; mirror() takes a folder")
+    if _sync.TRASH in Path(path).parts:
+        raise ValueError(f"local_dir {text} is (inside) a {_sync.TRASH} folder; mirror the project instead")
+    if path == "/":
+        raise ValueError("local_dir must not be /")
+    return path
+
+
+def _identity(identity_file: object) -> str | None:
+    if identity_file is None:
+        return None
+    if not isinstance(identity_file, (str, os.PathLike)):
+        raise TypeError(f"identity_file must be a path, got {identity_file!r}")
+    path = os.path.expanduser(os.fspath(identity_file))
+    if not os.path.isfile(path):
+        raise ValueError(f"identity_file {path} does not exist")
+    return os.path.abspath(path)
+
+
+def _state(state_dir: object) -> Path:
+    if state_dir is None:
+        return default_state_dir()
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise TypeError(f"state_dir must be a path, got {state_dir!r}")
+    state = Path(state_dir).expanduser().absolute()
+    if state.exists() and not state.is_dir():
+        raise ValueError(f"state_dir {state} exists and is not a folder")
+    return state
+
+
+def _sock_dir(run_dir: Path, ident: str) -> Path:
+    """A folder for the unix sockets: the run folder when its path is short enough (sun_path
+    holds 108 bytes and ssh adds 17 characters to a ControlPath while it sets one up)."""
+    if len(str(run_dir / "cm")) + 20 < 100:
+        return run_dir
+    short = Path(tempfile.gettempdir()) / f"crm-{os.getuid()}-{ident}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    st = short.lstat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise MirrorError(f"{short} is not a private folder of this user",
+                          fix=f"remove it, or pass a shorter state_dir (now {run_dir.parent.parent})")
+    return short
+
+
+def _known_hosts(state: Path, run_dir: Path, dest: _ssh.Destination, port: int,
+                 host_key: str | None) -> tuple[Path, bool]:
+    if host_key is None:
+        return state / "known_hosts", False
+    if host_key.startswith("SHA256:"):
+        from .reverse import _pinned_known_hosts  # checks the fingerprint against ssh-keyscan
+
+        text = _pinned_known_hosts(dest.host, port, host_key)
+    else:
+        text = _ssh.known_hosts_line(dest.host, port, host_key)
+    path = run_dir / "known_hosts.pinned"
+    _proc.write_private(path, text + "\n")
+    return path, True
+
+
+def _prepare(local_dir: object, destination: object, *, port: object, password: object,
+             identity_file: object, state_dir: object, exclude: object, host_key: object
+             ) -> dict[str, Any]:
+    """Validate every argument (ValueError/TypeError before anything runs)."""
+    local = _local_dir(local_dir)
+    dest = _ssh.parse_destination(destination, with_path=True)
+    _sync.check_remote_path(dest.path)
+    _ssh.check_port(port)
+    if password is not None:
+        _ssh.check_password(password)
+    key = _ssh.check_host_key(host_key) if host_key is not None else None
+    return {"local_dir": local, "dest": dest, "port": port, "password": password,
+            "identity_file": _identity(identity_file), "state": _state(state_dir),
+            "exclude": list(_sync.check_excludes(exclude)), "host_key": key}
+
+
+def mirror(
+    local_dir: str | os.PathLike[str],
+    destination: str,
+    *,
+    port: int = 22,
+    password: str | None = None,
+    identity_file: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    exclude: str | list[str] | None = None,
+    delete: bool = True,
+    backup: bool = True,
+    restore: bool = False,
+    host_key: str | None = None,
+    keep_days: float = _sync.TRASH_KEEP_DAYS,
+    timeout: float = 600,
+    quiet: bool = False,
+) -> Mirror:
+    """Mirror ``local_dir`` to ``destination`` (``user@host:path``) and keep it mirrored.
+
+    Runs detached: it survives the cell being interrupted and a kernel restart
+    (:func:`find_mirrors` finds it again), and the server being away for minutes (changes are kept
+    and sent when it is back).
+
+    Args:
+        local_dir: the folder in the runtime (created when missing and ``restore``).
+        destination: ``user@host:path``; a relative path is under the server account's home.
+        port: the server's SSH port.
+        password: the server password (or ``identity_file``'s passphrase), typed at ssh's prompt
+            and kept only in the mirror process's memory, to log in again after an outage.
+        identity_file: a private key to log in with.
+        state_dir: status, logs and known_hosts (default ``~/.colab_remote``).
+        exclude: more glob patterns not to mirror (``"*.ckpt"``, ``"data/"``); always left out:
+            ``__pycache__``, ``.ipynb_checkpoints``, ``*.pyc``. ``.git`` IS mirrored.
+        delete: delete on the server what is deleted (or renamed away) here while watching.
+        backup: keep deleted and overwritten server files in ``<dest>/.colab-remote-trash``.
+        restore: first copy the server copy into ``local_dir`` (never deleting, keeping newer
+            local files): how a fresh runtime resumes.
+        host_key: pin the server's host key (a key line or ``SHA256:`` fingerprint); default:
+            accept it the first time and check it afterwards.
+        keep_days: trash older than this is pruned.
+        timeout: how long to wait for the first push before returning anyway.
+        quiet: do not print or display the handle.
+
+    Returns:
+        a :class:`Mirror` handle.
+
+    Raises:
+        MirrorError: refused (empty runtime folder, non-empty server copy), unreachable server,
+            rsync missing on the server.
+        AuthenticationError: the server refused the password or key.
+
+    Example:
+        >>> m = mirror("/content/project", "me@my-server:backup/project",
+        ...            password=pw)       # doctest: +SKIP
+        >>> m.flush(); m.stats["pending"]  # doctest: +SKIP
+        0
+    """
+    args = _prepare(local_dir, destination, port=port, password=password,
+                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                    host_key=host_key)
+    for name, value in (("delete", delete), ("backup", backup), ("restore", restore)):
+        _check_bool(name, value)
+    if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or keep_days <= 0:
+        raise ValueError(f"keep_days must be a positive number of days, got {keep_days!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    cfg, run_dir = _config(args, delete=delete, backup=backup, restore=restore, keep_days=keep_days)
+    pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror_worker",
+                                cfg["config_path"]], run_dir=run_dir, name="mirror",
+                               secret=args["password"])
+    handle = Mirror(run_dir)
+    handle.pid = pid
+    status = run_dir / "status.json"
+
+    def settled() -> bool:
+        state = handle._info().get("state")
+        return state in ("running", "error", "stopped", "retrying") or not _proc.pid_alive(pid)
+
+    _proc.wait_until(settled, timeout, interval=0.02)
+    info = handle._info()
+    if info.get("state") == "error" or not _proc.pid_alive(pid):
+        handle.stop(flush=False)
+        detail = info.get("error_detail") or {}
+        if detail:
+            kind = AuthenticationError if detail.get("type") == "AuthenticationError" else MirrorError
+            raise kind(detail.get("what", ""), log_tail=detail.get("log_tail", ""),
+                       fix=detail.get("fix", ""))
+        raise MirrorError(info.get("error") or "the mirror process exited", log_tail=handle.logs(),
+                          fix="see the log above")
+    if not status.exists():
+        log.warning("the mirror is still starting after %g s; see .logs()", timeout)
+    if not quiet:
+        announce(handle)
+    return handle
+
+
+def _config(args: dict[str, Any], **flags: Any) -> tuple[dict[str, Any], Path]:
+    """Write the mirror's config (no secret in it) and stop an earlier mirror of the same pair."""
+    dest: _ssh.Destination = args["dest"]
+    state: Path = args["state"]
+    ident = _sync.mirror_id(args["local_dir"], str(dest), args["port"])
+    run_dir = state / "mirror" / ident
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.chmod(0o700)
+    previous = Mirror(run_dir)
+    if previous.alive:
+        previous.stop(flush=True)
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / "status.json").unlink()
+    rsync = _proc.require_program("rsync", package="rsync", install=True, error=MirrorError)
+    ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
+    known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
+    cfg = {"id": ident, "local_dir": args["local_dir"], "destination": str(dest), "user": dest.user,
+           "host": dest.host, "path": dest.path, "port": args["port"],
+           "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
+           "exclude": args["exclude"], "run_dir": str(run_dir),
+           "sock_dir": str(_sock_dir(run_dir, ident)), "config_path": str(run_dir / "config.json"),
+           "has_password": args["password"] is not None, "ssh": ssh, "rsync": rsync,
+           "agent": os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0", **flags}
+    _proc.write_private(run_dir / "config.json", json.dumps(cfg, indent=1))
+    return cfg, run_dir
+
+
+def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port: int = 22,
+                   password: str | None = None, identity_file: str | None = None,
+                   state_dir: str | os.PathLike[str] | None = None, exclude: list[str] | None = None,
+                   delete: bool = True, backup: bool = True, restore: bool = False,
+                   host_key: str | None = None) -> int:
+    """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes)."""
+    from . import _mirror_worker
+
+    args = _prepare(local_dir, destination, port=port, password=password,
+                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                    host_key=host_key)
+    cfg, run_dir = _config(args, delete=delete, backup=backup, restore=restore,
+                           keep_days=_sync.TRASH_KEEP_DAYS)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return _mirror_worker.run(cfg, args["password"], foreground=True)
+
+
+def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror]:
+    """Every mirror recorded in ``state_dir`` (running or not), e.g. after a kernel restart.
+
+    Example:
+        >>> [m for m in find_mirrors() if m.alive]  # doctest: +SKIP
+        [<Mirror /content/project -> me@server:backup/project running, ...>]
+    """
+    state = _state(state_dir)
+    found = []
+    for status in sorted((state / "mirror").glob("*/status.json")):
+        found.append(Mirror(status.parent))
+    return found
+
+
+def stop_mirrors(state_dir: str | os.PathLike[str] | None = None, *, flush: bool = True) -> int:
+    """Stop every running mirror of ``state_dir`` (pushing what is pending first, with ``flush``).
+
+    Returns:
+        how many were running.
+
+    Example:
+        >>> stop_mirrors()  # doctest: +SKIP
+        1
+    """
+    stopped = 0
+    for m in find_mirrors(state_dir):
+        if m.alive:
+            m.stop(flush=flush)
+            stopped += 1
+    return stopped
+
+
+def push(
+    local_dir: str | os.PathLike[str],
+    destination: str,
+    *,
+    port: int = 22,
+    password: str | None = None,
+    identity_file: str | os.PathLike[str] | None = None,
+    setup: str | None = None,
+    exclude: str | list[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    host_key: str | None = None,
+    timeout: float = 3600,
+) -> int:
+    """Copy a project into a runtime (run on the server, through the tunnel) and set it up there.
+
+    Copies new and changed files (nothing is deleted in the runtime), then runs ``setup`` in the
+    copied folder with its output streamed here.
+
+    Args:
+        local_dir: the project folder here.
+        destination: the runtime as ``user@host:path``, e.g. ``root@localhost:/content/project``.
+        port: the runtime's SSH port through the tunnel (e.g. 20022).
+        password: the runtime's password, typed at ssh's prompt.
+        identity_file: a private key instead.
+        setup: a shell command run in the copied folder, e.g. ``pip install -r requirements.txt``.
+        exclude: more glob patterns to leave out (the mirror's defaults always are).
+        state_dir: where known_hosts lives (default ``~/.colab_remote``).
+        host_key: pin the runtime's host key.
+        timeout: seconds for the copy and for the set-up command, each.
+
+    Returns:
+        0 (the set-up command succeeded, or there was none).
+
+    Raises:
+        MirrorError: the copy or the set-up command failed (its last output lines included).
+
+    Example:
+        >>> push("~/project", "root@localhost:/content/project", port=20022,
+        ...      setup="pip install -r requirements.txt")  # doctest: +SKIP
+        0
+    """
+    from ._mirror_worker import Connection
+
+    args = _prepare(local_dir, destination, port=port, password=password,
+                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                    host_key=host_key)
+    if not os.path.isdir(args["local_dir"]):
+        raise ValueError(f"local_dir {local_dir} does not exist")
+    if setup is not None and (not isinstance(setup, str) or not setup.strip()):
+        raise ValueError("setup must be a non-empty shell command, e.g. 'pip install -r requirements.txt'")
+    dest: _ssh.Destination = args["dest"]
+    state: Path = args["state"]
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work = Path(tempfile.mkdtemp(prefix="crp-", dir=state))
+    sock_dir = work
+    try:
+        sock_dir = _sock_dir(work, work.name[4:])
+        known_hosts, pinned = _known_hosts(state, work, dest, port, args["host_key"])
+        cfg = {"user": dest.user, "host": dest.host, "path": dest.path, "port": port,
+               "identity_file": args["identity_file"], "known_hosts": str(known_hosts),
+               "pinned": pinned, "sock_dir": str(sock_dir), "agent": False,
+               "backup": False, "keep_days": 1.0,
+               "ssh": _proc.require_program("ssh", package="openssh-client", install=True,
+                                            error=MirrorError),
+               "rsync": _proc.require_program("rsync", package="rsync", install=True,
+                                              error=MirrorError)}
+        conn = Connection(cfg, args["password"], work / "push.log")
+        conn.open()  # also creates the remote folder
+        try:
+            return _push_over(conn, args["local_dir"], dest, args["exclude"], setup, timeout)
+        finally:
+            conn.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if sock_dir != work:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _push_over(conn: Any, local_dir: str, dest: _ssh.Destination, exclude: list[str],
+               setup: str | None, timeout: float) -> int:
+    from ._mirror_worker import ConnectionLost
+
+    flt = _sync.MirrorFilter(local_dir, exclude)
+    argv = _sync.rsync_push_argv(conn.rsync, conn.rsync_e(), local_dir, conn.rsync_dest,
+                                 filters=flt.rsync_args(), backup_dir=None)
+    try:
+        warning = conn.run_rsync(argv, timeout=timeout)
+    except ConnectionLost as e:
+        raise MirrorError(f"copying {local_dir} to {dest} failed", log_tail=str(e),
+                          fix="check the tunnel and the runtime's sshd") from e
+    if warning:
+        raise MirrorError(f"copying {local_dir} to {dest} failed", log_tail=warning,
+                          fix="see rsync's messages above (permissions? disk space?)")
+    print(f"copied {local_dir} to {dest}", flush=True)
+    if setup is None:
+        return 0
+    remote = _sync.remote_path(dest.path)
+    rc, output = _proc.run_streamed(conn.mux(f"cd -- {shlex.quote(remote)} && {setup}"),
+                                    timeout=timeout)
+    if rc != 0:
+        raise MirrorError(f"the set-up command failed (exit {rc}): {setup}", log_tail=output,
+                          fix="fix the command or the project and push again")
+    return 0
+
+

@@ -1,0 +1,666 @@
+"""mirror() and push() against a real sshd on 127.0.0.1 with a throwaway user (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from colab_remote import _proc, _sync
+from colab_remote.errors import AuthenticationError, MirrorError
+from colab_remote.mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
+
+from .conftest import needs_root, needs_sshd, wait_for
+
+pytestmark = [needs_root, needs_sshd, pytest.mark.timeout(180)]
+
+TRASH = _sync.TRASH
+
+
+def dest_of(server) -> str:
+    return f"{server.user.name}@127.0.0.1:backup/project"
+
+
+def server_root(server) -> Path:
+    return server.user.home / "backup" / "project"
+
+
+def start(tmp_path: Path, server, local: Path, **kw) -> Mirror:
+    kw.setdefault("password", server.user.password)
+    return mirror(local, dest_of(server), port=server.port, state_dir=tmp_path / "state",
+                  quiet=True, **kw)
+
+
+def tree(root: Path, *, skip_trash: bool = True) -> dict[str, str]:
+    """rel path -> content hash ('link:target' for symlinks, 'dir' for folders), filtered."""
+    flt = _sync.MirrorFilter(str(root))
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        rel = "" if rel == "." else rel
+        keep = []
+        for d in dirs:
+            r = f"{rel}/{d}" if rel else d
+            if (skip_trash and d == TRASH and not rel) or flt.excluded(r):
+                continue
+            p = os.path.join(folder, d)
+            if os.path.islink(p):
+                out[r] = "link:" + os.readlink(p)
+            else:
+                out[r] = "dir"
+                keep.append(d)
+        dirs[:] = keep
+        for f in files:
+            r = f"{rel}/{f}" if rel else f
+            if flt.excluded(r):
+                continue
+            p = os.path.join(folder, f)
+            if os.path.islink(p):
+                out[r] = "link:" + os.readlink(p)
+            else:
+                out[r] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def trash_files(server) -> dict[str, list[bytes]]:
+    """rel path inside its timestamp folder -> every version of it in the server's trash.
+
+    (A rewrite can be seen half-way: truncated, then written. Each push keeps what it replaced.)
+    """
+    found: dict[str, list[bytes]] = {}
+    top = server_root(server) / TRASH
+    if not top.exists():
+        return found
+    for stamp in top.iterdir():
+        for folder, _, files in os.walk(stamp):
+            for f in files:
+                p = Path(folder, f)
+                found.setdefault(str(p.relative_to(stamp)), []).append(
+                    p.read_bytes() if not p.is_symlink() else b"")
+    return found
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def converged(local: Path, server) -> bool:
+    a, b = tree(local), tree(server_root(server))
+    assert a == b, ("local ^ server:", sorted(set(a.items()) ^ set(b.items()))[:20])
+    return True
+
+
+# --- pure -------------------------------------------------------------------------------------
+
+
+def test_filter_drives_watchfiles_and_rsync() -> None:
+    f = _sync.MirrorFilter("/p", ["*.log", "data/", "build/out"])
+    assert f.excluded("x/__pycache__/m.cpython-311.pyc")
+    assert f.excluded("a.pyc") and f.excluded(".ipynb_checkpoints/n.ipynb")
+    assert f.excluded(TRASH) and f.excluded(f"{TRASH}/2026/x")
+    assert f.excluded("logs/run.log") and f.excluded("data/big.bin") and f.excluded("build/out/a")
+    assert not f.excluded(".git/objects/ab/cdef") and not f.excluded("build/keep")
+    assert not f.excluded("src/main.py")
+    from watchfiles import Change
+    assert f(Change.added, "/p/src/main.py") and not f(Change.added, "/p/a.pyc")
+    assert not f(Change.added, "/elsewhere/x")
+    args = f.rsync_args()
+    assert f"--exclude=/{TRASH}/" in args and "--exclude=__pycache__" in args
+    assert "--exclude=*.log" in args and "--exclude=/build/out" in args
+
+
+def test_argv_builders_have_no_delete() -> None:
+    push_argv = _sync.rsync_push_argv("rsync", "ssh -S x", "/l", "u@h:d", filters=["--exclude=a"],
+                                      backup_dir=f"{TRASH}/t")
+    assert not any(a.startswith("--delete") for a in push_argv)
+    assert push_argv[-2:] == ["/l/", "u@h:d/"] and "--backup" in push_argv
+    files = _sync.rsync_files_argv("rsync", "ssh", "/l", "u@h:d", backup_dir=None)
+    assert "-lptI" in files and "--from0" in files
+    pull = _sync.rsync_pull_argv("rsync", "ssh", "u@h:d", "/l", filters=[])
+    assert "--update" in pull and not any(a.startswith("--delete") for a in pull)
+    command, source = _sync.agent_command("~/b/p", backup=True, keep_days=7)
+    assert "python3" in command and str(len(source)) in command
+    assert b"'dest': 'b/p'" in source
+    script = _sync.remote_delete_script(["a b/c'd"], "T", backup=True)
+    assert "mv -f -- 'a b/c'\"'\"'d'" in script
+
+
+def test_bad_inputs_raise_before_anything_runs(tmp_path: Path) -> None:
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    state = tmp_path / "state"
+    good = "bob@127.0.0.1:backup/p"
+    cases = [
+        ((tmp_path, "bob@127.0.0.1"), {}, ValueError),           # no :path
+        ((tmp_path, "bob@127.0.0.1:/"), {}, ValueError),         # remote /
+        ((tmp_path, "bob@127.0.0.1:"), {}, ValueError),          # empty remote path
+        ((tmp_path, "bob@127.0.0.1:~"), {}, ValueError),         # the home itself
+        ((a_file, good), {}, ValueError),                        # a file
+        ((tmp_path / TRASH, good), {}, ValueError),              # the trash
+        ((tmp_path / TRASH / "x", good), {}, ValueError),        # inside the trash
+        ((tmp_path, good), {"port": 0}, ValueError),
+        ((tmp_path, good), {"port": 70000}, ValueError),
+        ((tmp_path, good), {"port": "22"}, TypeError),
+        ((tmp_path, good), {"exclude": [""]}, ValueError),
+        ((tmp_path, good), {"delete": "yes"}, TypeError),
+        ((tmp_path, good), {"password": "a\nb"}, ValueError),
+        ((tmp_path, good), {"identity_file": tmp_path / "nope"}, ValueError),
+        ((42, good), {}, TypeError),
+    ]
+    for args, kw, error in cases:
+        with pytest.raises(error):
+            mirror(*args, state_dir=state, quiet=True, **kw)
+    with pytest.raises(ValueError):
+        push(tmp_path / "missing", good, state_dir=state)
+    with pytest.raises(ValueError):
+        push(tmp_path, "bob@127.0.0.1:/", state_dir=state)
+    assert not (state / "mirror").exists()  # nothing ran
+
+
+# --- real server ------------------------------------------------------------------------------
+
+
+def test_create_edit_delete_rename_nested_symlinks_trash(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    (local / "src" / "pkg").mkdir(parents=True)
+    (local / "src" / "pkg" / "a.py").write_text("print('a')\n")
+    (local / "old.txt").write_text("old version\n")
+    (local / "gone.txt").write_text("to be deleted\n")
+    (local / "src" / "__pycache__").mkdir()
+    (local / "src" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0pyc")
+    m = start(tmp_path, server, local)
+    try:
+        assert m.alive and m.state == "running"
+        assert converged(local, server)
+        assert not (server_root(server) / "src" / "__pycache__").exists()  # default exclude
+
+        # create, nested, spaces and non-ASCII names, symlinks
+        (local / "deep" / "er" / "est").mkdir(parents=True)
+        (local / "deep" / "er" / "est" / "file with spaces.txt").write_text("spaces\n")
+        (local / "日本語 ファイル.md").write_text("こんにちは\n")
+        (local / "link-to-a").symlink_to("src/pkg/a.py")
+        (local / "dirlink").symlink_to("src")
+        # edit (old version must land in the trash) and delete
+        (local / "old.txt").write_text("new version\n")
+        (local / "gone.txt").unlink()
+        m.flush(30)
+        assert converged(local, server)
+        srv = server_root(server)
+        assert os.readlink(srv / "link-to-a") == "src/pkg/a.py"
+        assert os.readlink(srv / "dirlink") == "src"
+        trash = trash_files(server)
+        assert b"to be deleted\n" in trash["gone.txt"]
+        assert b"old version\n" in trash["old.txt"]
+
+        # renames: a file and a whole folder
+        (local / "src" / "pkg" / "a.py").rename(local / "src" / "pkg" / "b.py")
+        (local / "deep").rename(local / "deeper")
+        m.flush(30)
+        assert converged(local, server)
+        assert not (srv / "deep").exists() and not (srv / "src" / "pkg" / "a.py").exists()
+        assert "deep/er/est/file with spaces.txt" in trash_files(server)
+
+        # the same size, rewritten within the same second: still sent
+        f = local / "same.txt"
+        f.write_text("AAAA")
+        m.flush(30)
+        st = f.stat()
+        f.write_text("BBBB")
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the very same mtime
+        m.flush(30)
+        assert (srv / "same.txt").read_text() == "BBBB"
+
+        # a folder replaced by a file of the same name, and back
+        (local / "flip").mkdir()
+        (local / "flip" / "x").write_text("x")
+        m.flush(30)
+        import shutil
+        shutil.rmtree(local / "flip")
+        (local / "flip").write_text("now a file")
+        m.flush(30)
+        assert converged(local, server)
+        # no temporary names left behind on the server
+        assert not [p for p in srv.rglob(f"*{_sync.TMP_INFIX}*")]
+        stats = m.stats
+        assert stats["pushes"] >= 5 and stats["files"] >= 5 and stats["pending"] == 0
+        assert "Mirror" in repr(m) and "<table" in m._repr_html_()
+        info = m.run_dir / "status.json"
+        assert stat.S_IMODE(info.stat().st_mode) == 0o600
+    finally:
+        m.stop()
+    assert not m.alive
+    m.stop()  # idempotent
+
+
+def test_big_file_and_git_internals(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "README.md").write_text("hello\n")
+    m = start(tmp_path, server, local)
+    try:
+        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@e", HOME=str(tmp_path))
+        git = ["git", "-C", str(local)]
+        subprocess.run([*git, "init", "-q"], check=True, env=env)
+        for i in range(3):
+            (local / f"f{i}.py").write_text(f"x = {i}\n")
+            subprocess.run([*git, "add", "-A"], check=True, env=env)
+            subprocess.run([*git, "commit", "-q", "-m", f"c{i}"], check=True, env=env)
+        with open(local / "big.bin", "wb") as f:
+            for _ in range(100):
+                f.write(os.urandom(1 << 20))
+        m.flush(120)
+        assert converged(local, server)
+        srv = server_root(server)
+        # the server copy is a working repository
+        out = subprocess.run(["git", "-c", f"safe.directory={srv}", "-C", str(srv), "log", "--oneline"],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and len(out.stdout.splitlines()) == 3, out.stderr
+        fsck = subprocess.run(["git", "-c", f"safe.directory={srv}", "-C", str(srv), "fsck", "--strict"],
+                              capture_output=True, text=True, env=env)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        assert (srv / "big.bin").stat().st_size == 100 << 20
+    finally:
+        m.stop()
+
+
+def test_server_down_mid_edits_then_back(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a0")
+    m = start(tmp_path, server, local)
+    try:
+        server.stop()
+        for i in range(20):
+            (local / f"n{i}.txt").write_text(f"written while the server was down {i}")
+        (local / "a.txt").write_text("a1")
+        (local / "sub").mkdir()
+        (local / "sub" / "x.txt").write_text("x")
+        wait_for(lambda: m.stats.get("state") == "retrying", 20, "the mirror notices the outage")
+        with pytest.raises(MirrorError):
+            m.flush(1)
+        assert m.stats["pending"] > 0
+        time.sleep(2)
+        (local / "n0.txt").unlink()  # a delete while away
+        server.start()
+        m.flush(60)
+        assert converged(local, server)
+        assert m.stats["reconnects"] >= 1 and m.alive
+    finally:
+        m.stop()
+
+
+def test_empty_local_is_refused_and_restore_resumes(tmp_path: Path, server) -> None:
+    import pwd
+    # a server copy from an earlier runtime
+    first = tmp_path / "old-runtime"
+    (first / "src").mkdir(parents=True)
+    for i in range(6):
+        (first / "src" / f"m{i}.py").write_text(f"v = {i}\n")
+    m = start(tmp_path, server, first)
+    m.stop()
+    before = tree(server_root(server))
+    assert len([v for v in before.values() if v != "dir"]) == 6
+
+    fresh = tmp_path / "new-runtime"
+    fresh.mkdir()
+    with pytest.raises(MirrorError, match="restore=True"):
+        start(tmp_path, server, fresh)
+    with pytest.raises(MirrorError, match="missing"):
+        start(tmp_path, server, tmp_path / "not-there")
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "one.py").write_text("1")
+    with pytest.raises(MirrorError, match="fewer than half"):
+        start(tmp_path, server, few)
+    assert tree(server_root(server)) == before  # server copy intact
+
+    # restore: keeps a newer runtime file, deletes nothing, owner is the runtime user
+    (fresh / "src").mkdir()
+    newer = fresh / "src" / "m0.py"
+    newer.write_text("edited in the runtime\n")
+    os.utime(newer, (time.time() + 60, time.time() + 60))
+    (fresh / "local-only.txt").write_text("keep me")
+    m = start(tmp_path, server, fresh, restore=True)
+    try:
+        assert (fresh / "src" / "m3.py").read_text() == "v = 3\n"
+        assert newer.read_text() == "edited in the runtime\n"
+        assert (fresh / "local-only.txt").exists()
+        me = pwd.getpwuid(os.getuid()).pw_name
+        assert {pwd.getpwuid(p.stat().st_uid).pw_name for p in fresh.rglob("*")} == {me}
+        m.flush(30)
+        assert converged(fresh, server)
+        assert b"v = 0\n" in trash_files(server)["src/m0.py"]  # the server's version kept
+    finally:
+        m.stop()
+
+
+def test_seeded_random_operations_converge(tmp_path: Path, server) -> None:
+    rng = random.Random(20260426)
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "seed.txt").write_text("seed")
+    m = start(tmp_path, server, local)
+    names = ["a", "b", "c d", "é", "日本", "x.py", ".hidden"]
+
+    def any_path(kind: str) -> Path | None:
+        items = [p for p in local.rglob("*") if (p.is_dir() if kind == "dir" else p.is_file())
+                 and not p.is_symlink()]
+        return rng.choice(items) if items else None
+
+    try:
+        for step in range(300):
+            r = rng.random()
+            folder = any_path("dir") if rng.random() < 0.6 else local
+            folder = folder or local
+            target = folder / f"{rng.choice(names)}{rng.randrange(5)}"
+            try:
+                if r < 0.35:
+                    target.write_bytes(os.urandom(rng.randrange(0, 3000)))
+                elif r < 0.5:
+                    target.mkdir()
+                elif r < 0.65:
+                    f = any_path("file")
+                    if f:
+                        f.write_bytes(os.urandom(rng.randrange(0, 200)))
+                elif r < 0.75:
+                    f = any_path("file")
+                    if f:
+                        f.unlink()
+                elif r < 0.85:
+                    f = any_path(rng.choice(["file", "dir"]))
+                    if f and f != local and not target.exists() and local not in target.parents[:0]:
+                        if f not in target.parents:
+                            f.rename(target)
+                elif r < 0.9:
+                    d = any_path("dir")
+                    if d:
+                        import shutil
+                        shutil.rmtree(d)
+                else:
+                    if not target.exists() and not target.is_symlink():
+                        target.symlink_to(rng.choice(["seed.txt", "nowhere", "../x"]))
+            except OSError:
+                pass
+            if step % 50 == 0:
+                time.sleep(rng.random() * 0.05)
+        m.flush(60)
+        local_tree, server_tree = tree(local), tree(server_root(server))
+        assert len(local_tree) > 20
+        assert local_tree == server_tree, (
+            sorted(set(local_tree.items()) ^ set(server_tree.items()))[:20])
+    finally:
+        m.stop()
+
+
+def test_found_and_stopped_from_a_fresh_process(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    m = start(tmp_path, server, local)
+    info = (m.run_dir / "status.json").read_text()
+    import json
+    master = json.loads(info)["master_pid"]
+    assert _proc.pid_alive(master)
+    # what a restarted kernel does
+    code = ("import sys; from colab_remote.mirror import find_mirrors, stop_mirrors\n"
+            "ms = [x for x in find_mirrors(sys.argv[1]) if x.alive]\n"
+            "print(len(ms), ms[0].stats['state'])\n"
+            "print(stop_mirrors(sys.argv[1]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.split() == ["1", "running", "1"], out.stderr
+    assert not m.alive and not _proc.pid_alive(master)
+
+    def server_side() -> list[int]:  # the agent and its sshd session, run as the server's user
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner(p) == server.user.uid]
+
+    wait_for(lambda: not server_side(), 10, "the server-side agent to exit")
+    assert [x.state for x in find_mirrors(tmp_path / "state")] == ["stopped"]
+    assert stop_mirrors(tmp_path / "state") == 0
+
+
+def test_wrong_password_and_rerun_replaces(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    with pytest.raises(AuthenticationError):
+        start(tmp_path, server, local, password="wrong-password")
+    m1 = start(tmp_path, server, local)
+    m2 = start(tmp_path, server, local)  # a re-run cell: the first one is replaced
+    try:
+        assert not m1.alive and m2.alive
+        assert len([x for x in find_mirrors(tmp_path / "state") if x.alive]) == 1
+    finally:
+        m2.stop()
+
+
+def test_without_python_on_the_server_every_push_is_rsync(tmp_path: Path, server,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("COLAB_REMOTE_MIRROR_AGENT", "0")
+    local = tmp_path / "project"
+    (local / "d").mkdir(parents=True)
+    (local / "d" / "a.txt").write_text("a")
+    (local / "b.txt").write_text("b")
+    m = start(tmp_path, server, local, exclude=["*.log"])
+    try:
+        (local / "d" / "new.txt").write_text("new")
+        (local / "b.txt").write_text("B")
+        (local / "skip.log").write_text("not mirrored")
+        (local / "d" / "a.txt").unlink()
+        (local / "ln").symlink_to("b.txt")
+        m.flush(30)
+        assert not (server_root(server) / "skip.log").exists()
+        (local / "skip.log").unlink()
+        assert converged(local, server)
+        trash = trash_files(server)
+        assert b"a" in trash["d/a.txt"] and b"b" in trash["b.txt"]
+    finally:
+        m.stop()
+
+
+def test_push_copies_into_a_runtime_and_runs_setup(tmp_path: Path, make_user, capfd) -> None:
+    from colab_remote import start_sshd
+
+    runtime_user = make_user()
+    port = _proc.free_port()
+    sshd = start_sshd(port, user=runtime_user.name, password=runtime_user.password,
+                      state_dir=tmp_path / "runtime-state", listen_address="127.0.0.1", quiet=True)
+    try:
+        project = tmp_path / "laptop-project"
+        (project / "pkg").mkdir(parents=True)
+        (project / "pkg" / "m.py").write_text("X = 1\n")
+        (project / "requirements.txt").write_text("nothing\n")
+        (project / "pkg" / "__pycache__").mkdir()
+        (project / "pkg" / "__pycache__" / "m.pyc").write_bytes(b"junk")
+        target = runtime_user.home / "content" / "project"
+        rc = push(project, f"{runtime_user.name}@127.0.0.1:content/project", port=port,
+                  password=runtime_user.password, state_dir=tmp_path / "server-state",
+                  setup="echo setting up; ls pkg; cat requirements.txt | wc -l")
+        assert rc == 0
+        out = capfd.readouterr().out
+        assert "setting up" in out and "m.py" in out
+        assert (target / "pkg" / "m.py").read_text() == "X = 1\n"
+        assert not (target / "pkg" / "__pycache__").exists()
+        with pytest.raises(MirrorError, match="exit 3"):
+            push(project, f"{runtime_user.name}@127.0.0.1:content/project", port=port,
+                 password=runtime_user.password, state_dir=tmp_path / "server-state",
+                 setup="echo failing; exit 3")
+        # the CLI, password on stdin
+        cli = subprocess.run([sys.executable, "-m", "colab_remote", "push", str(project),
+                              f"{runtime_user.name}@127.0.0.1:content/p2", "--port", str(port),
+                              "--password-stdin", "--state-dir", str(tmp_path / "server-state"),
+                              "--setup", "pwd"], input=runtime_user.password + "\n",
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.strip().splitlines()[-1].endswith("content/p2")
+    finally:
+        sshd.stop()
+
+
+def test_old_trash_pruned_and_password_kept_secret(tmp_path: Path, server) -> None:
+    srv = server_root(server)
+    old, recent = srv / TRASH / "2020-01-01T00-00-00.000000Z", srv / TRASH / "2099-01-01T00-00-00.000000Z"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text("trash")
+    for p in [srv.parent, srv, srv / TRASH, old, recent, old / "f.txt", recent / "f.txt"]:
+        os.chown(p, server.user.uid, server.user.gid)
+    local = tmp_path / "project"
+    local.mkdir()
+    m = start(tmp_path, server, local, keep_days=3)
+    try:
+        assert not old.exists() and recent.exists()
+        assert "connected to" in m.logs()
+        secret = server.user.password.encode()
+        for pid in [m.pid, *_proc.children(m.pid)]:
+            for name in ("cmdline", "environ"):
+                with open(f"/proc/{pid}/{name}", "rb") as f:
+                    assert secret not in f.read()
+        for f in (tmp_path / "state").rglob("*"):
+            if f.is_file():
+                assert secret not in f.read_bytes(), f
+    finally:
+        m.stop()
+
+
+def test_html_escapes_everything(tmp_path: Path) -> None:
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({
+        "pid": None, "local_dir": "/content/<b>x</b>", "destination": "u@h:<script>",
+        "port": 22, "state": "stopped", "stats": {"last_error": "<img src=x>", "pushes": 1}}))
+    m = Mirror(run)
+    page = m._repr_html_()
+    assert "<script>" not in page and "<b>x" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "&lt;img src=x&gt;" in page
+    assert not m.alive and m.state == "stopped" and m.stats["pushes"] == 1
+    m.stop()  # nothing running: a no-op
+
+
+def test_files_changing_while_sent_and_bursts(tmp_path: Path, server, client_key) -> None:
+    ssh_dir = server.user.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(Path(str(client_key) + ".pub").read_text())
+    for p in (ssh_dir, ssh_dir / "authorized_keys"):
+        os.chown(p, server.user.uid, server.user.gid)
+    local = tmp_path / "project"
+    local.mkdir()
+    m = start(tmp_path, server, local, password=None, identity_file=client_key)  # key login
+    try:
+        import threading
+
+        def grow(path: Path, chunks: int, size: int) -> None:
+            with open(path, "wb") as f:
+                for _ in range(chunks):
+                    f.write(os.urandom(size))
+                    f.flush()
+                    time.sleep(0.01)
+
+        writers = [threading.Thread(target=grow, args=(local / "small-growing.bin", 40, 64 << 10)),
+                   threading.Thread(target=grow, args=(local / "big-growing.bin", 40, 512 << 10))]
+        for w in writers:
+            w.start()
+        # a burst: 600 files in 6 new folders (more than a push of single files)
+        for i in range(6):
+            d = local / f"burst{i}"
+            d.mkdir()
+            for j in range(100):
+                (d / f"f{j}.txt").write_text(f"{i}-{j}")
+        for w in writers:
+            w.join()
+        m.flush(60)
+        assert converged(local, server)
+        assert m.stats["full_passes"] >= 2  # the first push, and the pass that ends the burst
+    finally:
+        m.stop()
+
+
+def test_cli_mirror_runs_in_the_foreground(tmp_path: Path, server) -> None:
+    import signal
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    proc = subprocess.Popen([sys.executable, "-m", "colab_remote", "mirror", str(local), dest_of(server),
+                             "--port", str(server.port), "--password-stdin",
+                             "--state-dir", str(tmp_path / "state"), "--exclude", "*.tmp"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(server.user.password + "\n")
+        proc.stdin.close()
+        wait_for(lambda: (server_root(server) / "a.txt").exists(), 30, "the first push")
+        (local / "b.txt").write_text("b")
+        (local / "c.tmp").write_text("excluded")
+        wait_for(lambda: (server_root(server) / "b.txt").exists(), 30, "b.txt on the server")
+        assert not (server_root(server) / "c.tmp").exists()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        assert proc.returncode == 0, out
+        assert "mirroring" in out and server.user.password not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_new_folder_of_many_files_with_a_server_folder_in_the_way(tmp_path: Path, server) -> None:
+    srv = server_root(server)
+    (srv / "newdir" / "f5").mkdir(parents=True)
+    (srv / "newdir" / "f5" / "inner.txt").write_text("only on the server")
+    (srv / "clash").mkdir()
+    (srv / "clash" / "old.txt").write_text("a server folder where the runtime has a file")
+    for p in srv.parent.rglob("*"):
+        os.chown(p, server.user.uid, server.user.gid)
+    local = tmp_path / "project"
+    local.mkdir()
+    for i in range(3):
+        (local / f"keep{i}.txt").write_text("k")
+    (local / "clash").write_text("a file")
+    m = start(tmp_path, server, local)
+    try:
+        m.flush(30)  # the first push could not replace the folder with the file; the agent can
+        assert (srv / "clash").read_text() == "a file"
+        assert b"a server folder where the runtime has a file" in trash_files(server)["clash/old.txt"]
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        for i in range(300):  # more than BULK_FILES: they go up through rsync first
+            (stage / f"f{i}").write_text(f"file {i}")
+        stage.rename(local / "newdir")
+        m.flush(60)
+        assert converged(local, server)
+        assert b"only on the server" in trash_files(server)["newdir/f5/inner.txt"]
+    finally:
+        m.stop()
+
+
+def test_flush_reports_what_the_server_refused(tmp_path: Path, server) -> None:
+    local = tmp_path / "project"
+    (local / "locked").mkdir(parents=True)
+    m = start(tmp_path, server, local)
+    try:
+        (server_root(server) / "locked").chmod(0o555)  # the server account may not write there
+        (local / "locked" / "f.txt").write_text("x")
+        with pytest.raises(MirrorError, match="refused") as info:
+            m.flush(30)
+        assert "Permission" in str(info.value)
+        assert "Permission" in m.stats["last_error"]
+    finally:
+        (server_root(server) / "locked").chmod(0o755)
+        m.stop(flush=False)
