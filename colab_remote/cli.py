@@ -26,6 +26,15 @@ def read_password(args: argparse.Namespace, prompt: str = "password: ") -> str |
     return None
 
 
+def add_login_options(p: argparse.ArgumentParser) -> None:
+    """--port, --password-stdin, --identity-file, --host-key: how to log in to the other side."""
+    p.add_argument("--port", type=int, default=22, help="the other side's SSH port (default 22)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password (or key passphrase) from stdin")
+    p.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
+    p.add_argument("--host-key", metavar="KEY", help="pin the other side's key: SHA256:... or a key line")
+
+
 def _cmd_sshd(args: argparse.Namespace) -> int:
     from .server import load_sshd, start_sshd
 
@@ -90,11 +99,7 @@ def _add_tunnel(sub: argparse._SubParsersAction) -> None:
                    help="port on the server (default 20022; 0: the server picks one)")
     p.add_argument("--local-port", type=int, default=None,
                    help="the runtime's sshd port (default: that of `colab-remote sshd`, else 22)")
-    p.add_argument("--port", type=int, default=22, help="the server's SSH port (default 22)")
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the server password (or key passphrase) from stdin")
-    p.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
-    p.add_argument("--host-key", metavar="KEY", help="pin the server's key: SHA256:... or a key line")
+    add_login_options(p)
     p.add_argument("--via", choices=["ssh", "gcloud"], default="ssh",
                    help="plain ssh, or gcloud compute ssh to a Compute Engine VM")
     p.add_argument("--zone", help="the VM's zone (--via gcloud)")
@@ -223,21 +228,14 @@ def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
                            help="e.g. root@localhost:/content/project")
             q.add_argument("--setup", metavar="CMD", help="e.g. 'pip install -r requirements.txt'")
             q.set_defaults(func=_cmd_push)
-        q.add_argument("--port", type=int, default=22, help="SSH port (default 22)")
-        q.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-        q.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
-        q.add_argument("--host-key", metavar="KEY", help="pin the host key: SHA256:... or a key line")
+        add_login_options(q)
         q.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out (repeatable)")
         q.add_argument("--state-dir", help="status, logs, known_hosts (default ~/.colab_remote)")
     p.set_defaults(func=_cmd_mirror)
 
 
-# Each later feature adds its sub-command builder here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_sshd, _add_tunnel,
-                                                                   _add_gcloud_setup]
-
-SUBCOMMANDS.append(_add_status_commands)
-SUBCOMMANDS.append(_add_mirror_commands)
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_sshd, _add_tunnel, _add_mirror_commands, _add_gcloud_setup, _add_status_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -395,3 +395,34 @@ def test_apt_install_runs_real_apt_get(capfd) -> None:
     _proc.apt_install(["openssh-server"], progress=True)
     assert "apt-get install" in capfd.readouterr().err  # the progress bar
     assert _proc.find_program("sshd")
+
+
+def test_status_logs_and_stop_from_the_command_line(tmp_path, make_user, free_port) -> None:
+    user = make_user()
+    start(tmp_path, user, free_port)
+    cli = [sys.executable, "-m", "colab_remote"]
+    state = ["--state-dir", str(tmp_path / "state")]
+    shown = subprocess.run([*cli, "status", *state], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and f"<Sshd {user.name}@:{free_port} up" in shown.stdout
+    logs = subprocess.run([*cli, "logs", "sshd", "-n", "5", *state], capture_output=True, text=True,
+                          timeout=60)
+    assert "Server listening on 127.0.0.1" in logs.stdout
+    stopped = subprocess.run([*cli, "stop", *state], capture_output=True, text=True, timeout=60)
+    assert "stopped 1 " in stopped.stdout
+    assert not colab_remote.status(tmp_path / "state").sshd.alive
+
+
+def test_errors_are_short_in_ipython() -> None:
+    """A failing tool reads as a few lines in a notebook, not a long traceback."""
+    script = textwrap.dedent("""
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        shell.run_cell("from colab_remote import AuthenticationError\\n"
+                       "raise AuthenticationError('the server refused the password for bob@host',"
+                       " log_tail='Permission denied (password).', fix='check the password')")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    shown = done.stdout + done.stderr
+    assert "AuthenticationError: the server refused the password for bob@host" in shown
+    assert "fix: check the password" in shown and "Permission denied" in shown
+    assert "Traceback" not in shown and len(shown.strip().splitlines()) <= 6
