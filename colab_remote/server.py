@@ -15,16 +15,14 @@ import os
 import pwd
 import re
 import secrets
-import shutil
 import string
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import _html, _proc, _ssh
-from .errors import SshdError
+from .errors import ColabRemoteError, SshdError
 
 __all__ = ["Sshd", "kernel_environment", "start_sshd"]
 
@@ -266,6 +264,10 @@ def start_sshd(
     if password is None and not keys:
         password = generate_password()
     account = _ensure_user(user, locked_ok=bool(keys) and password is None)
+    if password is None and _locked(user):
+        raise SshdError(f"account {user} is locked (its password field starts with '!'): sshd "
+                        "refuses even key logins to a locked account",
+                        fix=f"unlock it without a password: usermod -p '*' {user}; or pass password=")
     if password is not None:
         _proc.run([_sbin("chpasswd")], input=f"{user}:{password}\n", error=SshdError,
                   what=f"setting the password of {user} failed")
@@ -396,12 +398,12 @@ def _checked_config(sshd_bin: str, path: Path, text: str) -> str:
 
 
 def _who_listens(port: int) -> str:
-    ss = shutil.which("ss")
+    """`` (name, pid N)`` of the program listening on ``port``, as ``ss`` tells it, or ''."""
+    ss = _proc.find_program("ss")
     if not ss:
         return ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([ss, "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
-                             timeout=5).stdout
+    with contextlib.suppress(ColabRemoteError):
+        out = _proc.run([ss, "-Hltnp", f"sport = :{port}"], timeout=5, check=False).stdout
         found = re.search(r'users:\(\("([^"]+)",pid=(\d+)', out)
         if found:
             return f" ({found.group(1)}, pid {found.group(2)})"
@@ -422,6 +424,16 @@ def _ensure_user(user: str, *, locked_ok: bool) -> pwd.struct_passwd:
         # logins. '*' means "no password" without "locked".
         _proc.run([_sbin("usermod"), "-p", "*", user], error=SshdError, what=f"unlocking {user} failed")
     return pwd.getpwnam(user)
+
+
+def _locked(user: str) -> bool:
+    """True when /etc/shadow marks ``user`` locked ('!' prefix), which sshd without PAM refuses."""
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/shadow").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name == user:
+                return rest.startswith("!")
+    return False
 
 
 def _sbin(name: str) -> str:

@@ -426,3 +426,10 @@ def test_errors_are_short_in_ipython() -> None:
     assert "AuthenticationError: the server refused the password for bob@host" in shown
     assert "fix: check the password" in shown and "Permission denied" in shown
     assert "Traceback" not in shown and len(shown.strip().splitlines()) <= 6
+
+
+def test_key_only_on_a_locked_account_says_how_to_unlock(tmp_path, make_user, free_port, client_key) -> None:
+    user = make_user()
+    subprocess.run(["usermod", "-L", user.name], check=True)  # a throwaway account of the test's own
+    with pytest.raises(SshdError, match=re.escape(f"usermod -p '*' {user.name}")):
+        start(tmp_path, user, free_port, authorized_keys=Path(str(client_key) + ".pub"))
