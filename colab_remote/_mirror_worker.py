@@ -31,6 +31,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ BUSY_WINDOW = 0.5           # after an event, poll watchfiles directly this long
 IDLE_CHECK = 2.0            # while idle, look at watchfiles this often anyway (a folder the doorbell missed)
 BACKOFF_MAX = 5.0
 STATUS_EVERY = 1.0
+PROGRESS_EVERY = 0.1        # the first sync's progress goes into the status file this often
 PRUNE_EVERY = 6 * 3600.0
 RETRY_AFTER_ERROR = 30.0
 
@@ -315,11 +317,18 @@ class Connection:
         except (ValueError, IndexError) as e:
             raise ConnectionLost("could not count the server's files") from e
 
-    def run_rsync(self, argv: list[str], *, data: bytes | None = None, timeout: float = 3600) -> str:
-        """Run rsync through the master; ConnectionLost when ssh failed, MirrorError otherwise."""
+    def run_rsync(self, argv: list[str], *, data: bytes | None = None, timeout: float = 3600,
+                  on_output: Callable[[bytes], None] | None = None) -> str:
+        """Run rsync through the master; ConnectionLost when ssh failed, MirrorError otherwise.
+
+        ``on_output`` gets rsync's stdout as it comes (its ``--info=progress2`` lines).
+        """
         if data is None:
             data = b""
-        rc, output = _proc.run_bytes(argv, data, timeout=timeout)
+        if on_output is None:
+            rc, output = _proc.run_bytes(argv, data, timeout=timeout)
+        else:
+            rc, output = _proc.run_bytes_watched(argv, data, timeout=timeout, on_output=on_output)
         if _sync.rsync_exit_ok(rc):
             return ""
         if rc in (255, 12, 10, 30, 35, -9) or not self.up:
@@ -530,6 +539,10 @@ class Worker:
         self.connected = False
         self.error_detail: dict[str, str] | None = None
         self.error_count = 0
+        # the first sync's progress (restore, first push) for mirror()'s bar; None otherwise
+        self.progress: dict[str, Any] | None = None
+        # in the foreground (``colab-remote mirror``) the bar is drawn here: (phase, fraction, text)
+        self.on_progress: Callable[[str, float | None, str], None] | None = None
 
     # -- status --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -548,7 +561,8 @@ class Worker:
                 "master_pid": self.conn.master.pid if self.conn.master is not None else None,
                 "updated": time.time(), "stats": self.snapshot(), "state": self.state,
                 "error": self.stats["last_error"] if self.state == "error" else None,
-                "error_detail": self.error_detail if self.state == "error" else None}
+                "error_detail": self.error_detail if self.state == "error" else None,
+                "progress": self.progress}
         _proc.write_private(self.status_path, json.dumps(info, indent=1))
         self._status_written = now
         self._dirty = False
@@ -559,6 +573,31 @@ class Worker:
             self.stats["last_error"] = error
         self._dirty = True
         self.write_status(force=True)
+
+    def progress_sink(self, phase: str, entries: int | None = None,
+                      size: int | None = None) -> Callable[[bytes], None]:
+        """An ``on_output`` for rsync ``--info=progress2`` that puts its progress into the status
+        file (mirror(), in the user's process, draws the bar from it). ``entries`` and ``size``:
+        the tree as counted here (see :meth:`_sync.RsyncProgress.done`)."""
+        reader = _sync.RsyncProgressReader()
+        written = [0.0]
+
+        def on_output(chunk: bytes) -> None:
+            found = reader.feed(chunk)
+            text = _sync.describe_progress(found, entries) if found is not None else ""
+            fraction = found.done(entries, size) if found is not None else None
+            if self.on_progress is not None:
+                self.on_progress(phase, fraction, text)
+            if found is None or fraction is None:
+                return
+            self.progress = {"phase": phase, "fraction": fraction, "text": text}
+            now = time.monotonic()
+            if now - written[0] >= PROGRESS_EVERY or fraction >= 1:
+                written[0] = now
+                self._dirty = True
+                self.write_status(force=True)
+
+        return on_output
 
     # -- events --------------------------------------------------------------------------------
     def deliver(self, changes: list[tuple[int, str]]) -> None:
@@ -645,13 +684,20 @@ class Worker:
             self.cond.notify_all()
 
     # -- pushing -------------------------------------------------------------------------------
-    def full_pass(self) -> None:
-        """rsync the whole tree up (no --delete): new and changed files, old versions to the trash."""
+    def full_pass(self, progress: str | None = None,
+                  estimate: tuple[int, int] | None = None) -> None:
+        """rsync the whole tree up (no --delete): new and changed files, old versions to the trash.
+
+        ``progress``: a phase name; rsync's progress goes into the status file under it, measured
+        against ``estimate`` (entries, bytes: see :func:`scan_local`).
+        """
         argv = _sync.rsync_push_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
                                      self.conn.rsync_dest, filters=self.flt.rsync_args(),
-                                     backup_dir=self._backup_dir())
+                                     backup_dir=self._backup_dir(), progress=progress is not None)
         t0 = time.monotonic()
-        warning = self.conn.run_rsync(argv)
+        warning = self.conn.run_rsync(
+            argv, on_output=self.progress_sink(progress, *(estimate or (None, None)))
+            if progress is not None else None)
         blocked = _sync.blocked_paths(warning)
         if blocked and self.conn.agent_ok:
             # a server folder where this side has a file: the agent moves it to the trash
@@ -977,7 +1023,7 @@ class Worker:
         self.write_status(force=True)
         root = Path(self.root)
         server_files = self.conn.count()
-        local_files = _count_local(self.root, self.flt) if root.is_dir() else 0
+        local_files, entries, size = scan_local(self.root, self.flt) if root.is_dir() else (0, 1, 0)
         log.info("server copy: %d files; local: %d files", server_files, local_files)
         if self.cfg["restore"]:
             root.mkdir(parents=True, exist_ok=True)
@@ -985,15 +1031,16 @@ class Worker:
                 self.set_state("restoring")
                 argv = _sync.rsync_pull_argv(self.conn.rsync, self.conn.rsync_e(),
                                              self.conn.rsync_dest, self.root,
-                                             filters=self.flt.rsync_args())
+                                             filters=self.flt.rsync_args(), progress=True)
                 try:
-                    warning = self.conn.run_rsync(argv)
+                    warning = self.conn.run_rsync(argv, on_output=self.progress_sink("restoring"))
                 except ConnectionLost as e:
                     raise MirrorError("restoring from the server failed", log_tail=str(e),
                                       fix="check the connection and try again") from e
                 if warning:
                     raise MirrorError("restoring from the server failed", log_tail=warning,
                                       fix="see the log; nothing was deleted on either side")
+                _, entries, size = scan_local(self.root, self.flt)  # for the first push's bar
         elif server_files and local_files * 2 < server_files:
             why = ("is missing" if not root.exists() else "is empty" if local_files == 0
                    else f"holds {local_files} files, fewer than half of the server copy's")
@@ -1009,14 +1056,16 @@ class Worker:
             raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
                               fix="check the folder exists and is readable; raise "
                                   "fs.inotify.max_user_watches for very large trees")
+        self.progress = None
         self.set_state("first push")
         self.prune()
         try:
-            self.full_pass()
+            self.full_pass(progress="first push", estimate=(entries, size))
         except ConnectionLost as e:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
         self.changed_since_full = False
+        self.progress = None
         self.set_state("running")
 
     def shutdown(self) -> None:
@@ -1041,14 +1090,32 @@ def _size(path: str) -> int:
         return 0
 
 
-def _count_local(root: str, flt: _sync.MirrorFilter) -> int:
-    n = 0
-    for folder, dirs, files in os.walk(root):
-        rel = flt.relative(folder) or ""
-        dirs[:] = [d for d in dirs if not flt.excluded(_join(rel, d))]
-        n += sum(1 for f in files if not flt.excluded(_join(rel, f)))
-        n += sum(1 for d in dirs if os.path.islink(os.path.join(folder, d)))
-    return n
+def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:
+    """``(files, entries, bytes)`` of the mirrored tree: files and links (what the server's count
+    compares with), everything rsync lists (folders and the top one too), and the files' size."""
+    files = size = 0
+    entries = 1
+    todo = [("", root)]
+    while todo:
+        rel, folder = todo.pop()
+        try:
+            listing = os.scandir(folder)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                r = _join(rel, entry.name)
+                if flt.excluded(r):
+                    continue
+                entries += 1
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((r, entry.path))
+                        continue
+                    files += 1
+                    if entry.is_file(follow_symlinks=False):
+                        size += entry.stat(follow_symlinks=False).st_size
+    return files, entries, size
 
 
 def run(cfg: dict[str, Any], password: str | None, *, foreground: bool = False) -> int:
@@ -1063,10 +1130,23 @@ def run(cfg: dict[str, Any], password: str | None, *, foreground: bool = False) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    bar = None
+    logs: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if foreground:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from .mirror import _Bar
+
+        bar = _Bar()
+        worker.on_progress = bar.show
+        logs = logging_redirect_tqdm()  # log lines above the bar, not through it
     try:
         worker.serve()
         try:
-            worker.start()
+            with logs:
+                worker.start()
+            if bar is not None:
+                bar.close(done=True)
         except ColabRemoteError as e:
             worker.error_detail = {"type": type(e).__name__, "what": e.what, "log_tail": e.log_tail,
                                    "fix": e.fix}
@@ -1088,6 +1168,8 @@ def run(cfg: dict[str, Any], password: str | None, *, foreground: bool = False) 
         worker.set_state("stopped")
         return 0
     finally:
+        if bar is not None:
+            bar.close(done=False)
         worker.shutdown()
         if worker.state != "error":
             worker.state = "stopped"

@@ -567,6 +567,73 @@ def run_bytes(argv: Sequence[str], data: bytes, *, timeout: float) -> tuple[int,
     return done.returncode, _last((done.stdout + done.stderr).decode(errors="replace"))
 
 
+def run_bytes_watched(argv: Sequence[str], data: bytes, *, timeout: float,
+                      on_output: Callable[[bytes], None], tick: float = 0.2) -> tuple[int, str]:
+    """:func:`run_bytes`, but its stdout goes to ``on_output`` as it comes (rsync's progress).
+
+    ``on_output`` also gets ``b""`` every ``tick`` seconds while the command is silent. Returns
+    ``(exit code, stderr tail)``; -9 after ``timeout``. An exception in ``on_output`` kills it.
+    """
+    import select
+
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        return -1, str(e)
+    err = bytearray()
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # it may exit before reading everything
+            proc.stdin.write(data)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+    def drain() -> None:
+        stream = proc.stderr
+        assert stream is not None
+        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            err.extend(chunk)
+            del err[:-65536]
+
+    helpers = [threading.Thread(target=drain, daemon=True)]
+    if data:
+        helpers.append(threading.Thread(target=feed, daemon=True))
+    for t in helpers:
+        t.start()
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    killed = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                killed = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(tick, left))
+            chunk = os.read(fd, 65536) if ready else b""
+            if ready and not chunk:
+                break
+            on_output(chunk)
+        if not killed:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                killed = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for t in helpers:
+            t.join(5)
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    return (-9 if killed else proc.returncode), _last(err.decode(errors="replace"))
+
+
 def run_streamed(argv: Sequence[str], *, timeout: float, out: Any = None) -> tuple[int, str]:
     """Run ``argv`` printing its output line by line as it comes; ``(exit code, output tail)``.
 

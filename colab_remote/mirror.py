@@ -35,6 +35,62 @@ __all__ = ["Mirror", "find_mirrors", "mirror", "push", "stop_mirrors"]
 
 log = logging.getLogger(__name__)
 
+# A bar appears only for a sync still running this long (none flashes for an up-to-date tree).
+PROGRESS_AFTER = 0.5
+SYNC_PHASES = ("restoring", "first push")
+
+
+class _Bar:
+    """A tqdm bar (a widget in notebooks, text on stderr elsewhere) for one rsync at a time.
+
+    Drawn by the process the user called; the numbers come from rsync's ``--info=progress2``
+    (directly for push(), through the mirror process's status file for mirror()).
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.phase: str | None = None
+        self.since = 0.0
+        self.bar: Any = None
+        self.fraction = 0.0
+        self.text = ""
+
+    def show(self, phase: str, fraction: float | None = None, text: str = "") -> None:
+        """Progress of the sync ``phase``; a new phase completes the one before."""
+        if phase != self.phase:
+            self.close(done=True)
+            self.phase, self.since, self.fraction, self.text = phase, time.monotonic(), 0.0, ""
+        if self.quiet:
+            return
+        if fraction is not None:
+            self.fraction, self.text = max(self.fraction, min(fraction, 1.0)), text or self.text
+        if self.bar is None:
+            if time.monotonic() - self.since < PROGRESS_AFTER:
+                return
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.quiet = True
+                return
+            # miniters=0: redraw on any change (at most every mininterval), not after "enough" of it
+            self.bar = tqdm(total=100, desc=phase, leave=True, miniters=0,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+        self._draw(self.fraction * 100)
+
+    def _draw(self, percent: float) -> None:
+        if self.text:
+            self.bar.set_postfix_str(self.text, refresh=False)
+        if percent > self.bar.n:
+            self.bar.update(percent - self.bar.n)  # tqdm limits how often it redraws
+
+    def close(self, *, done: bool) -> None:
+        """End the bar; ``done`` fills it (the sync finished; its last record may not have come)."""
+        if self.bar is not None:
+            if done:
+                self._draw(100.0)
+            self.bar.close()
+        self.bar, self.phase = None, None
+
 
 def _query(sock: Path, command: str, timeout: float) -> dict[str, Any] | None:
     """One request on the mirror's control socket; None when nobody answers."""
@@ -349,12 +405,25 @@ def mirror(
     handle = Mirror(run_dir)
     handle.pid = pid
     status = run_dir / "status.json"
+    bar = _Bar(quiet=quiet)
 
     def settled() -> bool:
-        state = handle._info().get("state")
-        return state in ("running", "error", "stopped", "retrying") or not _proc.pid_alive(pid)
+        info = handle._info()
+        state = info.get("state")
+        progress = info.get("progress") or {}
+        alive = _proc.pid_alive(pid)
+        if state in SYNC_PHASES:
+            mine = progress.get("phase") == state
+            bar.show(state, progress.get("fraction") if mine else None,
+                     progress.get("text", "") if mine else "")
+        elif bar.phase is not None:
+            bar.close(done=alive and state not in ("error", "stopped"))
+        return state in ("running", "error", "stopped", "retrying") or not alive
 
-    _proc.wait_until(settled, timeout, interval=0.02)
+    try:
+        _proc.wait_until(settled, timeout, interval=0.02)
+    finally:
+        bar.close(done=False)
     info = handle._info()
     if info.get("state") == "error" or not _proc.pid_alive(pid):
         handle.stop(flush=False)
@@ -529,16 +598,31 @@ def push(
 
 def _push_over(conn: Any, local_dir: str, dest: _ssh.Destination, exclude: list[str],
                setup: str | None, timeout: float) -> int:
-    from ._mirror_worker import ConnectionLost
+    from ._mirror_worker import ConnectionLost, scan_local
 
     flt = _sync.MirrorFilter(local_dir, exclude)
+    _, entries, size = scan_local(local_dir, flt)  # rsync's own totals grow while it lists
     argv = _sync.rsync_push_argv(conn.rsync, conn.rsync_e(), local_dir, conn.rsync_dest,
-                                 filters=flt.rsync_args(), backup_dir=None)
+                                 filters=flt.rsync_args(), backup_dir=None, progress=True)
+    bar = _Bar()
+    reader = _sync.RsyncProgressReader()
+
+    def on_output(chunk: bytes) -> None:
+        found = reader.feed(chunk)
+        if found is None:
+            bar.show("copying")
+        else:
+            bar.show("copying", found.done(entries, size), _sync.describe_progress(found, entries))
+
+    ok = False
     try:
-        warning = conn.run_rsync(argv, timeout=timeout)
+        warning = conn.run_rsync(argv, timeout=timeout, on_output=on_output)
+        ok = not warning
     except ConnectionLost as e:
         raise MirrorError(f"copying {local_dir} to {dest} failed", log_tail=str(e),
                           fix="check the tunnel and the runtime's sshd") from e
+    finally:
+        bar.close(done=ok)
     if warning:
         raise MirrorError(f"copying {local_dir} to {dest} failed", log_tail=warning,
                           fix="see rsync's messages above (permissions? disk space?)")
