@@ -94,6 +94,16 @@ def test_demo_check_mode(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # its folder removed
 
 
+def test_readme_demo_command(tmp_path) -> None:
+    """The README's first command, as written (bootstrap, then the demo), in its --check mode."""
+    root = Path(__file__).resolve().parent.parent
+    assert "sudo bash demo.sh" in (root / "README.md").read_text()
+    done = subprocess.run(["bash", str(root / "demo.sh"), "--check", "--base-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo: every check passed" in done.stdout
+
+
 def test_demo_needs_root_message() -> None:
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     done = subprocess.run([*nobody, sys.executable, "-m", "colab_remote", "demo", "--check"],
