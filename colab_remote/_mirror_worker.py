@@ -42,7 +42,6 @@ log = logging.getLogger("colab_remote.mirror")
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 500
-BULK_FILES = 200            # this many new files in new folders go up through rsync instead
 BURST_PATHS = 200           # a push this big is a burst: a whole-tree pass follows once it is quiet
 BURST_QUIET = 0.3           # seconds without events before that pass
 FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
@@ -469,8 +468,8 @@ class Watcher(threading.Thread):
             if rel is None or self.flt.excluded(rel):
                 continue
             changes.append((change, rel))
-            if change == 1 and os.path.isdir(path) and not os.path.islink(path):
-                self.bell.add_tree(path, self.flt)
+        # New folders get their doorbell watch from Worker.plan(), which looks at every path
+        # anyway: no stat here per created file.
         if changes:
             self.deliver(changes)
 
@@ -730,48 +729,62 @@ class Worker:
         return f"{_sync.TRASH}/{_stamp()}" if self.cfg["backup"] else None
 
     def plan(self, paths: set[str], added: set[str], deleted: set[str]) -> tuple[
-            list[tuple[bytes, str, int, int, bytes | None]], list[str], list[str], list[str]]:
-        """Ops for the agent (op, rel, mode, mtime, data), files for rsync, deletes, and which of
-        the rsync files are a bulk of new ones (rsync's C receiver creates many files faster)."""
-        ops: list[tuple[bytes, str, int, int, bytes | None]] = []
-        fresh: list[tuple[bytes, str, int, int, bytes | None]] = []
+            list[tuple[bytes, str, int, int, bytes | int | None]], list[str], list[str]]:
+        """Ops for the agent (op, rel, mode, mtime, data), files for rsync, deletes. A file's op
+        has its mode, mtime and size (for data) from the lstat here; :meth:`push` reads it.
+
+        Small files, new or not, all go through the agent: on a burst of new ones its pipelined
+        batches beat ``rsync --files-from`` (one rsync start and file list per push) several times.
+        """
+        ops: list[tuple[bytes, str, int, int, bytes | int | None]] = []
         big: list[str] = []
         dels: list[str] = []
         seen: set[str] = set()
-        linked: dict[str, bool] = {}
+        linked: dict[str, bool] = {}   # folder -> is a link
+        inside: dict[str, bool] = {}   # folder -> it or a folder above it is a link
 
         def under_link(rel: str) -> bool:
-            parts = rel.split("/")[:-1]
-            cur = ""
-            for part in parts:
-                cur = _join(cur, part)
-                if cur not in linked:
-                    linked[cur] = os.path.islink(os.path.join(self.root, cur))
-                if linked[cur]:
-                    return True
-            return False
+            folder = rel.rpartition("/")[0]
+            if not folder:
+                return False
+            found = inside.get(folder)  # one look-up per file; the walk up once per folder
+            if found is None:
+                found = False
+                cur = ""
+                for part in folder.split("/"):
+                    cur = _join(cur, part)
+                    if cur not in linked:
+                        linked[cur] = os.path.islink(os.path.join(self.root, cur))
+                    if linked[cur]:
+                        found = True
+                        break
+                inside[folder] = found
+            return found
 
-        def add(rel: str, st: os.stat_result, new: bool = False) -> None:
+        def add(rel: str, st: os.stat_result) -> None:
             if rel in seen:
                 return
             seen.add(rel)
             mode = stat.S_IMODE(st.st_mode)
-            full = os.path.join(self.root, rel)
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISREG(st.st_mode):
+                if st.st_size >= _sync.BIG_FILE or not self.conn.agent_ok:
+                    big.append(rel)
+                else:  # the size: push() reads a file that kept it with one read
+                    ops.append((_sync.OP_PUT, rel, mode, st.st_mtime_ns, st.st_size))
+            elif stat.S_ISDIR(st.st_mode):
                 ops.append((_sync.OP_MKDIR, rel, mode, 0, None))
             elif stat.S_ISLNK(st.st_mode):
                 try:
-                    ops.append((_sync.OP_LINK, rel, 0, 0, os.fsencode(os.readlink(full))))
+                    target = os.readlink(os.path.join(self.root, rel))
                 except OSError:
-                    pass
-            elif stat.S_ISREG(st.st_mode):
-                if st.st_size >= _sync.BIG_FILE or not self.conn.agent_ok:
-                    big.append(rel)
-                else:
-                    (fresh if new else ops).append((_sync.OP_PUT, rel, mode, st.st_mtime_ns, None))
+                    return
+                ops.append((_sync.OP_LINK, rel, 0, 0, os.fsencode(target)))
 
         def walk(rel: str) -> None:
-            for folder, dirs, files in os.walk(os.path.join(self.root, rel)):
+            top = os.path.join(self.root, rel)
+            if self.watcher is not None:  # the doorbell rings for changes in the new folder too
+                self.watcher.bell.add_tree(top, self.flt)
+            for folder, dirs, files in os.walk(top):
                 frel = self.flt.relative(folder) or ""
                 keep = []
                 for name in dirs:
@@ -786,9 +799,9 @@ class Worker:
                 dirs[:] = keep
                 for name in files:
                     r = _join(frel, name)
-                    if not self.flt.excluded(r):
+                    if r not in seen and not self.flt.excluded(r):
                         with contextlib.suppress(OSError):
-                            add(r, os.lstat(os.path.join(folder, name)), new=True)
+                            add(r, os.lstat(os.path.join(folder, name)))
 
         for rel in sorted(paths):
             if rel in seen or under_link(rel):
@@ -806,31 +819,25 @@ class Worker:
             add(rel, st)
             if stat.S_ISDIR(st.st_mode) and (rel in added or rel in deleted):
                 walk(rel)  # files may have landed before the folder's watch existed
-        bulk: list[str] = []
-        if len(fresh) >= BULK_FILES:
-            bulk = [op[1] for op in fresh]
-        else:
-            ops += fresh
-        return ops, big, dels, bulk
+        return ops, big, dels
 
     def push(self, paths: set[str], added: set[str], deleted: set[str]) -> None:
         t0 = time.monotonic()
-        ops, big, dels, bulk = self.plan(paths, added, deleted)
+        ops, big, dels = self.plan(paths, added, deleted)
         t_plan = time.monotonic() - t0
         files = nbytes = 0
         errors: list[list[str]] = []
         if self.conn.agent_ok:
             records: list[bytes] = []
             size = 0
+            top = self.root + os.sep
             for op, rel, mode, mtime, data in ops:
-                if op == _sync.OP_PUT:
+                if isinstance(data, int):
+                    # mode and mtime from plan()'s lstat: a change since then has its own event
                     try:
-                        with open(os.path.join(self.root, rel), "rb") as f:
-                            st = os.fstat(f.fileno())
-                            data = f.read()
+                        data = _read_file(top + rel, data)
                     except OSError:
-                        continue  # gone again: its delete event follows
-                    mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+                        continue  # gone again (or no longer a file): its event follows
                     files += 1
                     nbytes += len(data)
                 records.append(_sync.pack(op, os.fsencode(rel), mode=mode, mtime_ns=mtime,
@@ -853,15 +860,6 @@ class Worker:
                 if done.returncode == 255:
                     raise ConnectionLost(done.stderr)
             big = [rel for op, rel, *_ in ops if op in (_sync.OP_MKDIR, _sync.OP_LINK)] + big
-        if bulk:
-            argv = _sync.rsync_files_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
-                                          self.conn.rsync_dest, backup_dir=self._backup_dir())
-            failed = self.conn.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in bulk))
-            if failed:  # a folder in the server's way, say: the agent moves it to the trash
-                log.info("%s; sending those %d files through the agent", failed, len(bulk))
-                errors += self._put_through_agent(bulk)
-            files += len(bulk)
-            nbytes += sum(_size(os.path.join(self.root, r)) for r in bulk)
         if big:
             argv = _sync.rsync_files_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
                                           self.conn.rsync_dest, backup_dir=self._backup_dir())
@@ -895,24 +893,6 @@ class Worker:
         if len(paths) >= BURST_PATHS:
             self.full_due = time.monotonic() + BURST_QUIET
         self._dirty = True
-
-    def _put_through_agent(self, rels: list[str]) -> list[list[str]]:
-        records = []
-        for rel in rels:
-            try:
-                with open(os.path.join(self.root, rel), "rb") as f:
-                    st = os.fstat(f.fileno())
-                    data = f.read()
-            except OSError:
-                continue
-            records.append(_sync.pack(_sync.OP_PUT, os.fsencode(rel), mode=stat.S_IMODE(st.st_mode),
-                                      mtime_ns=st.st_mtime_ns, data=data))
-            if len(records) >= BATCH_OPS:
-                self.conn.send(records)
-                records = []
-        if records:
-            self.conn.send(records)
-        return self.conn.collect()
 
     def reconnect(self) -> None:
         """Wait for the server (cheap port probes, backoff) and log in again."""
@@ -1083,11 +1063,25 @@ class Worker:
                 Path(self.cfg["sock_dir"]).rmdir()
 
 
-def _size(path: str) -> int:
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """A file's bytes, one read when it still has ``size`` of them; OSError when it is gone or now
+    a link (NONBLOCK: a FIFO put there meanwhile never blocks us)."""
+    fd = os.open(path, _READ_FLAGS)
     try:
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
+        data = os.read(fd, size + 1)
+        if len(data) <= size:  # a short read of a regular file: its end
+            return data
+        chunks = [data]
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:

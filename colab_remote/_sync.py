@@ -71,22 +71,24 @@ class MirrorFilter(BaseFilter):
         for p in (*self.patterns, TRASH, f"*{TMP_INFIX}*"):
             bare = p.rstrip("/")
             if "/" in bare:
-                anchored.append(re.compile(fnmatch.translate(bare.lstrip("/"))))
+                anchored.append(fnmatch.translate(bare.lstrip("/")))
             else:
-                names.append(re.compile(fnmatch.translate(bare)))
-        self._names = tuple(names)
-        self._anchored = tuple(anchored)
+                names.append(fnmatch.translate(bare))
+        # one alternation per kind: a path costs one match per part, not one per part and pattern
+        self._names = re.compile("|".join(f"(?:{r})" for r in names)).match
+        self._anchored = re.compile("|".join(f"(?:{r})" for r in anchored)).match if anchored else None
 
     def excluded(self, rel: str) -> bool:
         """True when ``rel`` (a path relative to the root, '/'-separated) is not mirrored."""
         parts = rel.split("/")
+        names = self._names
         for part in parts:
-            if any(r.match(part) for r in self._names):
+            if names(part):
                 return True
-        if self._anchored:
+        anchored = self._anchored
+        if anchored is not None:
             for i in range(1, len(parts) + 1):
-                prefix = "/".join(parts[:i])
-                if any(r.match(prefix) for r in self._anchored):
+                if anchored("/".join(parts[:i])):
                     return True
         return False
 
@@ -370,6 +372,7 @@ TRASH = CFG["trash"].encode()
 TMP = CFG["tmp"].encode()
 known = set()
 stamp = [None]
+UTIME_FD = os.utime in os.supports_fd
 
 def trash_dir():
     if stamp[0] is None:
@@ -419,7 +422,7 @@ def check(p):
         raise ValueError("refused path %r" % p)
 
 def parent(p):
-    d = os.path.dirname(p)
+    d = p.rpartition(b"/")[0]
     if not d or d in known:
         return
     cur = b""
@@ -439,9 +442,11 @@ def parent(p):
                     raise
         known.add(cur)
 
+TMP_END = TMP + b"%d" % os.getpid()
+
 def tmpname(p):
-    d, b = os.path.split(p)
-    return os.path.join(d, b"." + b[:180] + TMP + b"%d" % os.getpid())
+    d, s, b = p.rpartition(b"/")
+    return d + s + b"." + b[:180] + TMP_END
 
 def put(p, mode, mtime, data):
     parent(p)
@@ -465,9 +470,9 @@ def put(p, mode, mtime, data):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        os.utime(fd if UTIME_FD else t, ns=(mtime, mtime))  # on fd: no second path look-up
     finally:
         os.close(fd)
-    os.utime(t, ns=(mtime, mtime))
     if st is not None:
         keep_old(p, st)
     os.rename(t, p)

@@ -122,6 +122,30 @@ def test_filter_drives_watchfiles_and_rsync() -> None:
     assert "--exclude=*.log" in args and "--exclude=/build/out" in args
 
 
+def test_filter_patterns_anchored_and_by_name() -> None:
+    # all patterns of a kind are one regex: each must still match the whole name or path
+    f = _sync.MirrorFilter("/p", ["a?c", "/top/*.x", "[ab]*.tmp"])
+    assert f.excluded("q/abc") and not f.excluded("q/abcd") and not f.excluded("xabc")
+    assert f.excluded("top/q.x") and f.excluded("top/q.x/in") and not f.excluded("s/top/q.x")
+    assert f.excluded("d/b1.tmp") and not f.excluded("d/c1.tmp")
+    assert f.excluded(f"d/.f{_sync.TMP_INFIX}12") and not f.excluded("d/f.colab")
+
+
+def test_push_reads_files_not_links(tmp_path: Path) -> None:
+    from colab_remote._mirror_worker import _read_file
+
+    (tmp_path / "f").write_bytes(b"grown since the lstat")
+    assert _read_file(str(tmp_path / "f"), 5) == b"grown since the lstat"
+    assert _read_file(str(tmp_path / "f"), 100) == b"grown since the lstat"
+    (tmp_path / "e").write_bytes(b"")
+    assert _read_file(str(tmp_path / "e"), 0) == b""
+    (tmp_path / "link").symlink_to(tmp_path / "f")  # a file replaced by a link meanwhile
+    with pytest.raises(OSError):
+        _read_file(str(tmp_path / "link"), 5)
+    os.mkfifo(tmp_path / "fifo")  # never blocks
+    assert _read_file(str(tmp_path / "fifo"), 5) == b""
+
+
 def test_argv_builders_have_no_delete() -> None:
     push_argv = _sync.rsync_push_argv("rsync", "ssh -S x", "/l", "u@h:d", filters=["--exclude=a"],
                                       backup_dir=f"{TRASH}/t")
@@ -641,7 +665,7 @@ def test_new_folder_of_many_files_with_a_server_folder_in_the_way(tmp_path: Path
         assert b"a server folder where the runtime has a file" in trash_files(server)["clash/old.txt"]
         stage = tmp_path / "stage"
         stage.mkdir()
-        for i in range(300):  # more than BULK_FILES: they go up through rsync first
+        for i in range(300):  # a burst: the agent moves the server folder in the way to the trash
             (stage / f"f{i}").write_text(f"file {i}")
         stage.rename(local / "newdir")
         m.flush(60)
