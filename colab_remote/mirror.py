@@ -29,7 +29,7 @@ from typing import Any
 
 from . import _html, _proc, _ssh, _sync
 from .errors import AuthenticationError, MirrorError
-from .server import announce, default_state_dir
+from .server import announce, state_path
 
 __all__ = ["Mirror", "find_mirrors", "mirror", "push", "stop_mirrors"]
 
@@ -276,17 +276,6 @@ def _identity(identity_file: object) -> str | None:
     return os.path.abspath(path)
 
 
-def _state(state_dir: object) -> Path:
-    if state_dir is None:
-        return default_state_dir()
-    if not isinstance(state_dir, (str, os.PathLike)):
-        raise TypeError(f"state_dir must be a path, got {state_dir!r}")
-    state = Path(state_dir).expanduser().absolute()
-    if state.exists() and not state.is_dir():
-        raise ValueError(f"state_dir {state} exists and is not a folder")
-    return state
-
-
 def _sock_dir(run_dir: Path, ident: str) -> Path:
     """A folder for the unix sockets: the run folder when its path is short enough (sun_path
     holds 108 bytes and ssh adds 17 characters to a ControlPath while it sets one up)."""
@@ -328,7 +317,7 @@ def _prepare(local_dir: object, destination: object, *, port: object, password: 
         _ssh.check_password(password)
     key = _ssh.check_host_key(host_key) if host_key is not None else None
     return {"local_dir": local, "dest": dest, "port": port, "password": password,
-            "identity_file": _identity(identity_file), "state": _state(state_dir),
+            "identity_file": _identity(identity_file), "state": state_path(state_dir),
             "exclude": list(_sync.check_excludes(exclude)), "host_key": key}
 
 
@@ -493,7 +482,7 @@ def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror
         >>> [m for m in find_mirrors() if m.alive]  # doctest: +SKIP
         [<Mirror /content/project -> me@server:backup/project running, ...>]
     """
-    state = _state(state_dir)
+    state = state_path(state_dir)
     found = []
     for status in sorted((state / "mirror").glob("*/status.json")):
         found.append(Mirror(status.parent))

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _html, _proc, _ssh
 from .errors import AuthenticationError, ColabRemoteError, TunnelError
-from .server import announce, default_state_dir, load_sshd
+from .server import announce, load_sshd, state_path
 
 __all__ = ["Tunnel", "find_tunnels", "load_tunnel", "reverse_forward", "stop_tunnels"]
 
@@ -203,17 +203,10 @@ def _tunnels_dir(state: Path) -> Path:
     return state / "tunnels"
 
 
-def _state(state_dir: str | os.PathLike[str] | None) -> Path:
-    state = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
-    if state.exists() and not state.is_dir():
-        raise ValueError(f"state_dir {state} exists and is not a folder")
-    return state
-
-
 def find_tunnels(state_dir: str | os.PathLike[str] | None = None) -> list[Tunnel]:
     """Every tunnel recorded in ``state_dir`` (running or not)."""
     found = []
-    folder = _tunnels_dir(_state(state_dir))
+    folder = _tunnels_dir(state_path(state_dir))
     if folder.is_dir():
         for run_dir in sorted(folder.iterdir()):
             if (run_dir / "config.json").is_file():
@@ -345,7 +338,7 @@ def reverse_forward(
         raise TypeError(f"reconnect must be a bool, got {reconnect!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    state = _state(state_dir)
+    state = state_path(state_dir)
 
     ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=TunnelError)
     sshd = load_sshd(state)

@@ -189,6 +189,18 @@ def default_state_dir() -> Path:
     return Path("~/.colab_remote").expanduser()
 
 
+def state_path(state_dir: object) -> Path:
+    """``state_dir`` as an absolute path (default ``~/.colab_remote``); ValueError/TypeError if unusable."""
+    if state_dir is None:
+        return default_state_dir()
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise TypeError(f"state_dir must be a path, got {state_dir!r}")
+    state = Path(state_dir).expanduser().absolute()
+    if state.exists() and not state.is_dir():
+        raise ValueError(f"state_dir {state} exists and is not a folder")
+    return state
+
+
 def start_sshd(
     port: int = 22,
     *,
@@ -234,9 +246,7 @@ def start_sshd(
     keys = _ssh.parse_public_keys(authorized_keys) if authorized_keys is not None else []
     if listen_address is not None:
         _ssh.check_host(listen_address)
-    state = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
-    if state.exists() and not state.is_dir():
-        raise ValueError(f"state_dir {state} exists and is not a folder")
+    state = state_path(state_dir)
     key_store = Path(host_keys).expanduser() if host_keys is not None else None
     if key_store is not None and key_store.exists() and not key_store.is_dir():
         raise ValueError(f"host_keys {key_store} exists and is not a folder")
@@ -314,7 +324,7 @@ def start_sshd(
 
 def load_sshd(state_dir: str | os.PathLike[str] | None = None) -> Sshd | None:
     """The sshd recorded in ``state_dir`` (running or not), or None. The password is not kept."""
-    state = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
+    state = state_path(state_dir)
     try:
         info = json.loads((state / "sshd" / "info.json").read_text())
     except (OSError, ValueError):

@@ -18,13 +18,9 @@ from typing import Any
 
 from . import _proc, _ssh
 from .errors import ColabRemoteError
-from .server import Sshd, announce, default_state_dir, load_sshd
+from .server import Sshd, announce, load_sshd, state_path
 
 __all__ = ["CheckResult", "Status", "self_check", "status", "stop_all"]
-
-
-def _state(state_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
 
 
 @dataclass
@@ -64,7 +60,7 @@ def status(state_dir: str | os.PathLike[str] | None = None, *, display: bool = F
     from .mirror import find_mirrors
     from .reverse import find_tunnels
 
-    state = _state(state_dir)
+    state = state_path(state_dir)
     found = Status(state, load_sshd(state), find_tunnels(state), find_mirrors(state))
     if display:
         announce(found)
@@ -83,7 +79,7 @@ def stop_all(state_dir: str | os.PathLike[str] | None = None) -> int:
     from .mirror import stop_mirrors
     from .reverse import stop_tunnels
 
-    state = _state(state_dir)
+    state = state_path(state_dir)
     count = stop_mirrors(state) + stop_tunnels(state)
     sshd = load_sshd(state)
     if sshd is not None and sshd.alive:
@@ -136,7 +132,7 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
     """
     from .reverse import find_tunnels
 
-    state = Path(sshd.state_dir) if sshd is not None else _state(state_dir)
+    state = Path(sshd.state_dir) if sshd is not None else state_path(state_dir)
     sshd = sshd or load_sshd(state)
     if tunnel is None:
         tunnels = find_tunnels(state)
