@@ -259,6 +259,21 @@ def reaped_cpu(pid: int) -> float:
     return 0.0
 
 
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds of a process's threads by thread name (watchfiles' notify thread has its own)."""
+    out: dict[str, float] = {}
+    if not pid:
+        return out
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                text = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+                name = text[text.index("(") + 1:text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 def cpu_now(mirror_pid: int | None, server_uid: int | None) -> tuple[float, float, dict[int, float]]:
     """CPU seconds so far: this process (the creating loop and the polling), the mirror process
     with its children (live and reaped), the server user's processes (sshd session, agent, rsync)
@@ -289,6 +304,7 @@ def burst(local_root: Path, server_root: Path, tag: str,
     dst = server_root / tag
     load = os.getloadavg()[0]
     cpu0 = cpu_now(mirror_pid, server_uid)
+    threads0 = thread_cpu(mirror_pid)
     t0 = time.perf_counter()
     write_burst(src)
     created = time.perf_counter() - t0
@@ -302,6 +318,7 @@ def burst(local_root: Path, server_root: Path, tag: str,
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
     cpu = cpu_spent(cpu0, cpu_now(mirror_pid, server_uid))
+    threads = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu(mirror_pid).items()}
     missing = 0
     for i in range(100):
         for j in range(100):
@@ -310,7 +327,9 @@ def burst(local_root: Path, server_root: Path, tag: str,
                 missing += 1
     print(f"  burst {tag}: files created locally in {created:.3f} s, server complete after "
           f"{elapsed:.3f} s, missing {missing}; CPU s until complete: bench {cpu[0]:.2f}, mirror "
-          f"{cpu[1]:.2f}, server {cpu[2]:.2f} (load average before {load:.2f})", flush=True)
+          f"{cpu[1]:.2f}, server {cpu[2]:.2f} (load average before {load:.2f})"
+          + ("; mirror threads: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads.items()))
+             if threads else ""), flush=True)
     return created, elapsed, missing
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -533,8 +534,13 @@ def open_pipes(argv: Sequence[str], *, stderr_path: Path) -> subprocess.Popen[by
     It stays in our process group, so stopping the mirror stops it too; end it with :func:`end_pipes`.
     """
     with open(stderr_path, "ab") as err:
-        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=err, bufsize=0)
+    for f in (proc.stdin, proc.stdout):  # 1 MiB pipes: a batch in a few writes, not sixteen
+        if f is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(f, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    return proc
 
 
 def end_pipes(proc: subprocess.Popen[bytes] | None, timeout: float = 2) -> None:
