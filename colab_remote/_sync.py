@@ -542,9 +542,12 @@ def put(p, mode, mtime, data):
 
 def staging():
     if use_stage[0] is None:
-        gone(STAGE)  # a folder of an earlier agent with the same pid
-        os.makedirs(STAGE)
-        use_stage[0] = os.stat(STAGE).st_dev == os.stat(b".").st_dev  # rename needs one file system
+        try:
+            gone(STAGE)  # a folder of an earlier agent with the same pid
+            os.makedirs(STAGE)
+            use_stage[0] = os.stat(STAGE).st_dev == os.stat(b".").st_dev  # rename: one file system
+        except OSError:
+            use_stage[0] = False  # new folders are then made in place, as any other
     return use_stage[0]
 
 def mkdir(p, mode):
@@ -673,10 +676,13 @@ def prune(days):
     for n in names:
         p = os.path.join(TRASH, n)
         if n == b".staging":  # folders left by agents that died mid-batch (never this one's)
-            for m in os.listdir(p):
-                q = os.path.join(p, m)
-                if q != STAGE and os.lstat(q).st_mtime < cut:
-                    shutil.rmtree(q, ignore_errors=True)
+            try:
+                for m in os.listdir(p):
+                    q = os.path.join(p, m)
+                    if q != STAGE and os.lstat(q).st_mtime < cut:
+                        shutil.rmtree(q, ignore_errors=True)
+            except OSError:
+                pass
             continue
         try:
             old = calendar.timegm(time.strptime(n[:19].decode(), "%Y-%m-%dT%H-%M-%S")) < cut
