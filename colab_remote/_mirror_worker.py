@@ -436,9 +436,9 @@ def _join(rel: str | None, name: str) -> str:
 class Watcher(threading.Thread):
     """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK)."""
 
-    def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any) -> None:
+    def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any, lost: Any) -> None:
         super().__init__(name="watch", daemon=True)
-        self.root, self.flt, self.deliver = root, flt, deliver
+        self.root, self.flt, self.deliver, self.lost = root, flt, deliver, lost
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.stopping = False
@@ -449,25 +449,29 @@ class Watcher(threading.Thread):
         self.synced = 0
         self._synced_cond = threading.Condition()
 
+    def _notify(self) -> Any:
+        from watchfiles._rust_notify import RustNotify
+        try:
+            return RustNotify([self.root], False, False, 300, True, True)
+        except TypeError:  # watchfiles before 0.21 has no ignore_permission_denied
+            return RustNotify([self.root], False, False, 300, True)  # type: ignore[call-arg]
+
     def run(self) -> None:
         try:
-            from watchfiles._rust_notify import RustNotify
+            from watchfiles._rust_notify import WatchfilesRustInternalError
         except ImportError as e:  # pragma: no cover - watchfiles is a dependency
             self.error = e
             self.ready.set()
             return
         try:
-            try:
-                notify = RustNotify([self.root], False, False, 300, True, True)
-            except TypeError:  # watchfiles before 0.21 has no ignore_permission_denied
-                notify = RustNotify([self.root], False, False, 300, True)  # type: ignore[call-arg]
+            notify = self._notify()
             self.bell.add_tree(self.root, self.flt)
         except Exception as e:
             self.error = e
             self.ready.set()
             return
         self.ready.set()
-        busy_until = 0.0
+        busy_until, warned = 0.0, -1e9
         delivered = False
         try:
             while not self.stopping:
@@ -484,7 +488,19 @@ class Watcher(threading.Thread):
                 # from idle: 1 ms steps (a single edit arrives in a few ms); in a burst: 5 ms
                 # steps, bigger batches and fewer GIL hand-overs with the pushing thread
                 step = 5 if delivered else 1
-                raw = notify.watch(step, step, 30, None)
+                try:
+                    raw = notify.watch(step, step, 30, None)
+                except WatchfilesRustInternalError as e:
+                    # notify met a path it cannot name (not UTF-8, say): that RustNotify stays
+                    # broken and its batch is gone. A new one, and a whole-tree pass for the batch.
+                    if time.monotonic() - warned > 60:  # a file written on and on: one line a minute
+                        warned = time.monotonic()
+                        log.warning("watchfiles: %s; watching again, then a whole-tree pass", e)
+                    with contextlib.suppress(Exception):
+                        notify.close()
+                    notify = self._notify()
+                    self.lost()
+                    continue
                 delivered = isinstance(raw, set)
                 if isinstance(raw, set):
                     busy_until = time.monotonic() + BUSY_WINDOW
@@ -496,6 +512,7 @@ class Watcher(threading.Thread):
         except Exception as e:
             log.exception("the watcher failed")
             self.error = e
+            self.lost()  # the worker watches again now, not at its next wake-up
         finally:
             with contextlib.suppress(Exception):
                 notify.close()
@@ -648,6 +665,14 @@ class Worker:
                 elif change == 3:
                     self.deleted.add(rel)
             self.events += 1
+            self.changed_since_full = True
+            self.cond.notify_all()
+
+    def events_lost(self) -> None:
+        """Changes may have gone unreported: a whole-tree pass soon (at most one a second)."""
+        with self.cond:
+            due = max(time.monotonic(), self.last_full + 1.0)
+            self.full_due = due if self.full_due is None else min(self.full_due, due)
             self.changed_since_full = True
             self.cond.notify_all()
 
@@ -991,14 +1016,15 @@ class Worker:
                         break
                     if now - self.last_prune > PRUNE_EVERY:
                         break
-                    if self.watcher is not None and not self.watcher.is_alive():
+                    if self.watcher is not None and (self.watcher.error is not None
+                                                     or not self.watcher.is_alive()):
                         # notify failed (the folder vanished, say): watch again, then a whole
                         # pass covers whatever happened meanwhile
                         self.stats["last_error"] = f"watching {self.root} failed: {self.watcher.error}"
                         log.warning("%s; watching again", self.stats["last_error"])
                         self.watcher = None
                         if os.path.isdir(self.root):
-                            self.watcher = Watcher(self.root, self.flt, self.deliver)
+                            self.watcher = Watcher(self.root, self.flt, self.deliver, self.events_lost)
                             self.watcher.start()
                             self.full_due = now + 1
                         continue
@@ -1083,7 +1109,7 @@ class Worker:
                 fix=f"to resume from the server copy, use mirror({self.root!r}, "
                     f"{self.cfg['destination']!r}, restore=True); or mirror into another folder")
         root.mkdir(parents=True, exist_ok=True)
-        self.watcher = Watcher(self.root, self.flt, self.deliver)
+        self.watcher = Watcher(self.root, self.flt, self.deliver, self.events_lost)
         self.watcher.start()
         if not self.watcher.ready.wait(600) or self.watcher.error is not None:
             raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",

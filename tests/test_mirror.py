@@ -924,3 +924,23 @@ def test_first_sync_and_push_show_a_progress_bar(tmp_path: Path, server, capsys,
          password=server.user.password, state_dir=tmp_path / "state")
     err = capsys.readouterr().err
     assert "copying: 100%|" in err, err[-2000:]
+
+
+def test_non_utf8_names_reach_the_server(tmp_path: Path, server) -> None:
+    """watchfiles cannot name such a file (its notify thread reports an error): the mirror keeps
+    watching, and the whole-tree pass that follows sends it; other changes keep flowing."""
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    with start(tmp_path, server, local) as m:
+        odd = os.fsencode(local) + b"/caf\xe9.txt"
+        with open(odd, "wb") as f:
+            f.write(b"latin-1 name")
+        (local / "b.txt").write_text("b")
+        wait_for(lambda: (server_root(server) / "b.txt").exists(), 20, "b.txt on the server")
+        wait_for(lambda: os.path.exists(os.fsencode(server_root(server)) + b"/caf\xe9.txt"), 20,
+                 "the latin-1 name on the server")
+        (local / "c.txt").write_text("c")
+        m.flush(30)
+        assert (server_root(server) / "c.txt").read_text() == "c"
+        assert m.alive
