@@ -708,10 +708,11 @@ def main():
         h = inp.read(REC.size)
         if len(h) < REC.size:
             finish(errors)
-            try:
-                os.rmdir(STAGE)
-            except OSError:
-                pass
+            for d in (STAGE, os.path.dirname(STAGE), TRASH):  # each only when empty
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
             return
         op, plen, mode, mtime, size = REC.unpack(h)
         p = inp.read(plen)

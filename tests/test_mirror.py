@@ -242,6 +242,7 @@ def test_agent_builds_new_folders_whole_and_renames_them_into_place(tmp_path: Pa
     finally:
         agent.close()
     assert not agent.stage.exists()  # the agent removes its empty staging folder on exit
+    assert not (dest / TRASH / ".staging").exists() and (dest / TRASH).exists()  # trash kept
     (dest / "new/ro").chmod(0o755)
 
 
