@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import random
+import signal
 import stat
 import subprocess
 import sys
@@ -945,3 +947,36 @@ def test_non_utf8_names_reach_the_server(tmp_path: Path, server) -> None:
         m.flush(30)
         assert (server_root(server) / "c.txt").read_text() == "c"
         assert m.alive
+
+
+def test_agent_killed_while_it_builds_new_folders(tmp_path: Path, server) -> None:
+    """The server-side agent dies mid-burst (its new folders half built in the staging folder):
+    the mirror logs in again, a whole-tree pass sends everything, nothing half-built is visible."""
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    with start(tmp_path, server, local) as m:
+
+        def agent() -> int | None:
+            for p in os.listdir("/proc"):
+                if p.isdigit() and _owner(p) == server.user.uid:
+                    with contextlib.suppress(OSError):
+                        if b"exec(sys.stdin" in Path(f"/proc/{p}/cmdline").read_bytes():
+                            return int(p)
+            return None
+
+        pid = agent()
+        assert pid is not None
+        blob = os.urandom(2048)
+        for i in range(40):
+            d = local / f"new{i:02d}" / "sub"
+            d.mkdir(parents=True)
+            for j in range(50):
+                (d / f"f{j}.bin").write_bytes(blob)
+            if i == 10:
+                os.kill(pid, signal.SIGKILL)  # our own test's process, by pid
+        m.flush(60)
+        assert converged(local, server)
+        assert m.stats["reconnects"] >= 1 and m.alive
+        visible = [p for p in server_root(server).rglob("*") if TRASH not in p.parts]
+        assert not [p for p in visible if _sync.TMP_INFIX in p.name]
