@@ -11,7 +11,10 @@ Run as root (it creates a throwaway user and an sshd on 127.0.0.1, and removes b
 on a tmpfs (/dev/shm when it is one with room, else one the bench mounts in its own folder), so
 the figure is the mirror's own cost rather than the disk's; ``both`` (the default) runs target 2
 on the disk and on the tmpfs in the same run. After the three timed bursts of each, one more
-traced burst shows where the time goes (the mirror's log, its rsync children, its stats).
+traced burst shows where the time goes (the mirror's log, its rsync children, its stats). Each
+burst (and each anchor run) starts once the machine is quiet again: ``sync``, then < 5 % CPU busy
+over half a second, so the writeback of the 100,000-file trees of targets 1 and 3 (or of the burst
+before) is not measured with it.
 
 Targets (issue 4):
 1. write of a small file -> complete on the server: median <= 20 ms, p95 <= 30 ms (50 edits), with
@@ -295,6 +298,28 @@ def cpu_spent(before: tuple[float, float, dict[int, float]],
     return after[0] - before[0], after[1] - before[1], srv
 
 
+def busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (iowait counts as idle)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])
+    return total - fields[3] - fields[4], total
+
+
+def settle(limit: float = 60.0) -> float:
+    """Write back what earlier steps wrote and wait (at most ``limit`` s) until the machine is
+    quiet (< 5 % busy over 0.5 s), so a burst is not measured against the writeback of the
+    trees written before it. The seconds it took."""
+    t0 = time.perf_counter()
+    os.sync()
+    while time.perf_counter() - t0 < limit:
+        b0, n0 = busy_ticks()
+        time.sleep(0.5)
+        b1, n1 = busy_ticks()
+        if n1 > n0 and (b1 - b0) / (n1 - n0) < 0.05:
+            break
+    return time.perf_counter() - t0
+
+
 def burst(local_root: Path, server_root: Path, tag: str,
           samples: list[tuple[float, int]] | None = None, mirror_pid: int | None = None,
           server_uid: int | None = None) -> tuple[float, float, int]:
@@ -302,6 +327,7 @@ def burst(local_root: Path, server_root: Path, tag: str,
     has them all, files missing. ``samples`` (traced runs) gets (seconds, server count) pairs."""
     src = local_root / tag
     dst = server_root / tag
+    quiet = settle()
     load = os.getloadavg()[0]
     cpu0 = cpu_now(mirror_pid, server_uid)
     threads0 = thread_cpu(mirror_pid)
@@ -327,7 +353,8 @@ def burst(local_root: Path, server_root: Path, tag: str,
                 missing += 1
     print(f"  burst {tag}: files created locally in {created:.3f} s, server complete after "
           f"{elapsed:.3f} s, missing {missing}; CPU s until complete: bench {cpu[0]:.2f}, mirror "
-          f"{cpu[1]:.2f}, server {cpu[2]:.2f} (load average before {load:.2f})"
+          f"{cpu[1]:.2f}, server {cpu[2]:.2f} (machine quiet after {quiet:.1f} s; load average "
+          f"{load:.2f})"
           + ("; mirror threads: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads.items()))
              if threads else ""), flush=True)
     return created, elapsed, missing
@@ -496,6 +523,7 @@ def burst_target(server: Server, state: Path, local_base: Path, server_base: Pat
     rsync_cpu: list[tuple[float, float]] = []
     for k in range(3):
         src = local_base / f"plain-b{k}"
+        settle()
         t0 = time.perf_counter()
         write_burst(src)
         t1 = time.perf_counter()
@@ -518,6 +546,7 @@ def burst_target(server: Server, state: Path, local_base: Path, server_base: Pat
                  f"its CPU s, client (rsync, ssh, the ControlMaster) / server: "
                  f"{', '.join(f'{c:.2f} / {v:.2f}' for c, v in rsync_cpu)})")
     print(lines[-1], flush=True)
+    settle()
     t0 = time.perf_counter()
     subprocess.run(["rsync", "-a", "-e", " ".join(server.ssh_argv()), f"{burst_root}/b0/",
                     f"{target}/rsync-settled/"], check=True)
