@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ STATUS_EVERY = 1.0
 PROGRESS_EVERY = 0.1        # the first sync's progress goes into the status file this often
 PRUNE_EVERY = 6 * 3600.0
 RETRY_AFTER_ERROR = 30.0
+SENT_MAX = 100_000          # files remembered as acknowledged (about 10 MB); then forgotten at once
 
 # One op for the agent: (op, path relative to the root, mode, mtime in ns, data or link target)
 Op = tuple[bytes, str, int, int, bytes | None]
@@ -585,6 +587,9 @@ class Worker:
         self.last_full = 0.0
         self.last_prune = time.monotonic()
         self.changed_since_full = False
+        # rel -> (size, mtime, mode, digest) of what the agent acknowledged: a file sent by the
+        # listing of a new folder whose own event comes later is read again but not resent
+        self.sent: dict[str, tuple[int, int, int, bytes]] = {}
         self.stats: dict[str, Any] = {"files": 0, "bytes": 0, "pushes": 0, "full_passes": 0,
                                       "deleted": 0, "last_push": None, "last_error": None,
                                       "reconnects": 0}
@@ -794,10 +799,11 @@ class Worker:
         return f"{_sync.TRASH}/{_stamp()}" if self.cfg["backup"] else None
 
     def plan(self, paths: set[str], added: set[str], deleted: set[str], big: list[str],
-             dels: list[str]) -> Iterator[Op]:
+             dels: list[str], sending: dict[str, tuple[int, int, int, bytes]]) -> Iterator[Op]:
         """The agent's ops for what changed, in order, each file read as it is listed: ``(op, rel,
         mode, mtime, data)``. Files for rsync (big ones; every file when the server has no agent)
-        go into ``big``, deletes into ``dels`` as well.
+        go into ``big``, deletes into ``dels`` as well; what each file op sends, into ``sending``
+        (for :attr:`sent` once the agent has acknowledged it).
 
         A folder's files are looked at through one open descriptor of the folder, so each lstat
         and open resolves one name, not the whole path: half the system-call time of a burst.
@@ -809,6 +815,7 @@ class Worker:
         agent = self.conn.agent_ok
         bell = self.watcher.bell if self.watcher is not None else None
         excluded = self.flt.excluded
+        sent = self.sent
 
         def under_link(rel: str) -> bool:
             folder = rel.rpartition("/")[0]
@@ -837,7 +844,12 @@ class Worker:
                     data = _read_file(name, st.st_size, fd)
                 except OSError:
                     return None  # gone again (or no longer a file): its event follows
-                return (_sync.OP_PUT, rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns, data)
+                mode = stat.S_IMODE(st.st_mode)
+                key = (len(data), st.st_mtime_ns, mode, _digest(data))
+                if sent.get(rel) == key:
+                    return None  # the server has exactly this already (its content, not a guess)
+                sending[rel] = key
+                return (_sync.OP_PUT, rel, mode, st.st_mtime_ns, data)
             if stat.S_ISDIR(st.st_mode):
                 return (_sync.OP_MKDIR, rel, stat.S_IMODE(st.st_mode), 0, None)
             if stat.S_ISLNK(st.st_mode):
@@ -906,7 +918,8 @@ class Worker:
         t0 = time.monotonic()
         big: list[str] = []
         dels: list[str] = []
-        ops = self.plan(paths, added, deleted, big, dels)
+        sending: dict[str, tuple[int, int, int, bytes]] = {}
+        ops = self.plan(paths, added, deleted, big, dels, sending)
         files = nbytes = n_ops = 0
         errors: list[list[str]] = []
         if self.conn.agent_ok:
@@ -915,6 +928,11 @@ class Worker:
             pack = _sync.pack
             for op, rel, mode, mtime, data in ops:
                 n_ops += 1
+                if op != _sync.OP_PUT and self.sent:
+                    if op == _sync.OP_DELETE and self.sent.pop(rel, None) is None:
+                        self.sent.clear()  # a folder: whatever was under it is gone too
+                    else:
+                        self.sent.pop(rel, None)
                 if data is not None and op == _sync.OP_PUT:
                     files += 1
                     nbytes += len(data)
@@ -928,6 +946,12 @@ class Worker:
             if records:
                 self.conn.send(records)
             errors += self.conn.collect()
+            if errors:
+                self.sent.clear()  # what the server refused must be sent again
+            else:
+                if len(self.sent) + len(sending) > SENT_MAX:
+                    self.sent.clear()
+                self.sent.update(sending)
         else:
             listed = [rel for op, rel, *_ in ops if op in (_sync.OP_MKDIR, _sync.OP_LINK)]
             n_ops = len(listed) + len(dels)
@@ -976,12 +1000,18 @@ class Worker:
         """Wait for the server (cheap port probes, backoff) and log in again."""
         self.connected = False
         self.conn.close()
+        self.sent.clear()  # the server may have changed meanwhile
         self.set_state("retrying")
         delay, cap = 0.2, BACKOFF_MAX
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
             if _proc.ssh_banner(self.conn.dest.host, self.cfg["port"], timeout=2) is not None:
                 try:
                     self.conn.open()
+                    if self.conn.agent_ok:
+                        # the count has the new agent remove what the old one, cut off
+                        # mid-write, left: temporary names, half-built new folders
+                        with contextlib.suppress(ConnectionLost):
+                            self.conn.count()
                     self.connected = True
                     self.stats["reconnects"] += 1
                     self.full_due = time.monotonic()
@@ -1161,6 +1191,10 @@ def _read_file(path: str, size: int, dir_fd: int | None = None) -> bytes:
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:

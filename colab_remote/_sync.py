@@ -659,12 +659,44 @@ def delete(p):
     if st is not None:
         remove(p, st)
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+def left_by_dead(name):
+    """True for a temporary name or staging folder of an agent that is gone (killed mid-write)."""
+    pid = name.rpartition(TMP)[2] if TMP in name else name
+    return pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))
+
 def count():
+    """Files in the copy (the trash and temporary names not counted); what dead agents left
+    half-written on the way is removed."""
     n = 0
     for d, dirs, files in os.walk(b"."):
         if d == b".":
             dirs[:] = [x for x in dirs if x != TRASH]
-        n += len(files) + sum(1 for x in dirs if os.path.islink(os.path.join(d, x)))
+        for f in files:
+            if TMP in f:
+                if left_by_dead(f):
+                    try:
+                        os.unlink(os.path.join(d, f))
+                    except OSError:
+                        pass
+                continue
+            n += 1
+        n += sum(1 for x in dirs if os.path.islink(os.path.join(d, x)))
+    top = os.path.dirname(STAGE)
+    try:
+        for m in os.listdir(top):
+            if left_by_dead(m):
+                shutil.rmtree(os.path.join(top, m), ignore_errors=True)
+    except OSError:
+        pass
     return n
 
 def prune(days):
@@ -707,16 +739,12 @@ def main():
     while True:
         h = inp.read(REC.size)
         if len(h) < REC.size:
-            finish(errors)
-            for d in (STAGE, os.path.dirname(STAGE), TRASH):  # each only when empty
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
-            return
+            break
         op, plen, mode, mtime, size = REC.unpack(h)
         p = inp.read(plen)
         data = inp.read(size) if size else b""
+        if len(p) < plen or len(data) < size:
+            break  # the channel broke mid-record: that record is not applied
         if op == b"E":
             finish(errors)
             out.write(("A %d %s\n" % (n, json.dumps(errors[:20]))).encode())
@@ -745,6 +773,12 @@ def main():
         except Exception as e:
             known.clear()
             errors.append([p.decode("utf-8", "replace"), "%s: %s" % (type(e).__name__, e)])
+    finish(errors)  # the new folders of a cut batch hold whole files only: keep them
+    for d in (STAGE, os.path.dirname(STAGE), TRASH):  # each only when empty
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 main()
 '''

@@ -248,6 +248,29 @@ def test_agent_builds_new_folders_whole_and_renames_them_into_place(tmp_path: Pa
     (dest / "new/ro").chmod(0o755)
 
 
+def test_agent_cut_mid_record_and_leftovers_of_dead_agents(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dead = "999999999"  # above any pid_max: no such process
+    (dest / "d").mkdir(parents=True)
+    (dest / "d" / f".f.txt{_sync.TMP_INFIX}{dead}").write_bytes(b"half")
+    (dest / "d" / "kept.txt").write_bytes(b"kept")
+    (dest / TRASH / ".staging" / dead / "0").mkdir(parents=True)
+    agent = Agent(dest)
+    try:
+        agent.send(_sync.pack(_sync.OP_COUNT))
+        assert agent.proc.stdout is not None
+        assert agent.proc.stdout.readline() == b"C 1\n"  # temporary names are not files of the copy
+        assert sorted(p.name for p in (dest / "d").iterdir()) == ["kept.txt"]
+        assert not (dest / TRASH / ".staging" / dead).exists()
+        # the channel breaks in the middle of a record: that file is not written at all
+        record = put("d/cut.txt", b"x" * 1000)
+        agent.send(put("d/whole.txt", b"whole"), record[:-400])
+    finally:
+        agent.close()
+    assert (dest / "d" / "whole.txt").read_bytes() == b"whole"
+    assert sorted(p.name for p in (dest / "d").iterdir()) == ["kept.txt", "whole.txt"]
+
+
 def test_agent_prune_removes_staging_left_by_a_dead_agent(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     left = dest / TRASH / ".staging" / "999999999"
