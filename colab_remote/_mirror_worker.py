@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -43,9 +44,13 @@ log = logging.getLogger("colab_remote.mirror")
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 500
-BURST_PATHS = 200           # a push this big is a burst: a whole-tree pass follows once it is quiet
+BURST_PATHS = 200           # pushes this big together are a burst: a whole-tree pass follows once quiet
 BURST_QUIET = 0.3           # seconds without events before that pass
 FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
+BURST_EVENTS = 300          # this many changes within BURST_WINDOW: read inotify directly until
+BURST_WINDOW = 0.1          # it is quiet (watchfiles' notify thread wakes for every event)
+BURST_STEP = 0.005          # ... every this many seconds
+BURST_QUIET_WATCH = 0.3     # ... and back to watchfiles after this long without events
 BUSY_WINDOW = 0.5           # after an event, poll watchfiles directly this long before sleeping again
 IDLE_CHECK = 2.0            # while idle, look at watchfiles this often anyway (a folder the doorbell missed)
 BACKOFF_MAX = 5.0
@@ -349,17 +354,24 @@ def _quote(text: str) -> str:
 # --- the watcher -------------------------------------------------------------------------------
 
 
-_IN_FLAGS = 0x02 | 0x04 | 0x08 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # modify..move_self
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x02, 0x04, 0x08, 0x40, 0x80
+_IN_CREATE, _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+_IN_Q_OVERFLOW, _IN_IGNORED = 0x4000, 0x8000
+_IN_FLAGS = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
+             | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF)
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 _IN_ONLYDIR = 0x01000000
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 
 
 class Doorbell:
-    """A plain inotify descriptor on every mirrored folder: readable when anything changed.
+    """A plain inotify descriptor on every mirrored folder.
 
-    It carries no information (watchfiles has that); it only lets the watcher sleep in ``select``
-    while nothing happens, instead of waking every few milliseconds.
+    While things are calm it carries no information (watchfiles has that): it only lets the
+    watcher sleep in ``select`` instead of polling. In a burst its events are read directly (see
+    :class:`Watcher`): watchfiles' notify thread wakes for every single event, which in a burst of
+    10,000 new files costs as much CPU as all the rest of the mirror.
     """
 
     def __init__(self) -> None:
@@ -371,6 +383,12 @@ class Doorbell:
             if fd >= 0:
                 self._libc, self.fd = libc, fd
         self.full = False
+        self.folders: dict[int, str] = {}  # watch descriptor -> folder, relative to the root
+
+    @property
+    def complete(self) -> bool:
+        """Every folder is watched: its events alone can be trusted."""
+        return self.fd >= 0 and not self.full
 
     def add_tree(self, top: str, flt: _sync.MirrorFilter) -> None:
         for folder, dirs, _ in os.walk(top):
@@ -379,18 +397,21 @@ class Doorbell:
                 dirs[:] = []
                 continue
             dirs[:] = [d for d in dirs if not flt.excluded(_join(rel, d))]
-            if not self.add(folder):
+            if not self.add(folder, rel or ""):
                 return
 
-    def add(self, folder: str) -> bool:
-        """Watch one folder; False when no more can be watched."""
+    def add(self, folder: str, rel: str) -> bool:
+        """Watch one folder (``rel``: relative to the root); False when no more can be watched."""
         if self.fd < 0 or self.full:
             return False
-        if self._libc.inotify_add_watch(self.fd, os.fsencode(folder), _IN_FLAGS | _IN_ONLYDIR) < 0:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), _IN_FLAGS | _IN_ONLYDIR)
+        if wd < 0:
             if ctypes.get_errno() == 28:  # ENOSPC: out of watches; the idle check still finds changes
                 self.full = True
                 log.warning("inotify watch limit reached; changes may take up to %g s", IDLE_CHECK)
                 return False
+            return True  # gone meanwhile: its parent's event says so
+        self.folders[wd] = rel  # a folder moved and listed again: its new name
         return True
 
     def drain(self) -> None:
@@ -398,6 +419,40 @@ class Doorbell:
             with contextlib.suppress(BlockingIOError, OSError):
                 while os.read(self.fd, 65536):
                     pass
+
+    def read(self, flt: _sync.MirrorFilter) -> tuple[list[tuple[int, str]], bool]:
+        """The changes queued since the last read, as watchfiles reports them ``(change, rel)``,
+        and whether the kernel's queue overflowed (events lost: a whole-tree pass is due)."""
+        changes: list[tuple[int, str]] = []
+        overflow = False
+        folders, excluded, unpack = self.folders, flt.excluded, _EVENT.unpack_from
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 20)
+            except (BlockingIOError, OSError):
+                return changes, overflow
+            if not buf:
+                return changes, overflow
+            off, n = 0, len(buf)
+            while off < n:
+                wd, mask, _, size = unpack(buf, off)
+                name = buf[off + 16:off + 16 + size].rstrip(b"\0")
+                off += 16 + size
+                if mask & _IN_Q_OVERFLOW:
+                    overflow = True
+                    continue
+                if mask & _IN_IGNORED:
+                    folders.pop(wd, None)
+                    continue
+                folder = folders.get(wd)
+                if folder is None or not name:
+                    continue  # events of a watched folder itself: its parent reports them
+                rel = f"{folder}/{os.fsdecode(name)}" if folder else os.fsdecode(name)
+                if excluded(rel):
+                    continue
+                change = (1 if mask & (_IN_CREATE | _IN_MOVED_TO) else
+                          3 if mask & (_IN_DELETE | _IN_MOVED_FROM) else 2)
+                changes.append((change, rel))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -436,7 +491,13 @@ def _join(rel: str | None, name: str) -> str:
 
 
 class Watcher(threading.Thread):
-    """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK)."""
+    """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK).
+
+    A burst (BURST_EVENTS changes within BURST_WINDOW) switches to the doorbell's own events, read
+    every BURST_STEP, until BURST_QUIET_WATCH passes without any; then watchfiles watches again
+    (and a whole-tree pass follows). Folders
+    new in the burst are listed by the worker (as always) after their doorbell watch is added.
+    """
 
     def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any, lost: Any) -> None:
         super().__init__(name="watch", daemon=True)
@@ -475,8 +536,15 @@ class Watcher(threading.Thread):
         self.ready.set()
         busy_until, warned = 0.0, -1e9
         delivered = False
+        window_start, window_count = 0.0, 0  # changes delivered since window_start
         try:
             while not self.stopping:
+                if notify is None:
+                    notify = self._burst()
+                    if notify is None:
+                        break
+                    busy_until, delivered = time.monotonic() + BUSY_WINDOW, False
+                    continue
                 if time.monotonic() > busy_until:
                     fds = [self._wake_r] + ([self.bell.fd] if self.bell.fd >= 0 else [])
                     select.select(fds, [], [], IDLE_CHECK)
@@ -507,18 +575,64 @@ class Watcher(threading.Thread):
                 if isinstance(raw, set):
                     busy_until = time.monotonic() + BUSY_WINDOW
                     self._deliver(raw)
+                    now = time.monotonic()
+                    if now - window_start > BURST_WINDOW:
+                        window_start, window_count = now, 0
+                    window_count += len(raw)
+                    if window_count >= BURST_EVENTS and self.bell.complete:
+                        # The doorbell holds every event since it last rang (it is not read while
+                        # busy), so whatever notify had not handed over yet is in there too.
+                        with contextlib.suppress(Exception):
+                            notify.close()
+                        notify = None
+                        log.info("a burst: reading inotify directly")
                 elif asked != self.synced:
-                    with self._synced_cond:
-                        self.synced = asked
-                        self._synced_cond.notify_all()
+                    self._synced(asked)
         except Exception as e:
             log.exception("the watcher failed")
             self.error = e
             self.lost()  # the worker watches again now, not at its next wake-up
         finally:
-            with contextlib.suppress(Exception):
-                notify.close()
+            if notify is not None:
+                with contextlib.suppress(Exception):
+                    notify.close()
             self.bell.close()
+
+    def _burst(self) -> Any:
+        """Deliver the doorbell's events until a quiet spell; then a new RustNotify (None when
+        stopping)."""
+        last = time.monotonic()
+        while not self.stopping:
+            select.select([self._wake_r], [], [], BURST_STEP)
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.set_blocking(self._wake_r, False)
+                os.read(self._wake_r, 4096)
+            asked = self._sync_asked
+            if self._read_bell():
+                last = time.monotonic()
+            if asked != self.synced:
+                self._synced(asked)
+            if time.monotonic() - last > BURST_QUIET_WATCH:
+                notify = self._notify()
+                self._read_bell()  # what changed while notify set its watches up
+                log.info("the burst is over: watchfiles again")
+                self.lost()  # and a whole-tree pass, as after any burst
+                return notify
+        return None
+
+    def _read_bell(self) -> bool:
+        changes, overflow = self.bell.read(self.flt)
+        if overflow:
+            log.warning("the inotify queue overflowed; a whole-tree pass follows")
+            self.lost()
+        if changes:
+            self.deliver(changes)
+        return bool(changes)
+
+    def _synced(self, asked: int) -> None:
+        with self._synced_cond:
+            self.synced = asked
+            self._synced_cond.notify_all()
 
     def _deliver(self, raw: set[tuple[int, str]]) -> None:
         changes = []
@@ -587,6 +701,8 @@ class Worker:
         self.last_full = 0.0
         self.last_prune = time.monotonic()
         self.changed_since_full = False
+        self.run_paths = 0          # paths pushed since the last quiet spell (see push())
+        self.last_push_end = 0.0
         # rel -> (size, mtime, mode, digest) of what the agent acknowledged: a file sent by the
         # listing of a new folder whose own event comes later is read again but not resent
         self.sent: dict[str, tuple[int, int, int, bytes]] = {}
@@ -865,13 +981,13 @@ class Worker:
             stack = [top]
             while stack:
                 frel = stack.pop()
+                if bell is not None:  # watched before it is listed: nothing falls in between
+                    bell.add(os.path.join(self.root, frel), frel)
                 try:
                     fd = folders.open(frel)
                     names = os.listdir(fd)
                 except OSError:
                     continue
-                if bell is not None:  # the doorbell rings for changes in the new folder too
-                    bell.add(os.path.join(self.root, frel))
                 for name in names:
                     rel = f"{frel}/{name}"
                     if rel in seen or excluded(rel):
@@ -992,8 +1108,11 @@ class Worker:
             # what failed (a full disk, say) is sent again by a whole-tree pass a little later
             retry = time.monotonic() + RETRY_AFTER_ERROR
             self.full_due = retry if self.full_due is None else min(self.full_due, retry)
-        if len(paths) >= BURST_PATHS:
-            self.full_due = time.monotonic() + BURST_QUIET
+        # a burst: pushes with no quiet spell between them that carried BURST_PATHS paths together
+        self.run_paths = len(paths) + (self.run_paths if t0 - self.last_push_end < BURST_QUIET else 0)
+        self.last_push_end = time.monotonic()
+        if self.run_paths >= BURST_PATHS:
+            self.full_due = self.last_push_end + BURST_QUIET
         self._dirty = True
 
     def reconnect(self) -> None:

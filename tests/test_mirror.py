@@ -8,10 +8,12 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -1003,3 +1005,44 @@ def test_agent_killed_while_it_builds_new_folders(tmp_path: Path, server) -> Non
         assert m.stats["reconnects"] >= 1 and m.alive
         visible = [p for p in server_root(server).rglob("*") if TRASH not in p.parts]
         assert not [p for p in visible if _sync.TMP_INFIX in p.name]
+
+
+def test_a_burst_is_read_from_inotify_directly_then_watchfiles_again(tmp_path: Path, server) -> None:
+    """A big batch switches the mirror to reading inotify itself (watchfiles' notify thread is
+    closed meanwhile); renames, moves in and out, deletes and rewrites in that window all arrive,
+    and watchfiles takes over again once it is quiet. On a tmpfs: a burst fast enough to switch."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no /dev/shm here")
+    fast = Path(tempfile.mkdtemp(prefix="colab-remote-test-", dir="/dev/shm"))
+    try:
+        local = fast / "project"
+        local.mkdir()
+        (local / "keep.txt").write_text("keep")
+        (fast / "outside" / "tree" / "sub").mkdir(parents=True)
+        (fast / "outside" / "tree" / "sub" / "in.txt").write_text("moved in")
+        with start(tmp_path, server, local) as m:
+            for i in range(12):
+                d = local / f"b{i}"
+                d.mkdir()
+                for j in range(100):
+                    (d / f"f{j}.txt").write_text(f"{i}-{j}")
+            (local / "b1").rename(local / "b1-renamed")
+            (local / "b1-renamed" / "late.txt").write_text("after the rename")
+            (local / "b2" / "f0.txt").unlink()
+            (local / "b3" / "f1.txt").write_text("3-X")  # same size, same second
+            os.rename(fast / "outside" / "tree", local / "tree")
+            (local / "tree" / "sub" / "more.txt").write_text("more")
+            (local / "b4").rename(fast / "b4-out")
+            (local / "b5" / "deep" / "er").mkdir(parents=True)
+            (local / "b5" / "deep" / "er" / "x.txt").write_text("x")
+            m.flush(60)
+            assert converged(local, server)
+            assert "a burst: reading inotify directly" in m.logs(200)
+            wait_for(lambda: "watchfiles again" in m.logs(200), 10, "watchfiles to watch again")
+            (local / "b6" / "f2.txt").write_text("edited once it is calm")
+            wait_for(lambda: (server_root(server) / "b6" / "f2.txt").read_text()
+                     == "edited once it is calm", 10, "an edit after the burst on the server")
+            m.flush(30)
+            assert converged(local, server)
+    finally:
+        shutil.rmtree(fast, ignore_errors=True)
