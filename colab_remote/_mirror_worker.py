@@ -11,7 +11,9 @@ Pieces:
   one round trip on an open channel: no handshake, no shell start-up files. rsync over the same
   master does the whole-tree passes (the first push, after bursts, after a reconnect) and big files.
 - :class:`Watcher`: watchfiles (notify) records what changed; a plain inotify "doorbell" on the same
-  folders says *when* to look, so an idle mirror sleeps in ``select`` instead of polling.
+  folders says *when* to look, so an idle mirror sleeps in ``select`` instead of polling. In a
+  burst the doorbell's events are read directly and watchfiles' notify thread is closed until it is
+  quiet again (that thread wakes for every event: in a burst, the costliest part of the mirror).
 - :class:`Worker`: merges changes while a push is in flight, keeps them through outages and
   retries with backoff, answers ``stats``/``flush``/``stop`` on a unix socket, and writes its
   status (0600) into the state folder.
@@ -494,9 +496,9 @@ class Watcher(threading.Thread):
     """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK).
 
     A burst (BURST_EVENTS changes within BURST_WINDOW) switches to the doorbell's own events, read
-    every BURST_STEP, until BURST_QUIET_WATCH passes without any; then watchfiles watches again
-    (and a whole-tree pass follows). Folders
-    new in the burst are listed by the worker (as always) after their doorbell watch is added.
+    every BURST_STEP, until BURST_QUIET_WATCH passes without any; then watchfiles watches again and
+    a whole-tree pass follows. Folders new in the burst are listed by the worker (as always) after
+    their doorbell watch is added, so a file created in between is never missed.
     """
 
     def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any, lost: Any) -> None:
