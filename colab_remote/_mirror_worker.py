@@ -37,9 +37,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import _proc, _ssh, _sync
+from . import _agent, _proc, _ssh, _sync
 from .errors import AuthenticationError, ColabRemoteError, MirrorError
 
 log = logging.getLogger("colab_remote.mirror")
@@ -61,9 +61,19 @@ PROGRESS_EVERY = 0.1        # the first sync's progress goes into the status fil
 PRUNE_EVERY = 6 * 3600.0
 RETRY_AFTER_ERROR = 30.0
 SENT_MAX = 100_000          # files remembered as acknowledged (about 10 MB); then forgotten at once
+BIG_CHUNK = 1 << 20         # a big file goes to the agent in records of this size
 
 # One op for the agent: (op, path relative to the root, mode, mtime in ns, data or link target)
 Op = tuple[bytes, str, int, int, bytes | None]
+
+
+class Entry(NamedTuple):
+    """One entry of the server copy, as the agent lists it."""
+
+    mode: int      # with the type bits
+    size: int
+    mtime_ns: int
+    target: bytes  # a link's target
 
 
 class ConnectionLost(Exception):
@@ -104,6 +114,9 @@ class Connection:
         if self.cfg.get("identity_file"):
             opts["IdentityFile"] = self.cfg["identity_file"]
             opts["IdentitiesOnly"] = "yes"
+            if self.cfg.get("restricted"):
+                opts["IdentityAgent"] = "none"
+                opts["PasswordAuthentication"] = "no"
         elif self.password:
             opts["PubkeyAuthentication"] = "no"
             opts["PreferredAuthentications"] = "password,keyboard-interactive"
@@ -138,8 +151,8 @@ class Connection:
         import pexpect
 
         deadline = time.monotonic() + timeout
-        typed = 0
-        seen = ""
+        responder = _ssh.Responder(self.password)
+        seen = line = ""
         while True:
             if self.control_path.exists() and child.isalive():
                 break
@@ -148,28 +161,38 @@ class Connection:
                 raise MirrorError(f"no SSH connection to {self.dest.target} port {self.cfg['port']} "
                                   f"within {timeout:g} s", log_tail=seen,
                                   fix="check the host, the port and that the server is up")
-            i = child.expect([r"(?i)passphrase[^\n]*:", r"(?i)password[^\n]*:", pexpect.EOF,
-                              pexpect.TIMEOUT], timeout=0.05)
-            seen += child.before or ""
-            if i in (0, 1):
-                seen += child.after or ""
-                if self.password is None or typed:
-                    self.close()
-                    raise AuthenticationError(
-                        f"{self.dest.target} refused the "
-                        f"{'password' if typed else 'login: it asks for a password, none was given'}",
-                        log_tail=seen[-2000:],
-                        fix="pass the right password= (or identity_file=) to mirror()")
-                child.sendline(self.password)
-                typed += 1
-            elif i == 2:
+            try:
+                chunk = child.read_nonblocking(4096, timeout=0.05)
+            except pexpect.TIMEOUT:
+                continue
+            except (pexpect.EOF, OSError):
                 self.close()
-                raise self._login_error(seen)
+                raise self._login_error(seen) from None
+            seen += chunk.replace("\r", "")
+            line = (line + chunk.replace("\r", "")).rsplit("\n", 1)[-1]
+            kind = _ssh.prompt_kind(line)
+            if kind is None:
+                continue
+            reply, failure = responder.answer(kind)
+            line = ""
+            if failure is not None:
+                self.close()
+                restricted = " (the mirror's restricted key: expired or revoked? run mirror() " \
+                    "again with the password)" if self.cfg.get("restricted") else ""
+                raise AuthenticationError(f"{self.dest.target}: {failure[1]}{restricted}",
+                                          log_tail=seen[-2000:],
+                                          fix="pass the right password= (or identity_file=) to mirror()")
+            if reply is not None:
+                child.sendline(reply)
         log.info("connected to %s port %s", self.dest.target, self.cfg["port"])
         self._start_agent()
 
     def _login_error(self, text: str) -> ColabRemoteError:
-        if "Permission denied" in text:
+        if _ssh.classify(text) == "auth":
+            if self.cfg.get("restricted"):
+                return AuthenticationError(
+                    f"{self.dest.target} refused the mirror's restricted key (expired or revoked?)",
+                    log_tail=text, fix="run mirror() again with the password: it installs a new key")
             return AuthenticationError(f"{self.dest.target} refused the login", log_tail=text,
                                        fix="check the user, password= or identity_file=")
         if "IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
@@ -181,41 +204,34 @@ class Connection:
                            log_tail=text, fix="check the host, the port and that sshd runs there")
 
     def _start_agent(self) -> None:
+        """Start the agent installed on the server (a restricted key runs nothing else)."""
         self.agent_ok = False
         if not self.cfg.get("agent", True):
             self._without_agent()
             return
-        command, source = _sync.agent_command(self.dest.path, backup=self.cfg["backup"],
-                                              keep_days=self.cfg["keep_days"])
-        self.agent = _proc.open_pipes(self.mux(command), stderr_path=self.log_path)
+        self.agent = _proc.open_pipes(self.mux(self.cfg["agent_command"]), stderr_path=self.log_path)
         assert self.agent.stdin is not None
         os.set_blocking(self.agent.stdin.fileno(), False)
         self._buf = b""
         self.outstanding = self.sent_bytes = 0
         try:
-            self._write(source, time.monotonic() + 30)
-            deadline = time.monotonic() + 30
-            while True:
-                line = self._readline(deadline)
-                if line.startswith(b"CRA1 "):
-                    self.remote_rsync = line.split()[1] != b"-"
-                    self.agent_ok = True
-                    break
-                if line.startswith(b"CRA-NOPYTHON"):
-                    log.warning("the server has no python3: every push is one rsync")
-                    _proc.end_pipes(self.agent)
-                    self.agent = None
-                    self._without_agent()
-                    break
-        except ConnectionLost as e:
+            op, _, _, _, _, data = self._record(time.monotonic() + 30)
+            hello = json.loads(data) if op == _agent.R_HELLO else {}
+        except (ConnectionLost, ValueError) as e:
             _proc.end_pipes(self.agent)
             self.agent = None
-            raise MirrorError("the mirror's helper did not start on the server",
+            raise MirrorError("the mirror's agent did not start on the server",
                               log_tail=_proc.tail(self.log_path),
-                              fix="check that the destination folder can be created") from e
-        if not self.remote_rsync:
-            raise MirrorError(f"rsync is not installed on {self.dest.host}",
-                              fix="install it on the server: apt-get install rsync (or dnf/apk add rsync)")
+                              fix="run mirror() again with the password: it installs the agent") from e
+        if hello.get("protocol") != _agent.VERSION:
+            _proc.end_pipes(self.agent)
+            self.agent = None
+            raise MirrorError(f"the agent on the server speaks protocol {hello.get('protocol')!r}, "
+                              f"this colab-remote {_agent.VERSION!r}",
+                              fix="run mirror() again with the password: it installs this version")
+        self.agent_ok = True
+        log.info("agent on the server: pid %s, keeps the trash %s days", hello.get("pid"),
+                 hello.get("keep_days"))
 
     def _without_agent(self) -> None:
         """No python3 on the server: create the folder and check for rsync with one command."""
@@ -269,28 +285,36 @@ class Connection:
                 raise ConnectionLost(f"the channel to the server closed: {e}") from e
             view = view[n:]
 
-    def _readline(self, deadline: float) -> bytes:
+    def _read(self, n: int, deadline: float) -> bytes:
         assert self.agent is not None and self.agent.stdout is not None
         fd = self.agent.stdout.fileno()
-        while b"\n" not in self._buf:
+        while len(self._buf) < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ConnectionLost("the server did not answer in time")
             ready, _, _ = select.select([fd], [], [], min(left, 1.0))
             if not ready:
                 continue
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise ConnectionLost("the channel to the server closed")
             self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
 
-    def send(self, records: list[bytes]) -> None:
-        """Send records and an end mark without waiting; :meth:`collect` reads the answers."""
-        data = b"".join(records) + _sync.pack(_sync.OP_END)
+    def _record(self, deadline: float) -> tuple[bytes, bytes, int, int, int, bytes]:
+        """The agent's next record (see :mod:`_agent` for the protocol)."""
+        head = self._read(_agent.HEADER.size, deadline)
+        op, plen, mode, mtime, offset, dlen = _agent.HEADER.unpack(head)
+        path = self._read(plen, deadline) if plen else b""
+        data = self._read(dlen, deadline) if dlen else b""
+        return op, path, mode, mtime, offset, data
+
+    def send(self, records: list[bytes], *, end: bool = True) -> None:
+        """Send records (and an end mark) without waiting; :meth:`collect` reads the answers."""
+        data = b"".join(records) + (_agent.pack(_agent.OP_END) if end else b"")
         self._write(data, time.monotonic() + 30 + len(data) / 2e6)
-        self.outstanding += 1
+        self.outstanding += int(end)
         self.sent_bytes += len(data)
 
     def collect(self) -> list[list[str]]:
@@ -298,10 +322,10 @@ class Connection:
         errors: list[list[str]] = []
         deadline = time.monotonic() + 30 + self.sent_bytes / 2e6
         while self.outstanding:
-            line = self._readline(deadline)
-            if not line.startswith(b"A "):
-                raise ConnectionLost(f"unexpected answer from the server: {line[:200]!r}")
-            errors += json.loads(line.decode(errors="replace").split(" ", 2)[2])
+            op, _, _, _, _, data = self._record(deadline)
+            if op != _agent.R_ACK:
+                raise ConnectionLost(f"unexpected answer from the server: {op!r}")
+            errors += json.loads(data)
             self.outstanding -= 1
         self.sent_bytes = 0
         return errors
@@ -311,14 +335,26 @@ class Connection:
         self.send(records)
         return self.collect()
 
+    def manifest(self) -> dict[str, Entry]:
+        """What the server copy holds (the trash left out): rel path -> :class:`Entry`."""
+        errors = self.collect()  # nothing may be in flight: the listing comes in the same stream
+        if errors:
+            log.warning("server errors: %s", errors[:5])
+        self._write(_agent.pack(_agent.OP_MANIFEST), time.monotonic() + 30)
+        found: dict[str, Entry] = {}
+        deadline = time.monotonic() + 300
+        while True:
+            op, path, mode, mtime, size, data = self._record(deadline)
+            if op == _agent.R_DONE:
+                return found
+            if op != _agent.R_ENTRY:
+                raise ConnectionLost(f"unexpected answer from the server: {op!r}")
+            found[os.fsdecode(path)] = Entry(mode, size, mtime, data)
+
     def count(self) -> int:
-        """Files in the server copy (the trash not counted); 0 when it does not exist yet."""
+        """Files (and links) in the server copy, the trash not counted; 0 when it does not exist."""
         if self.agent_ok:
-            data = _sync.pack(_sync.OP_COUNT)
-            deadline = time.monotonic() + 120
-            self._write(data, deadline)
-            line = self._readline(deadline)
-            return int(line.split()[1])
+            return sum(1 for e in self.manifest().values() if not stat.S_ISDIR(e.mode))
         path = _sync.remote_path(self.dest.path)
         script = (f"cd -- {_quote(path)} 2>/dev/null || {{ echo 0; exit 0; }}; "
                   f"find . -path ./{_sync.TRASH} -prune -o ! -type d -print | wc -l")
@@ -327,6 +363,32 @@ class Connection:
             return int(done.stdout.split()[-1])
         except (ValueError, IndexError) as e:
             raise ConnectionLost("could not count the server's files") from e
+
+    def fetch(self, rels: list[str], on_data: Callable[[str, int, int, int, bytes], None],
+              on_end: Callable[[str], None], on_fail: Callable[[str, str], None],
+              window: int = 64) -> None:
+        """Read files back from the server (restore), ``window`` requests in flight:
+        ``on_data(rel, mode, mtime, offset, data)`` for each piece in order, then ``on_end(rel)``
+        (or ``on_fail(rel, why)``)."""
+        sent = done = 0
+        deadline = time.monotonic() + 300
+        while done < len(rels):
+            while sent < len(rels) and sent - done < window:
+                self._write(_agent.pack(_agent.OP_GET, os.fsencode(rels[sent])), deadline)
+                sent += 1
+            op, path, mode, mtime, offset, data = self._record(deadline)
+            rel = os.fsdecode(path)
+            deadline = time.monotonic() + 300
+            if op == _agent.R_DATA:
+                on_data(rel, mode, mtime, offset, data)
+                continue
+            if op == _agent.R_DONE:
+                on_end(rel)
+            elif op == _agent.R_FAIL:
+                on_fail(rel, data.decode(errors="replace"))
+            else:
+                raise ConnectionLost(f"unexpected answer from the server: {op!r}")
+            done += 1
 
     def run_rsync(self, argv: list[str], *, data: bytes | None = None, timeout: float = 3600,
                   on_output: Callable[[bytes], None] | None = None) -> str:
@@ -871,28 +933,34 @@ class Worker:
             self.cond.notify_all()
 
     # -- pushing -------------------------------------------------------------------------------
-    def full_pass(self, progress: str | None = None,
-                  estimate: tuple[int, int] | None = None) -> None:
-        """rsync the whole tree up (no --delete): new and changed files, old versions to the trash.
+    def full_pass(self, progress: str | None = None, estimate: tuple[int, int] | None = None,
+                  server: dict[str, Entry] | None = None) -> None:
+        """Send whatever differs from the server copy (never deleting there): new and changed
+        files, old versions to the trash. With the agent: its listing against a scan here; without
+        it, rsync (no --delete).
 
-        ``progress``: a phase name; rsync's progress goes into the status file under it, measured
-        against ``estimate`` (entries, bytes: see :func:`scan_local`).
+        ``progress``: a phase name; the progress goes into the status file under it (rsync's
+        measured against ``estimate``: entries, bytes, see :func:`scan_local`).
         """
+        t0 = time.monotonic()
+        if self.conn.agent_ok:
+            listing = self.conn.manifest() if server is None else server
+            paths, nbytes = changed_paths(self.root, self.flt, listing)
+            if paths:
+                self.push(paths, set(), set(), whole=True,
+                          progress=(progress, len(paths), nbytes) if progress else None)
+            self.stats["full_passes"] += 1
+            self.last_full = time.monotonic()
+            log.info("whole-tree pass in %.3f s: %d of %d server entries differed", self.last_full - t0,
+                     len(paths), len(listing))
+            return
         argv = _sync.rsync_push_argv(self.conn.rsync, self.conn.rsync_e(), self.root,
                                      self.conn.rsync_dest, filters=self.flt.rsync_args(),
                                      backup_dir=self._backup_dir(), progress=progress is not None)
-        t0 = time.monotonic()
         warning = self.conn.run_rsync(
             argv, on_output=self.progress_sink(progress, *(estimate or (None, None)))
             if progress is not None else None)
-        blocked = _sync.blocked_paths(warning)
-        if blocked and self.conn.agent_ok:
-            # a server folder where this side has a file: the agent moves it to the trash
-            log.info("whole-tree pass: %d paths blocked by server folders; sending them", len(blocked))
-            with self.cond:
-                self.pending.update(blocked)
-                self.cond.notify_all()
-        elif warning:
+        if warning:
             self.error_count += 1
             self.stats["last_error"] = warning
             log.warning("whole-tree pass: %s", warning)
@@ -900,12 +968,54 @@ class Worker:
         self.last_full = time.monotonic()
         log.info("whole-tree pass in %.3f s", self.last_full - t0)
 
+    def restore(self, server: dict[str, Entry]) -> None:
+        """Copy the server copy into the runtime: never deleting here, and a file here that is as
+        new as the server's (or newer) is kept (rsync's --update)."""
+        root = self.root
+        folders, links, files = [], [], []
+        total = 0
+        for rel in sorted(server):
+            entry = server[rel]
+            if self.flt.excluded(rel) or _under_link(root, rel):
+                continue
+            try:
+                st: os.stat_result | None = os.lstat(os.path.join(root, rel))
+            except OSError:
+                st = None
+            if stat.S_ISDIR(entry.mode):
+                if st is None:
+                    folders.append((rel, entry))
+            elif stat.S_ISLNK(entry.mode):
+                if st is None:
+                    links.append((rel, entry))
+            elif st is None or stat.S_ISREG(st.st_mode) and st.st_mtime_ns < entry.mtime_ns and not (
+                    st.st_size == entry.size and st.st_mtime_ns // 10**9 == entry.mtime_ns // 10**9):
+                files.append(rel)
+                total += entry.size
+        for rel, _ in folders:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(root, rel), 0o700)
+        for rel, entry in links:
+            with contextlib.suppress(OSError):
+                os.symlink(os.fsdecode(entry.target), os.path.join(root, rel))
+        progress = _Progress(self, "restoring", len(files), total)
+        writer = _RestoreWriter(root, progress)
+        self.conn.fetch(files, writer.data, writer.end, writer.fail)
+        for rel, entry in reversed(folders):  # their own modes, once their files are in
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, rel), stat.S_IMODE(entry.mode))
+        if writer.failed:
+            raise MirrorError(f"restoring {len(writer.failed)} files failed", log_tail="\n".join(
+                f"{rel}: {why}" for rel, why in writer.failed[:15]),
+                fix="see the errors above; nothing was deleted on either side")
+        log.info("restored %d files (%d bytes), %d folders, %d links", len(files), total,
+                 len(folders), len(links))
+
     def prune(self) -> None:
-        """Remove trash folders older than ``keep_days`` on the server."""
+        """Remove trash folders older than ``keep_days`` on the server (the agent does it itself,
+        on its own schedule and with the server's own ``keep_days``)."""
         self.last_prune = time.monotonic()
         if self.conn.agent_ok:
-            self.conn.batch([_sync.pack(_sync.OP_PRUNE,
-                                        mtime_ns=int(self.cfg["keep_days"] * 86400e9))])
             return
         minutes = max(1, int(self.cfg["keep_days"] * 1440))
         path = _quote(f"{_sync.remote_path(self.conn.dest.path)}/{_sync.TRASH}")
@@ -967,15 +1077,15 @@ class Worker:
                 if sent.get(rel) == key:
                     return None  # the server has exactly this already (its content, not a guess)
                 sending[rel] = key
-                return (_sync.OP_PUT, rel, mode, st.st_mtime_ns, data)
+                return (_agent.OP_PUT, rel, mode, st.st_mtime_ns, data)
             if stat.S_ISDIR(st.st_mode):
-                return (_sync.OP_MKDIR, rel, stat.S_IMODE(st.st_mode), 0, None)
+                return (_agent.OP_MKDIR, rel, stat.S_IMODE(st.st_mode), 0, None)
             if stat.S_ISLNK(st.st_mode):
                 try:
                     target = os.readlink(name, dir_fd=fd)
                 except OSError:
                     return None
-                return (_sync.OP_LINK, rel, 0, 0, os.fsencode(target))
+                return (_agent.OP_LINK, rel, 0, 0, os.fsencode(target))
             return None  # sockets, FIFOs, devices: not mirrored (as rsync -rlpt)
 
         def walk(top: str) -> Iterator[Op]:
@@ -1017,13 +1127,13 @@ class Worker:
                 except OSError:
                     if rel in deleted and delete:
                         dels.append(rel)
-                        yield (_sync.OP_DELETE, rel, 0, 0, None)
+                        yield (_agent.OP_DELETE, rel, 0, 0, None)
                     continue
                 seen.add(rel)
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if is_dir and rel in deleted and delete:
                     dels.append(rel)  # replaced: send it whole again
-                    yield (_sync.OP_DELETE, rel, 0, 0, None)
+                    yield (_agent.OP_DELETE, rel, 0, 0, None)
                 op = entry(rel, fd, name, st)
                 if op is not None:
                     yield op
@@ -1032,8 +1142,15 @@ class Worker:
         finally:
             folders.close()
 
-    def push(self, paths: set[str], added: set[str], deleted: set[str]) -> None:
+    def push(self, paths: set[str], added: set[str], deleted: set[str], *, whole: bool = False,
+             progress: tuple[str, int, int] | None = None) -> None:
+        """Send what changed at ``paths`` (``added``/``deleted``: what the events said).
+
+        ``whole``: a whole-tree pass (it does not count towards a burst); ``progress``: (phase,
+        paths, bytes) to report against.
+        """
         t0 = time.monotonic()
+        shown = _Progress(self, *progress) if progress is not None else None
         big: list[str] = []
         dels: list[str] = []
         sending: dict[str, tuple[int, int, int, bytes]] = {}
@@ -1043,26 +1160,38 @@ class Worker:
         if self.conn.agent_ok:
             records: list[bytes] = []
             size = 0
-            pack = _sync.pack
+            pack = _agent.pack
             for op, rel, mode, mtime, data in ops:
                 n_ops += 1
-                if op != _sync.OP_PUT and self.sent:
-                    if op == _sync.OP_DELETE and self.sent.pop(rel, None) is None:
+                if op != _agent.OP_PUT and self.sent:
+                    if op == _agent.OP_DELETE and self.sent.pop(rel, None) is None:
                         self.sent.clear()  # a folder: whatever was under it is gone too
                     else:
                         self.sent.pop(rel, None)
-                if data is not None and op == _sync.OP_PUT:
+                if data is not None and op == _agent.OP_PUT:
                     files += 1
                     nbytes += len(data)
                 records.append(pack(op, os.fsencode(rel), mode=mode, mtime_ns=mtime, data=data or b""))
                 size += len(records[-1])
                 if size >= BATCH_BYTES or len(records) >= BATCH_OPS:
                     self.conn.send(records)  # pipelined: the next files are read meanwhile
+                    if shown is not None:
+                        shown.add(len(records), size)
                     records, size = [], 0
                     if self.conn.sent_bytes > 64 * BATCH_BYTES:
                         errors += self.conn.collect()
             if records:
                 self.conn.send(records)
+                if shown is not None:
+                    shown.add(len(records), size)
+            for rel in big:
+                sent = self._send_big(rel)
+                if sent is not None:
+                    files += 1
+                    nbytes += sent
+                    if shown is not None:
+                        shown.add(1, sent)
+            big = []
             errors += self.conn.collect()
             if errors:
                 self.sent.clear()  # what the server refused must be sent again
@@ -1071,7 +1200,7 @@ class Worker:
                     self.sent.clear()
                 self.sent.update(sending)
         else:
-            listed = [rel for op, rel, *_ in ops if op in (_sync.OP_MKDIR, _sync.OP_LINK)]
+            listed = [rel for op, rel, *_ in ops if op in (_agent.OP_MKDIR, _agent.OP_LINK)]
             n_ops = len(listed) + len(dels)
             if dels:
                 script = _sync.remote_delete_script(dels, _stamp(), backup=self.cfg["backup"])
@@ -1110,12 +1239,48 @@ class Worker:
             # what failed (a full disk, say) is sent again by a whole-tree pass a little later
             retry = time.monotonic() + RETRY_AFTER_ERROR
             self.full_due = retry if self.full_due is None else min(self.full_due, retry)
+        if shown is not None:
+            shown.done()
+        if whole:
+            self._dirty = True
+            return
         # a burst: pushes with no quiet spell between them that carried BURST_PATHS paths together
         self.run_paths = len(paths) + (self.run_paths if t0 - self.last_push_end < BURST_QUIET else 0)
         self.last_push_end = time.monotonic()
         if self.run_paths >= BURST_PATHS:
             self.full_due = self.last_push_end + BURST_QUIET
         self._dirty = True
+
+    def _send_big(self, rel: str) -> int | None:
+        """Stream one big file through the agent in chunks (it checks the digest before putting
+        the file in place); its size, or None when it is gone or no longer a file."""
+        try:
+            fd = os.open(os.path.join(self.root, rel), _READ_FLAGS)
+        except OSError:
+            return None  # gone (or a link now): its event follows
+        path = os.fsencode(rel)
+        h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            offset = 0
+            while True:
+                chunk = os.read(fd, BIG_CHUNK)
+                if not chunk and offset:
+                    break
+                h.update(chunk)
+                self.conn.send([_agent.pack(_agent.OP_CHUNK, path, offset=offset, data=chunk)],
+                               end=False)
+                offset += len(chunk)
+                if not chunk:
+                    break
+        finally:
+            os.close(fd)
+        self.conn.send([_agent.pack(_agent.OP_COMMIT, path, mode=stat.S_IMODE(st.st_mode),
+                                    mtime_ns=st.st_mtime_ns, offset=offset, data=h.digest())])
+        self.sent.pop(rel, None)
+        return offset
 
     def reconnect(self) -> None:
         """Wait for the server (cheap port probes, backoff) and log in again."""
@@ -1127,12 +1292,7 @@ class Worker:
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
             if _proc.ssh_banner(self.conn.dest.host, self.cfg["port"], timeout=2) is not None:
                 try:
-                    self.conn.open()
-                    if self.conn.agent_ok:
-                        # the count has the new agent remove what the old one, cut off
-                        # mid-write, left: temporary names, half-built new folders
-                        with contextlib.suppress(ConnectionLost):
-                            self.conn.count()
+                    self.conn.open()  # the new agent clears what a killed one left half-built
                     self.connected = True
                     self.stats["reconnects"] += 1
                     self.full_due = time.monotonic()
@@ -1232,24 +1392,23 @@ class Worker:
         self.connected = True
         self.write_status(force=True)
         root = Path(self.root)
-        server_files = self.conn.count()
+        server = self.conn.manifest() if self.conn.agent_ok else None
+        server_files = self.conn.count() if server is None else \
+            sum(1 for e in server.values() if not stat.S_ISDIR(e.mode))
         local_files, entries, size = scan_local(self.root, self.flt) if root.is_dir() else (0, 1, 0)
         log.info("server copy: %d files; local: %d files", server_files, local_files)
         if self.cfg["restore"]:
             root.mkdir(parents=True, exist_ok=True)
             if server_files:
                 self.set_state("restoring")
-                argv = _sync.rsync_pull_argv(self.conn.rsync, self.conn.rsync_e(),
-                                             self.conn.rsync_dest, self.root,
-                                             filters=self.flt.rsync_args(), progress=True)
                 try:
-                    warning = self.conn.run_rsync(argv, on_output=self.progress_sink("restoring"))
+                    if server is not None:
+                        self.restore(server)
+                    else:
+                        self._restore_with_rsync()
                 except ConnectionLost as e:
                     raise MirrorError("restoring from the server failed", log_tail=str(e),
                                       fix="check the connection and try again") from e
-                if warning:
-                    raise MirrorError("restoring from the server failed", log_tail=warning,
-                                      fix="see the log; nothing was deleted on either side")
                 _, entries, size = scan_local(self.root, self.flt)  # for the first push's bar
         elif server_files and local_files * 2 < server_files:
             why = ("is missing" if not root.exists() else "is empty" if local_files == 0
@@ -1266,17 +1425,23 @@ class Worker:
             raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
                               fix="check the folder exists and is readable; raise "
                                   "fs.inotify.max_user_watches for very large trees")
-        self.progress = None
         self.set_state("first push")
         self.prune()
         try:
-            self.full_pass(progress="first push", estimate=(entries, size))
+            self.full_pass(progress="first push", estimate=(entries, size), server=server)
         except ConnectionLost as e:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
         self.changed_since_full = False
-        self.progress = None
-        self.set_state("running")
+        self.set_state("running")  # with the first push's last progress, for the bar
+
+    def _restore_with_rsync(self) -> None:
+        argv = _sync.rsync_pull_argv(self.conn.rsync, self.conn.rsync_e(), self.conn.rsync_dest,
+                                     self.root, filters=self.flt.rsync_args(), progress=True)
+        warning = self.conn.run_rsync(argv, on_output=self.progress_sink("restoring"))
+        if warning:
+            raise MirrorError("restoring from the server failed", log_tail=warning,
+                              fix="see the log; nothing was deleted on either side")
 
     def shutdown(self) -> None:
         if self.watcher is not None:
@@ -1312,6 +1477,150 @@ def _read_file(path: str, size: int, dir_fd: int | None = None) -> bytes:
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+def _under_link(root: str, rel: str) -> bool:
+    """True when a folder above ``rel`` is a link here (restore never writes through one)."""
+    folder = rel.rpartition("/")[0]
+    cur = root
+    for part in folder.split("/") if folder else []:
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            return True
+    return False
+
+
+def _same_time(here: int, there: int) -> bool:
+    """Equal mtimes; a server whose file system keeps whole seconds only counts as equal too."""
+    return here == there or (there % 10**9 == 0 and here // 10**9 == there // 10**9)
+
+
+def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
+    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
+    target), and the bytes of those files. What exists only on the server is not listed."""
+    paths: set[str] = set()
+    nbytes = 0
+    todo = [("", root)]
+    while todo:
+        rel, folder = todo.pop()
+        try:
+            listing = os.scandir(folder)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                r = _join(rel, entry.name)
+                if flt.excluded(r):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                there = server.get(r)
+                mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append((r, entry.path))
+                    if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
+                        paths.add(r)
+                elif stat.S_ISLNK(st.st_mode):
+                    if there is None or not stat.S_ISLNK(there.mode) or \
+                            there.target != os.fsencode(os.readlink(entry.path)):
+                        paths.add(r)
+                elif stat.S_ISREG(st.st_mode):
+                    if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
+                            or not _same_time(st.st_mtime_ns, there.mtime_ns) \
+                            or stat.S_IMODE(there.mode) != mode:
+                        paths.add(r)
+                        nbytes += st.st_size
+    return paths, nbytes
+
+
+class _Progress:
+    """A sync's progress (restore, first push) into the status file, for mirror()'s bar."""
+
+    def __init__(self, worker: Worker, phase: str, items: int, nbytes: int) -> None:
+        self.worker, self.phase, self.items, self.nbytes = worker, phase, max(items, 1), nbytes
+        self.done_items = self.done_bytes = 0
+        self.written = 0.0
+
+    def add(self, items: int, nbytes: int) -> None:
+        self.done_items += items
+        self.done_bytes += nbytes
+        self._show(False)
+
+    def done(self) -> None:
+        self.done_items, self.done_bytes = self.items, self.nbytes
+        self._show(True)
+
+    def _show(self, final: bool) -> None:
+        fraction = min(1.0, max(self.done_items / self.items,
+                                self.done_bytes / self.nbytes if self.nbytes else 0.0))
+        text = f"{self.done_bytes / 1e6:.1f} MB, {min(self.done_items, self.items):,}/{self.items:,} files"
+        w = self.worker
+        if w.on_progress is not None:
+            w.on_progress(self.phase, fraction, text)
+        w.progress = {"phase": self.phase, "fraction": fraction, "text": text}
+        now = time.monotonic()
+        if final or now - self.written >= PROGRESS_EVERY:
+            self.written = now
+            w._dirty = True
+            w.write_status(force=True)
+
+
+class _RestoreWriter:
+    """Writes the files the agent sends back: a temporary name, then a rename; mode and time."""
+
+    def __init__(self, root: str, progress: _Progress) -> None:
+        self.root, self.progress = root, progress
+        self.fd = -1
+        self.rel, self.tmp, self.mode, self.mtime = "", "", 0, 0
+        self.failed: list[tuple[str, str]] = []
+
+    def data(self, rel: str, mode: int, mtime: int, offset: int, data: bytes) -> None:
+        try:
+            if offset == 0:
+                self._close()
+                path = os.path.join(self.root, rel)
+                self.tmp = os.path.join(os.path.dirname(path),
+                                        f".{os.path.basename(path)[:180]}.colab-remote-restore")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                self.rel, self.mode, self.mtime = rel, mode, mtime
+            if rel != self.rel or self.fd < 0:
+                return  # this file already failed
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            self.progress.add(0, len(data))
+        except OSError as e:
+            self.fail(rel, str(e))
+
+    def end(self, rel: str) -> None:
+        if rel != self.rel or self.fd < 0:
+            return
+        try:
+            os.fchmod(self.fd, stat.S_IMODE(self.mode))
+            os.utime(self.fd, ns=(self.mtime, self.mtime))
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, os.path.join(self.root, rel))
+            self.progress.add(1, 0)
+        except OSError as e:
+            self.fail(rel, str(e))
+
+    def fail(self, rel: str, why: str) -> None:
+        self._close()
+        if self.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+        if not self.failed or self.failed[-1][0] != rel:
+            self.failed.append((rel, why))
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
 
 
 def _digest(data: bytes) -> bytes:

@@ -161,6 +161,72 @@ def parse_destination(text: object, *, with_path: bool = False) -> Destination:
     return Destination(user, host, path)
 
 
+# --- ssh's prompts and failures: one table for every caller (tunnel, mirror, set-up) -----------
+
+PROMPTS = {
+    "password": re.compile(r"(?i)(password|passcode)[^\n]*:\s*$"),
+    "passphrase": re.compile(r"(?i)enter passphrase for [^\n]*:\s*$"),
+    # gcloud creating its own key: it asks for a new passphrase (an empty one)
+    "new_passphrase": re.compile(r"(?i)(enter passphrase \(empty|enter same passphrase)[^\n]*:\s*$"),
+    "continue": re.compile(r"(?i)do you want to continue \(Y/n\)\?\s*$"),
+    "host_key": re.compile(r"(?i)are you sure you want to continue connecting[^\n]*\?\s*$"),
+}
+_FAILURES = (
+    ("hostkey", ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
+                 "host key for", "No ED25519 host key is known", "No RSA host key is known")),
+    ("auth", ("Permission denied", "Too many authentication failures",
+              "no more authentication methods", "Authentication failed")),
+    ("resolve", ("Could not resolve hostname", "Name or service not known")),
+    ("down", ("Connection refused", "Connection timed out", "No route to host",
+              "Network is unreachable", "Operation timed out")),
+)
+
+
+def prompt_kind(text: str) -> str | None:
+    """Which of ssh's prompts ``text`` (what ssh printed so far on its line) ends with, or None."""
+    for kind, pattern in PROMPTS.items():
+        if pattern.search(text):
+            return kind
+    return None
+
+
+def classify(output: str) -> str:
+    """Why ssh failed, from its output: hostkey, auth, resolve, down, or other."""
+    for kind, needles in _FAILURES:
+        if any(n in output for n in needles):
+            return kind
+    return "other"
+
+
+class Responder:
+    """Answers ssh's prompts for one connection: the secret once, never twice.
+
+    ``answer(kind)`` returns ``(text to type or None, (failure kind, message) or None)``.
+    """
+
+    def __init__(self, secret: str | None) -> None:
+        self.secret = secret
+        self.typed = {"password": 0, "passphrase": 0}
+
+    def answer(self, kind: str) -> tuple[str | None, tuple[str, str] | None]:
+        if kind in self.typed:
+            what = "a password; pass password=" if kind == "password" else \
+                "the key's passphrase; pass it as password="
+            if self.secret is None:
+                return None, ("auth", f"ssh asks for {what}")
+            if self.typed[kind]:
+                return None, ("auth", f"the server refused the {kind}")
+            self.typed[kind] += 1
+            return self.secret, None
+        if kind == "new_passphrase":
+            return "", None
+        if kind == "continue":
+            return "Y", None
+        if kind == "host_key":
+            return "no", ("hostkey", "ssh asked to trust an unknown host key")
+        return None, None
+
+
 def ssh_option_argv(options: dict[str, str | int]) -> list[str]:
     """``{"Port": 22}`` -> ``["-o", "Port=22"]``, in insertion order."""
     argv: list[str] = []
@@ -344,13 +410,24 @@ def mux_argv(ssh: str, control_path: Path, *args: str) -> list[str]:
 SESSION_PID_COMMAND = "echo colab-remote-session $PPID"
 
 
-def reclaim_command(pids: list[int]) -> str:
-    """Remote shell text that ends our own dead sessions still holding the forwarded port.
+def session_pid_command(restricted: bool) -> str:
+    """Asks the server for the pid of the sshd process serving this connection.
 
-    Only processes named sshd* are signalled (a pid may have been reused) and the server lets a
-    user signal only their own processes.
+    With a restricted key the server's helper answers (``session``); otherwise a shell does.
+    """
+    return "session" if restricted else SESSION_PID_COMMAND
+
+
+def reclaim_command(pids: list[int], restricted: bool = False) -> str:
+    """Ends our own dead sessions still holding the forwarded port.
+
+    With a restricted key the server's helper checks each pid is an sshd process of this user
+    that listens on the tunnel's port. Otherwise remote shell text: only processes named sshd*
+    are signalled (a pid may have been reused) and the server lets a user signal only their own.
     """
     listed = " ".join(str(int(p)) for p in pids)
+    if restricted:
+        return f"reclaim {listed}"
     return (f'for p in {listed}; do case "$(ps -o comm= -p "$p" 2>/dev/null)" in sshd*) '
             'kill "$p";; esac; done; true')
 

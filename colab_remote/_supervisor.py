@@ -46,20 +46,8 @@ BACKOFF_CAP = 10.0     # s, the longest wait after failures of an answering serv
 FORWARD_RETRY = 1.5    # s a busy port is retried (the server frees a dead session's port late)
 QUERY_TIMEOUT = 10.0   # s for the session-pid query and the reclaim command
 
-_PASSWORD = re.compile(r"(?i)(password|passcode)[^\n]*:\s*$")
-_PASSPHRASE = re.compile(r"(?i)enter passphrase for [^\n]*:\s*$")
-_NEW_PASSPHRASE = re.compile(r"(?i)(enter passphrase \(empty|enter same passphrase)[^\n]*:\s*$")
-_CONTINUE = re.compile(r"(?i)do you want to continue \(Y/n\)\?\s*$")
-_HOST_KEY_PROMPT = re.compile(r"(?i)are you sure you want to continue connecting[^\n]*\?\s*$")
 _SESSION = re.compile(r"colab-remote-session (\d+)")
 _ALLOCATED = re.compile(r"^\s*(\d+)\s*$", re.M)
-
-_AUTH = ("Permission denied", "Too many authentication failures", "no more authentication methods",
-         "Authentication failed")
-_HOST_KEY = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
-             "host key for", "No ED25519 host key is known", "No RSA host key is known")
-_DOWN = ("Connection refused", "Connection timed out", "No route to host", "Network is unreachable",
-         "Operation timed out")
 
 
 class Fatal(Exception):
@@ -73,7 +61,7 @@ class Fatal(Exception):
 class Conn:
     """One ssh ControlMaster connection to the server."""
 
-    def __init__(self, number: int, child: Any, control_path: Path) -> None:
+    def __init__(self, number: int, child: Any, control_path: Path, secret: str | None) -> None:
         self.number = number
         self.child = child
         self.control_path = control_path
@@ -83,7 +71,7 @@ class Conn:
         self.pid_query: Any = None
         self.partial = ""
         self.lines: list[str] = []
-        self.passwords_typed = 0
+        self.responder = _ssh.Responder(secret)
         self.failure: tuple[str, str] | None = None
         self.active = False
         self.lines_at_ready = 0
@@ -109,6 +97,7 @@ class Supervisor:
         self.ssh = config["ssh"]
         self.control_dir = Path(config["control_dir"])
         self.reconnect = bool(config.get("reconnect", True))
+        self.restricted = bool(config.get("restricted", False))
         self.requested_port = int(config["remote_port"])
         self.remote_port = self.requested_port
         self.local_port = int(config["local_port"])
@@ -216,39 +205,19 @@ class Supervisor:
         prompt = conn.partial
         if not prompt.strip():
             return
-        if _PASSWORD.search(prompt):
-            log.info("[ssh %d] %s", conn.number, prompt.strip())
-            conn.partial = ""
-            if self.secret is None:
-                conn.failure = ("auth", "the server asks for a password; pass password=")
-                self._end(conn)
-            elif conn.passwords_typed >= 1:
-                conn.failure = ("auth", "the server refused the password")
-                self._end(conn)
-            else:
-                conn.passwords_typed += 1
-                conn.child.sendline(self.secret)
-        elif _PASSPHRASE.search(prompt):
-            log.info("[ssh %d] %s", conn.number, prompt.strip())
-            conn.partial = ""
-            if self.secret is None:
-                conn.failure = ("auth", "the key needs a passphrase; pass it as password=")
-                self._end(conn)
-            else:
-                conn.child.sendline(self.secret)
-        elif _NEW_PASSPHRASE.search(prompt):  # gcloud creating its key: no passphrase
-            log.info("[ssh %d] %s (empty)", conn.number, prompt.strip())
-            conn.partial = ""
-            conn.child.sendline("")
-        elif _CONTINUE.search(prompt):
-            log.info("[ssh %d] %s Y", conn.number, prompt.strip())
-            conn.partial = ""
-            conn.child.sendline("Y")
-        elif _HOST_KEY_PROMPT.search(prompt):
-            log.info("[ssh %d] %s no", conn.number, prompt.strip())
-            conn.partial = ""
-            conn.failure = ("hostkey", "ssh asked to trust an unknown host key")
-            conn.child.sendline("no")
+        kind = _ssh.prompt_kind(prompt)
+        if kind is None:
+            return
+        reply, failure = conn.responder.answer(kind)
+        shown = {"new_passphrase": " (empty)", "continue": " Y", "host_key": " no"}.get(kind, "")
+        log.info("[ssh %d] %s%s", conn.number, prompt.strip(), shown)
+        conn.partial = ""
+        if failure is not None:
+            conn.failure = failure
+        if reply is not None:
+            conn.child.sendline(reply)
+        elif failure is not None:
+            self._end(conn)
 
     def _end(self, conn: Conn) -> None:
         _proc.end_pty(conn.child, timeout=1)
@@ -277,7 +246,7 @@ class Supervisor:
             argv = _ssh.master_argv(self.ssh, self.dest, port=int(self.config["port"]),
                                     control_path=control_path, options=options)
         child = _proc.spawn_pty(argv, env=self.env)
-        conn = Conn(self.counter, child, control_path)
+        conn = Conn(self.counter, child, control_path, self.secret)
         self.conns.append(conn)
         log.info("[ssh %d] dialling %s (pid %d)", conn.number, self.dest, conn.pid)
 
@@ -343,16 +312,7 @@ class Supervisor:
         output = conn.output()
         kind, text = conn.failure or ("", "")
         if not kind:
-            if any(s in output for s in _HOST_KEY):
-                kind = "hostkey"
-            elif any(s in output for s in _AUTH):
-                kind = "auth"
-            elif "Could not resolve hostname" in output:
-                kind = "resolve"
-            elif any(s in output for s in _DOWN):
-                kind = "down"
-            else:
-                kind = "other"
+            kind = _ssh.classify(output)
         last = output.splitlines()[-1] if output else how
         message = f"{text}: {last}" if text else last
         log.warning("[ssh %d] could not connect (%s): %s", conn.number, kind, message)
@@ -376,7 +336,8 @@ class Supervisor:
                 conn.lines_at_ready = len(conn.lines)
                 log.info("[ssh %d] logged in after %.3f s", conn.number, conn.ready_at - conn.started)
                 conn.pid_query = _proc.start(
-                    _ssh.mux_argv(self.ssh, conn.control_path, _ssh.SESSION_PID_COMMAND), env=self.env)
+                    _ssh.mux_argv(self.ssh, conn.control_path,
+                                  _ssh.session_pid_command(self.restricted)), env=self.env)
             if conn.pid_query is not None:
                 done = _proc.finish(conn.pid_query)
                 if done is None and time.monotonic() - (conn.ready_at or 0) > QUERY_TIMEOUT:
@@ -465,7 +426,8 @@ class Supervisor:
     def _reclaim(self, conn: Conn) -> None:
         """End our own dead sessions that the server still keeps (they hold the port)."""
         log.info("[ssh %d] reclaiming the port from our dead sessions %s", conn.number, self.orphans)
-        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans), timeout=QUERY_TIMEOUT)
+        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans, self.restricted),
+                                 timeout=QUERY_TIMEOUT)
         if rc != 0:
             log.warning("[ssh %d] reclaim failed (exit %d): %s", conn.number, rc, (err or out).strip())
 

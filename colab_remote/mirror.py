@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _html, _proc, _ssh, _sync
+from . import _access, _html, _proc, _ssh, _sync
 from .errors import AuthenticationError, MirrorError
 from .server import announce, state_path
 
@@ -336,9 +336,14 @@ def mirror(
     host_key: str | None = None,
     keep_days: float = _sync.TRASH_KEEP_DAYS,
     timeout: float = 600,
+    restricted: bool = True,
+    key_days: float = _access.KEY_DAYS,
     quiet: bool = False,
 ) -> Mirror:
     """Mirror ``local_dir`` to ``destination`` (``user@host:path``) and keep it mirrored.
+
+    The first login installs a key for this mirror alone on the server (see ``restricted``); the
+    detached mirror process logs in with it only and never holds the password.
 
     Runs detached: it survives the cell being interrupted and a kernel restart
     (:func:`find_mirrors` finds it again), and the server being away for minutes (changes are kept
@@ -360,8 +365,16 @@ def mirror(
             local files): how a fresh runtime resumes.
         host_key: pin the server's host key (a key line or ``SHA256:`` fingerprint); default:
             accept it the first time and check it afterwards.
-        keep_days: trash older than this is pruned.
+        keep_days: trash older than this is pruned (the server keeps this number: a runtime
+            cannot prune sooner).
         timeout: how long to wait for the first push before returning anyway.
+        restricted: log in once (password or your own key) to install a key for this mirror
+            alone (the default): it can only write into ``destination`` through the server-side
+            agent (keeping the trash) and read it back, nothing else, and expires after
+            ``key_days``. ``False`` keeps the password in the mirror process's memory (or uses
+            ``identity_file`` as given) for every login: anything running in the runtime can then
+            log in to your server as you.
+        key_days: the restricted key's lifetime (``expiry-time`` on the server).
         quiet: do not print or display the handle.
 
     Returns:
@@ -387,10 +400,13 @@ def mirror(
         raise ValueError(f"keep_days must be a positive number of days, got {keep_days!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    cfg, run_dir = _config(args, delete=delete, backup=backup, restore=restore, keep_days=keep_days)
+    _check_bool("restricted", restricted)
+    _access.check_days(key_days)
+    cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
+                                   keep_days=keep_days, restricted=restricted, key_days=key_days,
+                                   quiet=quiet)
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror_worker",
-                                cfg["config_path"]], run_dir=run_dir, name="mirror",
-                               secret=args["password"])
+                                cfg["config_path"]], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
     handle.pid = pid
     status = run_dir / "status.json"
@@ -401,6 +417,8 @@ def mirror(
         state = info.get("state")
         progress = info.get("progress") or {}
         alive = _proc.pid_alive(pid)
+        if bar.phase is not None and progress.get("phase") == bar.phase:
+            bar.show(bar.phase, progress.get("fraction"), progress.get("text", ""))  # its last word
         if state in SYNC_PHASES:
             mine = progress.get("phase") == state
             bar.show(state, progress.get("fraction") if mine else None,
@@ -430,49 +448,75 @@ def mirror(
     return handle
 
 
-def _config(args: dict[str, Any], **flags: Any) -> tuple[dict[str, Any], Path]:
-    """Write the mirror's config (no secret in it) and stop an earlier mirror of the same pair."""
+def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: bool,
+            **flags: Any) -> tuple[dict[str, Any], Path, str | None]:
+    """Set the server up (one login), write the mirror's config (no secret in it) and stop an
+    earlier mirror of the same pair. Returns the config, its run folder, and the secret the
+    mirror process needs (only without restrictions: the password)."""
     dest: _ssh.Destination = args["dest"]
     state: Path = args["state"]
     ident = _sync.mirror_id(args["local_dir"], str(dest), args["port"])
     run_dir = state / "mirror" / ident
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)
+    rsync = _proc.require_program("rsync", package="rsync", install=True, error=MirrorError)
+    ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
+    known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
+    restricted = restricted and args["identity_file"] is None
+    agent = os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0"  # tests: a server without python3
+    cfg = {"id": ident, "local_dir": args["local_dir"], "destination": str(dest), "user": dest.user,
+           "host": dest.host, "path": dest.path, "port": args["port"],
+           "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
+           "exclude": args["exclude"], "run_dir": str(run_dir),
+           "config_path": str(run_dir / "config.json"), "has_password": False, "ssh": ssh,
+           "rsync": rsync, "agent": agent, "restricted": restricted, **flags}
+    secret = args["password"]
+    if agent or restricted:
+        login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
+                              pinned=pinned, identity_file=args["identity_file"])
+        purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
+                   "keep_days": flags["keep_days"], "backup": flags["backup"]}
+        granted = _access.grant(state, login, purpose, password=args["password"], restricted=restricted,
+                                days=key_days, error=MirrorError, quiet=quiet)
+        cfg.update(agent=granted.agent, key_id=granted.key_id, key_expires=granted.expires,
+                   remote_root=granted.dest)
+        if granted.key is not None:  # the password goes no further
+            cfg.update(identity_file=str(granted.key), agent_command="colab-remote agent")
+            secret = None
+        else:
+            cfg["agent_command"] = shlex.join(granted.command)
+    if not restricted and not quiet:
+        print(_access.unrestricted_warning(dest, "mirror", args["identity_file"]), flush=True)
+    cfg["has_password"] = secret is not None
     previous = Mirror(run_dir)
     if previous.alive:
         previous.stop(flush=True)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / "status.json").unlink()
-    rsync = _proc.require_program("rsync", package="rsync", install=True, error=MirrorError)
-    ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
-    known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
-    cfg = {"id": ident, "local_dir": args["local_dir"], "destination": str(dest), "user": dest.user,
-           "host": dest.host, "path": dest.path, "port": args["port"],
-           "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
-           "exclude": args["exclude"], "run_dir": str(run_dir),
-           "sock_dir": str(_sock_dir(run_dir, ident)), "config_path": str(run_dir / "config.json"),
-           "has_password": args["password"] is not None, "ssh": ssh, "rsync": rsync,
-           "agent": os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0", **flags}
+    cfg["sock_dir"] = str(_sock_dir(run_dir, ident))  # after the old one removed its own
     _proc.write_private(run_dir / "config.json", json.dumps(cfg, indent=1))
-    return cfg, run_dir
+    return cfg, run_dir, secret
 
 
 def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port: int = 22,
                    password: str | None = None, identity_file: str | None = None,
                    state_dir: str | os.PathLike[str] | None = None, exclude: list[str] | None = None,
                    delete: bool = True, backup: bool = True, restore: bool = False,
-                   host_key: str | None = None) -> int:
+                   host_key: str | None = None, restricted: bool = True,
+                   key_days: float = _access.KEY_DAYS) -> int:
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes)."""
     from . import _mirror_worker
 
     args = _prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
-    cfg, run_dir = _config(args, delete=delete, backup=backup, restore=restore,
-                           keep_days=_sync.TRASH_KEEP_DAYS)
+    _access.check_days(key_days)
+    cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
+                                   keep_days=_sync.TRASH_KEEP_DAYS, restricted=restricted,
+                                   key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return _mirror_worker.run(cfg, args["password"], foreground=True)
+    return _mirror_worker.run(cfg, secret, foreground=True)
 
 
 def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _html, _proc, _ssh
+from . import _access, _html, _proc, _ssh
 from .errors import AuthenticationError, ColabRemoteError, TunnelError
 from .server import announce, load_sshd, state_path
 
@@ -257,9 +257,16 @@ def reverse_forward(
     host_key: str | None = None,
     reconnect: bool = True,
     timeout: float = 30,
+    restricted: bool = True,
+    key_days: float = _access.KEY_DAYS,
     quiet: bool = False,
 ) -> Tunnel:
     """Forward ``remote_port`` on the server back to this runtime's sshd, and keep it up.
+
+    The first login (the password, or your own key) installs a key for this tunnel alone on the
+    server: it may listen on ``remote_port`` on the server's loopback and nothing else (no shell,
+    no other port), and expires after ``key_days``. The detached supervisor logs in with that key
+    only; the password is not kept anywhere in the runtime.
 
     Args:
         destination: the server as ``user@host`` (``user@[v6addr]``); with ``via="gcloud"``,
@@ -279,6 +286,11 @@ def reverse_forward(
             Without it the first connection records the key (``accept-new``).
         reconnect: bring the forward back whenever it drops (the point of this function).
         timeout: seconds to wait for the forward to come up.
+        restricted: install and use a restricted key (the default). ``False`` keeps the
+            password (in the supervisor's memory) or ``identity_file`` for every login: whatever
+            runs in the runtime can then log in to your server as you. ``identity_file`` is used
+            as given (no key is installed).
+        key_days: the restricted key's lifetime (``expiry-time`` on the server).
         quiet: do not print or display the connection details.
 
     Returns:
@@ -334,8 +346,10 @@ def reverse_forward(
         host_key = _ssh.check_host_key(host_key)
         if via == "gcloud":
             raise ValueError("host_key= is for via='ssh'; gcloud pins the VM's host key itself")
-    if not isinstance(reconnect, bool):
-        raise TypeError(f"reconnect must be a bool, got {reconnect!r}")
+    for name, flag in (("reconnect", reconnect), ("restricted", restricted)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _access.check_days(key_days)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     state = state_path(state_dir)
@@ -350,17 +364,13 @@ def reverse_forward(
     name = f"{remote_port}-" + ("gcloud-" if via == "gcloud" else "") + \
         _SAFE_NAME.sub("_", dest.host) + f"-{port}"
     run_dir = _tunnels_dir(state) / name
-    previous = _previous_sessions(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for stale in ("status.json", "supervisor.log"):
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / stale).unlink()
 
     config: dict[str, Any] = {
         "destination": str(dest), "user": dest.user, "host": dest.host, "port": port,
         "remote_port": remote_port, "local_port": local_port, "login_user": login_user,
         "via": via, "ssh": ssh, "reconnect": reconnect, "start_timeout": timeout,
-        "has_secret": password is not None, "reclaim": previous,
+        "has_secret": False, "restricted": False,
         "control_dir": str(_control_dir(run_dir)),
     }
     if via == "gcloud":
@@ -369,22 +379,42 @@ def reverse_forward(
         gcloud = _gcloud.find_gcloud()
         public = _gcloud.external_ip(gcloud, dest.host, zone, project)
         config.update(gcloud=gcloud, zone=zone, project=project, public_host=public,
-                      probe_host=public,
+                      probe_host=public, has_secret=password is not None,
                       options=_ssh.tunnel_options(known_hosts=None, pinned=False,
                                                   identity_file=key_path, password=False))
+        secret = password
     else:
         known_hosts = state / "known_hosts"
         if host_key is not None:
             known_hosts = run_dir / "known_hosts.pinned"
             _proc.write_private(known_hosts, _pinned_known_hosts(dest.host, port, host_key) + "\n")
+        secret = password
+        if restricted and key_path is None:
+            login = _access.Login(ssh=ssh, dest=dest, port=port, known_hosts=known_hosts,
+                                  pinned=host_key is not None)
+            purpose = {"purpose": "tunnel", "port": remote_port,
+                       "name": "tunnel-" + _access.short_hash(f"{dest}:{port}:{remote_port}")}
+            granted = _access.grant(state, login, purpose, password=password, days=key_days,
+                                    error=TunnelError, quiet=quiet)
+            assert granted.key is not None and granted.port is not None
+            key_path, secret = str(granted.key), None  # the password goes no further
+            config.update(restricted=True, remote_port=granted.port, key_id=granted.key_id,
+                          key_expires=granted.expires)
+        elif not quiet:
+            print(_access.unrestricted_warning(dest, "tunnel", key_path), flush=True)
+        config["has_secret"] = secret is not None
         config["options"] = _ssh.tunnel_options(known_hosts=known_hosts, pinned=host_key is not None,
                                                 identity_file=key_path,
-                                                password=password is not None)
+                                                password=secret is not None)
+    config["reclaim"] = _previous_sessions(run_dir)  # the tunnel this call replaces: stopped
+    for stale in ("status.json", "supervisor.log"):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / stale).unlink()
     _proc.write_private(run_dir / "config.json", json.dumps(config, indent=1))
 
     t0 = time.monotonic()
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._supervisor", "--run-dir",
-                                str(run_dir)], run_dir=run_dir, name="supervisor", secret=password)
+                                str(run_dir)], run_dir=run_dir, name="supervisor", secret=secret)
     tunnel = Tunnel(run_dir)
 
     def settled() -> bool:

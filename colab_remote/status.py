@@ -166,7 +166,10 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
         else:
             argv += ["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password"]
         argv += [f"{sshd.user}@localhost", command]
-        # Prompts come in order: the server's (when it wants a password), then the runtime's.
+        # Prompts come in order: the server's (when it wants a password), then the runtime's. A
+        # restricted tunnel's own key opens the jump (it may reach the forwarded port and no other).
+        if tunnel.config.get("restricted"):
+            server_password = None
         answers = [p for p in (server_password, password) if p is not None]
         try:
             code, output = _proc.converse(argv, answers, timeout=timeout)

@@ -270,13 +270,17 @@ def test_unreachable_server_gives_up_after_timeout(tmp_path, runtime) -> None:
 
 @needs_root
 @needs_sshd
-def test_wrong_password(tmp_path, server, runtime) -> None:
+@pytest.mark.parametrize("restricted", [True, False])
+def test_wrong_password(tmp_path, server, runtime, restricted) -> None:
     t0 = time.monotonic()
     with pytest.raises(AuthenticationError) as caught:
-        open_tunnel(server, runtime, password="wrong-" + server.user.password)
+        open_tunnel(server, runtime, password="wrong-" + server.user.password, restricted=restricted)
     assert time.monotonic() - t0 < 5
     assert "refused" in str(caught.value) and "password" in str(caught.value)
     assert "wrong-" not in str(caught.value)
+    if restricted:  # the set-up login failed: nothing was started
+        assert not any(t.alive for t in find_tunnels(runtime.state_dir))
+        return
     (tunnel,) = find_tunnels(runtime.state_dir)
     assert not tunnel.alive
     assert tunnel.logs(100).count("dialling") == 1  # no retry

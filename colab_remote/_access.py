@@ -1,0 +1,400 @@
+"""The one login that may use the server password; after it, the runtime holds keys that can do
+almost nothing.
+
+:func:`reverse_forward` and :func:`mirror` call :func:`grant` before they start their detached
+process. It logs in once (the password typed at ssh's prompt, or the user's own key), installs the
+server half (:mod:`colab_remote._agent`, a file pinned by its sha256) and appends one restricted
+line for this runtime and purpose to the server's ``~/.ssh/authorized_keys``:
+
+- a tunnel's key may listen on its own port on the server's loopback and open that port (``-W``
+  for :func:`self_check`), and run only the helper that reports and reclaims its own sessions;
+- a mirror's key runs only the agent, confined to the destination folder, with the trash kept as
+  the server's own config says.
+
+Both carry ``expiry-time``. It then logs in with the new key to check that the server takes it, and
+returns. The password goes no further: the detached processes get the key file only, log in with
+``BatchMode=yes`` and ``IdentitiesOnly=yes``, and a prompt is a failure with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _agent, _proc, _ssh
+from .errors import AuthenticationError, ColabRemoteError
+
+log = logging.getLogger(__name__)
+
+KEY_DAYS = 3.0            # restricted keys expire after this many days unless told otherwise
+MIN_OPENSSH = (7, 8)      # permitlisten; restrict 7.2, expiry-time 7.7
+SETUP_TIMEOUT = 60.0
+_OPENSSH = re.compile(r"SSH-2\.0-OpenSSH_(\d+)\.(\d+)")
+
+
+def check_days(days: object, name: str = "key_days") -> float:
+    """``days`` if it is a positive number of days (a restricted key's lifetime), else an error."""
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 < days <= 3650:
+        raise ValueError(f"{name} must be a number of days > 0 (at most 3650), got {days!r}")
+    return float(days)
+
+
+def short_hash(text: str) -> str:
+    """A short stable name part for ``text`` (a key's purpose)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def unrestricted_warning(dest: _ssh.Destination, what: str, identity_file: str | None) -> str:
+    """What the runtime can do on the server when no restricted key is used."""
+    how = f"the key {identity_file}" if identity_file else "the password (kept in memory)"
+    return (f"note: the {what} logs in to {dest.target} with {how}: anything running in this "
+            "runtime can log in to your server as that account. restricted=True (the default, "
+            "with a password or your default keys) installs a key that can do only this.")
+
+
+def agent_source() -> tuple[bytes, str]:
+    """The server half's bytes and their sha256 (what the server will run)."""
+    data = Path(_agent.__file__).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def runtime_id(state: Path) -> str:
+    """This runtime's id (made once per state folder): it names its key lines on the server."""
+    path = state / "runtime-id"
+    with contextlib.suppress(OSError, ValueError):
+        rid = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{12}", rid):
+            return rid
+    rid = secrets.token_hex(6)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _proc.write_private(path, rid + "\n")
+    return rid
+
+
+def key_file(state: Path, name: str) -> Path:
+    """``state/keys/name``: an ed25519 key of this runtime for one purpose, made once (0600)."""
+    folder = state / "keys"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    key = folder / name
+    if not key.is_file() or not Path(f"{key}.pub").is_file():
+        with contextlib.suppress(FileNotFoundError):
+            key.unlink()
+        keygen = _proc.require_program("ssh-keygen", package="openssh-client", install=True,
+                                       error=ColabRemoteError)
+        _proc.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"colab-remote {name}",
+                   "-f", str(key)], what="making a key for the server failed")
+    key.chmod(0o600)
+    return key
+
+
+@dataclass(frozen=True)
+class Login:
+    """How to reach the server: the account, the port, the host keys it is checked against."""
+
+    ssh: str
+    dest: _ssh.Destination
+    port: int
+    known_hosts: Path
+    pinned: bool
+    identity_file: str | None = None
+
+    def options(self, *, key: str | None = None, password: bool = False) -> dict[str, str | int]:
+        """ssh options: with ``key`` that key alone and no prompt at all (``BatchMode``)."""
+        opts: dict[str, str | int] = {
+            "ConnectTimeout": 10, "ServerAliveInterval": 5, "ServerAliveCountMax": 3,
+            "NumberOfPasswordPrompts": 1, "PermitLocalCommand": "no", "LogLevel": "ERROR",
+            "ControlMaster": "no", "ControlPath": "none",
+        }
+        opts.update(_ssh.host_key_options(self.known_hosts, pinned=self.pinned))
+        identity = key or self.identity_file
+        if identity is not None:
+            opts.update(IdentityFile=identity, IdentitiesOnly="yes", IdentityAgent="none")
+        if key is not None or not password:
+            opts.update(BatchMode="yes", PasswordAuthentication="no", KbdInteractiveAuthentication="no")
+        else:
+            opts.update(BatchMode="no", PubkeyAuthentication="no",
+                        PreferredAuthentications="password,keyboard-interactive")
+        return opts
+
+    def argv(self, *words: str, key: str | None = None, password: bool = False) -> list[str]:
+        return [self.ssh, *_ssh.ssh_option_argv(self.options(key=key, password=password)),
+                "-p", str(self.port), self.dest.target, *words]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the set-up left on the server for one purpose."""
+
+    key: Path | None              # the restricted key (None: the account's own login is used)
+    key_id: str
+    port: int | None = None       # a tunnel's port on the server (the one it picked for 0)
+    dest: str | None = None       # a mirror's destination, as a real path on the server
+    command: tuple[str, ...] = () # a mirror without restrictions: how to run the agent directly
+    expires: float | None = None
+    agent: bool = True            # the server has python3 (without it: no agent, rsync only)
+
+
+class _Session:
+    """One login to the server (a ControlMaster: the password is typed once), for the set-up."""
+
+    def __init__(self, login: Login, password: str | None, error: type[ColabRemoteError],
+                 timeout: float) -> None:
+        self.login, self.password, self.error, self.timeout = login, password, error, timeout
+        self.folder = Path(tempfile.mkdtemp(prefix="crs-"))  # 0700, ours alone
+        self.control = self.folder / "cm"
+        self.child: Any = None
+
+    def __enter__(self) -> _Session:
+        options = self.login.options(password=self.password is not None)
+        options.update(ControlMaster="yes", ControlPath=str(self.control), ControlPersist="no")
+        argv = [self.login.ssh, "-N", "-T", *_ssh.ssh_option_argv(options), "-p", str(self.login.port),
+                self.login.dest.target]
+        try:
+            self.child = _proc.spawn_pty(argv, env=dict(os.environ, LC_ALL="C"))
+            self._wait_logged_in()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_logged_in(self) -> None:
+        import pexpect
+
+        responder = _ssh.Responder(self.password)
+        seen, line = "", ""
+        deadline = time.monotonic() + self.timeout
+        while not (self.control.exists() and self.child.isalive()):
+            if time.monotonic() > deadline:
+                raise self.error(f"no SSH login to {self.login.dest.target} port {self.login.port} "
+                                 f"within {self.timeout:g} s", log_tail=seen[-2000:],
+                                 fix="check the host, the port and that the server is up")
+            try:
+                chunk = self.child.read_nonblocking(4096, timeout=0.05)
+            except pexpect.TIMEOUT:
+                continue
+            except (pexpect.EOF, OSError):
+                break
+            seen += chunk.replace("\r", "")
+            line = (line + chunk.replace("\r", "")).rsplit("\n", 1)[-1]
+            kind = _ssh.prompt_kind(line)
+            if kind is None:
+                continue
+            reply, failure = responder.answer(kind)
+            line = ""
+            if failure is not None:
+                raise self._failure(failure[0], failure[1], seen)
+            if reply is not None:
+                self.child.sendline(reply)
+        if not self.control.exists():
+            kind = _ssh.classify(seen)
+            raise self._failure(kind, seen.strip().splitlines()[-1] if seen.strip() else
+                                "ssh ended before logging in", seen)
+
+    def _failure(self, kind: str, what: str, seen: str) -> ColabRemoteError:
+        target = f"{self.login.dest.target} (port {self.login.port})"
+        if kind == "auth":
+            return AuthenticationError(f"{target} refused the login: {what}", log_tail=seen[-2000:],
+                                       fix="check the user and password= (or identity_file=)")
+        if kind == "hostkey":
+            return self.error(f"the host key of {self.login.dest.host} does not match: {what}",
+                              log_tail=seen[-2000:],
+                              fix="check the server's fingerprint (ssh-keygen -lf "
+                                  "/etc/ssh/ssh_host_ed25519_key.pub on the server); if it really "
+                                  f"changed, remove its line from {self.login.known_hosts}")
+        if kind in ("down", "resolve"):
+            return self.error(f"could not reach {self.login.dest.host} port {self.login.port}: {what}",
+                              log_tail=seen[-2000:],
+                              fix="check the host name, the port (port=) and that the server's sshd runs")
+        return self.error(f"could not log in to {target}: {what}", log_tail=seen[-2000:],
+                          fix="check the host name, the port and that the server's sshd runs")
+
+    def run(self, command: str, data: bytes, timeout: float) -> tuple[int, str]:
+        """Run ``command`` (text for the account's shell) with ``data`` on stdin."""
+        argv = [self.login.ssh, "-S", str(self.control), "-T", "-o", "BatchMode=yes",
+                "-o", "ProxyCommand=false", "-o", "ControlMaster=no", self.login.dest.target, command]
+        return _proc.run_bytes(argv, data, timeout=timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child is not None:
+            _proc.end_pty(self.child)
+            self.child = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _check_server(login: Login, restricted: bool, error: type[ColabRemoteError]) -> None:
+    """Restricted keys need OpenSSH >= 7.8 on the server: say so before logging in."""
+    if not restricted:
+        return
+    banner = _proc.ssh_banner(login.dest.host, login.port, timeout=5)
+    if banner is None:
+        return  # the login says why
+    found = _OPENSSH.match(banner)
+    if found is None or (int(found.group(1)), int(found.group(2))) < MIN_OPENSSH:
+        raise error(
+            f"{login.dest.host} runs {banner.split('-', 2)[-1]}: restricted keys need OpenSSH 7.8 or "
+            "newer (authorized_keys' restrict, permitlisten, expiry-time)",
+            fix="upgrade the server's OpenSSH; or pass restricted=False, which hands the runtime "
+                "your whole server account (anything running there can log in as you)")
+
+
+def _setup_command(source: bytes) -> str:
+    boot = f"import sys;exec(sys.stdin.buffer.read({len(source)}))"
+    return ("if command -v python3 >/dev/null 2>&1; then exec python3 -I -B -c "
+            f"{shlex.quote(boot)} setup; fi; echo CRA-NOPYTHON; exit 97")
+
+
+def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str | None,
+          restricted: bool = True, days: float = KEY_DAYS, error: type[ColabRemoteError],
+          quiet: bool = False, timeout: float = SETUP_TIMEOUT) -> Grant:
+    """Log in once and set the server up for one tunnel or mirror (see the module docstring).
+
+    ``purpose``: ``{"purpose": "tunnel", "name": ..., "port": N}`` or ``{"purpose": "mirror",
+    "name": ..., "dest": path, "keep_days": d, "backup": b}``. Without ``restricted`` no key is
+    installed (the account's own login is used from then on) but the agent still is.
+
+    Raises:
+        AuthenticationError: the server refused the login.
+        error: the server is unreachable, lacks python3 or a new enough OpenSSH, or did not take
+            the key.
+    """
+    _check_server(login, restricted, error)
+    rid = runtime_id(state)
+    kid = f"{rid}.{purpose['name']}"
+    key = key_file(state, purpose["name"]) if restricted else None
+    source, sha = agent_source()
+    request = {"source": source.decode(), "sha": sha, "restricted": restricted,
+               "keys": [{**purpose, "id": kid, "days": days,
+                         "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
+    known_before = _known(login)
+    with _Session(login, password, error, timeout) as session:
+        rc, output = session.run(_setup_command(source), source + json.dumps(request).encode(),
+                                 timeout)
+        if "CRA-NOPYTHON" in output and not restricted:
+            log.warning("%s has no python3: the mirror copies with rsync alone", login.dest.host)
+            return Grant(key=None, key_id=kid, agent=False)
+        reply = _reply(output, rc, login, error)
+        found = reply["keys"][0]
+        result = Grant(key=key, key_id=kid, port=found.get("port"), dest=found.get("dest"),
+                       command=tuple(found.get("command", ())), expires=found.get("expires"))
+        if key is not None:
+            _verify(session, login, key, kid, reply, error)
+            _record(state, purpose["name"], login, kid)
+    _announce_new_host_key(login, known_before, quiet)
+    log.info("set up %s on %s: %s", purpose["purpose"], login.dest.target,
+             "restricted key " + kid if key else "the account's own login")
+    return result
+
+
+def _reply(output: str, rc: int, login: Login, error: type[ColabRemoteError]) -> dict[str, Any]:
+    if "CRA-NOPYTHON" in output:
+        raise error(f"{login.dest.host} has no python3: the server half of colab-remote needs it",
+                    fix="install it on the server (apt-get install python3); or pass "
+                        "restricted=False (then the tunnel needs nothing and the mirror copies "
+                        "with rsync, with your whole account in the runtime's hands)")
+    for line in output.splitlines():
+        if line.startswith("CRA-SETUP "):
+            reply: dict[str, Any] = json.loads(line[len("CRA-SETUP "):])
+            if not reply.get("ok"):
+                raise error(f"setting up {login.dest.host} failed: {reply.get('error')}",
+                            fix="fix what it says on the server and try again")
+            return reply
+    raise error(f"setting up {login.dest.host} failed (exit {rc})", log_tail=output,
+                fix="read the output above; the server's shell start-up files must not print")
+
+
+def _verify(session: _Session, login: Login, key: Path, kid: str, reply: dict[str, Any],
+            error: type[ColabRemoteError]) -> None:
+    """Log in with the new key alone; when the server does not take it, take the line back."""
+    done = _proc.run(login.argv("hello", key=str(key)), timeout=30, check=False, error=error)
+    if done.stdout.startswith("colab-remote-agent "):
+        return
+    session.run(shlex.join([reply["python"], "-I", "-B", reply["agent"], "revoke", "--id", kid]),
+                b"", 30)
+    raise error(f"{login.dest.host} did not accept the new restricted key",
+                log_tail=(done.stderr or done.stdout).strip(),
+                fix="the server's sshd may read keys from elsewhere (AuthorizedKeysFile) or forbid "
+                    "key logins; check its sshd_config, or pass restricted=False")
+
+
+def _record(state: Path, name: str, login: Login, kid: str) -> None:
+    """What :func:`revoke` needs later: where the key logs in."""
+    _proc.write_private(state / "keys" / f"{name}.json", json.dumps({
+        "id": kid, "user": login.dest.user, "host": login.dest.host, "port": login.port,
+        "known_hosts": str(login.known_hosts), "pinned": login.pinned, "ssh": login.ssh}))
+
+
+def _known(login: Login) -> set[str]:
+    try:
+        return set(login.known_hosts.read_text().splitlines())
+    except OSError:
+        return set()
+
+
+def _announce_new_host_key(login: Login, before: set[str], quiet: bool) -> None:
+    """First contact: show the key that was recorded and how to pin it next time."""
+    new = [line for line in _known(login) - before if line.strip() and not line.startswith("#")]
+    for line in new:
+        words = line.split()
+        with contextlib.suppress(ValueError, IndexError):
+            fp = _ssh.fingerprint(" ".join(words[1:3]))
+            text = (f"first contact with {login.dest.host}: its host key is {fp} ({words[1]}). "
+                    f"Check it on the server (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub); "
+                    f"pin it from now on with host_key='{fp}'")
+            log.warning("%s", text)
+            if not quiet:
+                print(text, flush=True)
+
+
+def revoke_all_here() -> list[str]:
+    """On the server: remove every colab-remote key line (``colab-remote revoke --all``)."""
+    return _agent.revoke(None)
+
+
+def recorded_keys(state: Path) -> list[dict[str, Any]]:
+    """The keys this runtime installed (from ``state/keys/*.json``)."""
+    found = []
+    for path in sorted((state / "keys").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            info = dict(json.loads(path.read_text()))
+            info["key"] = str(path.with_suffix(""))
+            found.append(info)
+    return found
+
+
+def revoke_recorded(state: Path, timeout: float = 30) -> list[tuple[str, str]]:
+    """Ask the server, with each of this runtime's keys, to remove this runtime's lines.
+
+    Returns ``(key id, outcome)`` for each key.
+    """
+    outcomes: list[tuple[str, str]] = []
+    gone: set[str] = set()
+    for info in recorded_keys(state):
+        if info["id"] not in gone:
+            login = Login(ssh=info["ssh"], dest=_ssh.Destination(info["user"], info["host"]),
+                          port=int(info["port"]), known_hosts=Path(info["known_hosts"]),
+                          pinned=bool(info["pinned"]))
+            done = _proc.run(login.argv("revoke", key=info["key"]), timeout=timeout, check=False)
+            said = done.stdout.strip()
+            if not said.startswith("colab-remote-revoked"):
+                why = done.stderr.strip() or said or f"ssh exit {done.returncode}"
+                outcomes.append((info["id"], "failed: " + why[-300:]))
+                continue
+            gone.update(said.split()[1:])  # every line of this runtime on that server
+        outcomes.append((info["id"], "revoked"))
+        for suffix in ("", ".pub", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(info["key"] + suffix).unlink()
+    return outcomes

@@ -1,0 +1,1372 @@
+"""The server half of colab-remote: the mirror's agent, the tunnel's helper, and their set-up.
+
+This file is installed once on the user's server as ``~/.colab-remote/agent-<sha12>.py`` by the
+set-up login (:mod:`colab_remote._access`, the one login that may use the password) and is then
+run there by sshd as the forced command of a restricted key (``~/.ssh/authorized_keys``)::
+
+    restrict,command="python3 -I -B ~/.colab-remote/agent-<sha12>.py --forced mirror ID" ssh-ed25519 ...
+    restrict,port-forwarding,permitlisten="localhost:PORT",permitopen="localhost:PORT",
+        command="python3 -I -B ~/.colab-remote/agent-<sha12>.py --forced tunnel ID PORT" ssh-ed25519 ...
+
+So whatever the runtime holds (that key, a ControlMaster socket) can only do what this file
+answers: write into one destination folder (everything it replaces or deletes goes to the trash,
+kept ``keep_days`` as the *server's* config says), read that folder back, list and reclaim the
+tunnel's own port. No shell, no other file, no pruning on request.
+
+It is also the one home of the mirror's wire protocol: the client imports the constants below.
+
+Constraints: standard library only, Python >= 3.6 (old servers), no import from the package (the
+client sends this file's bytes; the server runs exactly them, pinned by their sha256).
+"""
+
+import calendar
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import pwd
+import shlex
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+
+VERSION = "2"  # the protocol: the client refuses an agent that speaks another one
+
+# --- the wire protocol ------------------------------------------------------------------------
+#
+# Every message, both ways, is one record: a fixed header, the path, then ``data``.
+#   op (1 byte), path length (4), mode (4), mtime in ns (8), offset (8), data length (8)
+HEADER = struct.Struct(">cIIqQQ")
+
+# client -> agent
+OP_PUT = b"P"       # a whole (small) file: mode, mtime, data
+OP_MKDIR = b"D"     # a folder: mode
+OP_LINK = b"L"      # a symlink: data is its target
+OP_DELETE = b"X"    # move path to the trash
+OP_CHUNK = b"K"     # a part of a big file: mode, mtime, offset, data (offset 0 starts it anew)
+OP_COMMIT = b"F"    # a big file is whole: mode, mtime, offset = its size, data = its digest
+OP_END = b"E"       # end of a batch: the agent applies what is pending and answers R_ACK
+OP_MANIFEST = b"M"  # list the copy: R_ENTRY for each entry, then R_DONE
+OP_GET = b"G"       # read one file back (restore): R_DATA chunks, then R_DONE, or R_FAIL
+
+# agent -> client
+R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, ...)
+R_ACK = b"A"        # a batch is applied: offset = ops, data = JSON list of [path, error]
+R_ENTRY = b"m"      # one entry of the manifest: mode (with the type bits), mtime, offset = size,
+                    # data = a link's target
+R_DATA = b"g"       # a chunk of a file being read: mode, mtime, offset, data
+R_DONE = b"z"       # the end of a manifest (offset = entries) or of a file (offset = size)
+R_FAIL = b"!"       # a file could not be read: data is why
+
+TRASH = b".colab-remote-trash"   # in the destination: what was replaced or deleted, by time
+STAGING = b".staging"            # in the trash: new folders and big files being built
+TMP_INFIX = b".colab-remote-tmp."  # our temporary names: ``.NAME.colab-remote-tmp.PID``
+STAMP_FORMAT = "%Y-%m-%dT%H-%M-%S"  # trash folders: STAMP_FORMAT + ".ffffffZ" (UTC)
+CHUNK = 1 << 20                  # bytes per record when a file is read back
+MODE_MASK = 0o755                # nothing we create is group/world-writable, setuid or setgid
+DIGEST_SIZE = 16                 # blake2b digest of a big file, checked before it is put in place
+PRUNE_EVERY = 6 * 3600.0
+
+HOME_DIR = ".colab-remote"       # in the server account's home: agents, configs, the lock
+
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | O_CLOEXEC
+O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC
+O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC
+
+
+def pack(op: bytes, path: bytes = b"", *, mode: int = 0, mtime_ns: int = 0, offset: int = 0,
+         data: bytes = b"") -> bytes:
+    """One record."""
+    return HEADER.pack(op, len(path), mode, mtime_ns, offset, len(data)) + path + data
+
+
+def read_record(read: Callable[[int], bytes]) -> Optional[Tuple[bytes, bytes, int, int, int, bytes]]:
+    """``(op, path, mode, mtime_ns, offset, data)`` of the next record; None at the end of the
+    stream or when it breaks mid-record (a cut record is never applied)."""
+    head = read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    op, plen, mode, mtime, offset, dlen = HEADER.unpack(head)
+    path = read(plen) if plen else b""
+    data = read(dlen) if dlen else b""
+    if len(path) < plen or len(data) < dlen:
+        return None
+    return op, path, mode, mtime, offset, data
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def trash_stamp(now: Optional[float] = None) -> bytes:
+    """The name of one trash folder: UTC time to the microsecond."""
+    t = time.time() if now is None else now
+    return (time.strftime(STAMP_FORMAT, time.gmtime(t)) + ".%06dZ" % int(t % 1 * 1e6)).encode()
+
+
+def check_path(p: bytes) -> None:
+    """Refuse anything that is not a plain relative path inside the copy (and not the trash)."""
+    parts = p.split(b"/")
+    if (not p or p.startswith(b"/") or b".." in parts or b"." in parts or b"" in parts
+            or parts[0] == TRASH or b"\0" in p):
+        raise ValueError("refused path %r" % p)
+
+
+def _split(p: bytes) -> Tuple[bytes, bytes]:
+    d, _, name = p.rpartition(b"/")
+    return d, name
+
+
+def _join(d: bytes, name: bytes) -> bytes:
+    return d + b"/" + name if d else name
+
+
+def _lstat(fd: int, name: bytes) -> Optional[os.stat_result]:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _names(fd: int) -> List[bytes]:
+    """The names in folder ``fd`` as bytes (listdir of a descriptor gives str)."""
+    return [os.fsencode(n) for n in os.listdir(fd)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _left_by_dead(name: bytes) -> bool:
+    """True for a temporary name or a staging folder of an agent that is gone (killed mid-write)."""
+    pid = name.rpartition(TMP_INFIX)[2] if TMP_INFIX in name else name
+    return pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+
+
+def _remove_at(fd: int, name: bytes) -> None:
+    """Remove ``name`` in folder ``fd`` (a whole folder too), never following a link."""
+    st = _lstat(fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=fd)
+        return
+    sub = os.open(name, O_DIR, dir_fd=fd)
+    try:
+        for entry in _names(sub):
+            _remove_at(sub, entry)
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=fd)
+
+
+def open_folder(parent: int, name: bytes, create: bool,
+                make_way: Optional[Callable[[], None]] = None) -> Optional[int]:
+    """Open folder ``name`` in ``parent`` without following a link; None when it is missing (or a
+    file or link) and not ``create``. With ``create`` a missing one is made (0700 until its own
+    mode arrives), and a file or link in its place is first handed to ``make_way`` (the trash)."""
+    try:
+        return os.open(name, O_DIR, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        if not create:
+            return None  # a link or a file: never followed
+        st = _lstat(parent, name)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            if make_way is None:
+                raise
+            make_way()
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        pass
+    return os.open(name, O_DIR, dir_fd=parent)
+
+
+class Folders:
+    """Open folders below one root, by relative path, every component opened with O_NOFOLLOW.
+
+    Kept open for the next operation in the same folder (a burst writes many files into few
+    folders); :meth:`forget` drops a path and everything below it the moment it changes.
+    """
+
+    LIMIT = 64
+
+    def __init__(self, root_fd: int) -> None:
+        self.root = root_fd
+        self.fds: Dict[bytes, int] = {}
+
+    def get(self, rel: bytes, create: bool, make: Optional[Callable[[int, bytes, bytes], None]] = None
+            ) -> Optional[int]:
+        """The folder ``rel``; None when it is missing (or not a folder) and not ``create``.
+
+        With ``create``, missing folders are made (0700 until their own mode arrives) and a file or
+        link where a folder belongs is handed to ``make(parent_fd, name, rel)`` first (the trash).
+        """
+        if not rel:
+            return self.root
+        fd = self.fds.get(rel)
+        if fd is not None:
+            return fd
+        cur, fd = b"", self.root
+        for part in rel.split(b"/"):
+            cur = _join(cur, part)
+            known = self.fds.get(cur)
+            if known is not None:
+                fd = known
+                continue
+            nxt = self._open(fd, part, cur, create, make)
+            if nxt is None:
+                return None
+            self._keep(cur, nxt)
+            fd = nxt
+        return fd
+
+    def _open(self, parent: int, name: bytes, rel: bytes, create: bool,
+              make: Optional[Callable[[int, bytes, bytes], None]]) -> Optional[int]:
+        return open_folder(parent, name, create, lambda: make(parent, name, rel) if make else None)
+
+    def _keep(self, rel: bytes, fd: int) -> None:
+        if len(self.fds) >= self.LIMIT:
+            old = next(iter(self.fds))
+            os.close(self.fds.pop(old))
+        self.fds[rel] = fd
+
+    def forget(self, rel: bytes = b"") -> None:
+        """Close ``rel`` and everything below it (everything when ``rel`` is empty)."""
+        below = rel + b"/"
+        for k in [k for k in self.fds if not rel or k == rel or k.startswith(below)]:
+            os.close(self.fds.pop(k))
+
+
+class Tree:
+    """The destination folder, changed only through descriptors opened from it (never a path).
+
+    Puts go under a temporary name and are renamed into place; what they replace is linked into
+    the trash first. A folder that is new on the server is built whole in the staging folder and
+    renamed into place when its batch ends (no temporary name per file, never visible half-built).
+    """
+
+    def __init__(self, root: bytes, *, backup: bool = True) -> None:
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+        self.live = Folders(self.root_fd)
+        self.backup = backup
+        self.stamp: Optional[bytes] = None
+        self.trash: Optional[Folders] = None
+        self.stage: Optional[Folders] = None
+        self.stage_name = b"%d" % os.getpid()
+        self.staging_tried = False
+        self.fresh: Dict[bytes, bytes] = {}  # new folder -> where it is built (in the stage)
+        self.tops: List[Tuple[bytes, bytes]] = []  # (built at, real path), in order
+        self.later: List[Tuple[bytes, int]] = []  # folder modes set once their files are in
+        self.big: Dict[bytes, bytes] = {}  # big file -> its partial file (in the stage)
+        self.counter = 0
+        self.tmp_end = TMP_INFIX + b"%d" % os.getpid()
+
+    def _name(self, prefix: bytes) -> bytes:
+        self.counter += 1
+        return prefix + b"%d" % self.counter
+
+    # -- the trash ---------------------------------------------------------------------------
+    def _trash(self) -> Folders:
+        if self.trash is None:
+            fd = open_folder(self.root_fd, TRASH, True, lambda: os.rename(
+                TRASH, TRASH + b".not-ours.%d" % os.getpid(),
+                src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd))
+            assert fd is not None
+            self.trash = Folders(fd)
+        return self.trash
+
+    def _trash_target(self, rel: bytes) -> Tuple[int, bytes]:
+        """A free name for ``rel`` in this batch's trash folder: (folder fd, name)."""
+        if self.stamp is None:
+            self.stamp = trash_stamp()
+        d, name = _split(rel)
+        fd = self._trash().get(_join(self.stamp, d) if d else self.stamp, create=True,
+                               make=lambda parent, n, r: os.rename(
+                                   n, n + b".file", src_dir_fd=parent, dst_dir_fd=parent))
+        assert fd is not None
+        target, n = name, 1
+        while _lstat(fd, target) is not None:
+            target = name + b".%d" % n
+            n += 1
+        return fd, target
+
+    def discard(self, fd: int, name: bytes, rel: bytes) -> None:
+        """Move ``rel`` (``name`` in folder ``fd``) to the trash, or remove it without a backup."""
+        self.live.forget(rel)
+        if not self.backup:
+            _remove_at(fd, name)
+            return
+        tfd, target = self._trash_target(rel)
+        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+
+    def _make_way(self, parent: int, name: bytes, rel: bytes) -> None:
+        self.discard(parent, name, rel)  # a file or link where a folder belongs
+
+    def keep_old(self, fd: int, name: bytes, rel: bytes, st: os.stat_result) -> None:
+        """Keep the version of ``rel`` about to be replaced (a hard link into the trash)."""
+        if not self.backup:
+            return
+        tfd, target = self._trash_target(rel)
+        try:
+            os.link(name, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
+            return
+        except OSError:
+            pass
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=fd), target, dir_fd=tfd)
+            return
+        src = os.open(name, O_READ, dir_fd=fd)
+        try:
+            dst = os.open(target, O_NEW, 0o600, dir_fd=tfd)
+            try:
+                while True:
+                    chunk = os.read(src, CHUNK)
+                    if not chunk:
+                        break
+                    _write_all(dst, chunk)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    # -- new folders, built in the stage -----------------------------------------------------
+    def _stage(self) -> Optional[Folders]:
+        """This agent's staging folder (None when it cannot be made on the copy's file system)."""
+        if not self.staging_tried:
+            self.staging_tried = True
+            try:
+                tfd = self._trash().get(STAGING, create=True)
+                assert tfd is not None
+                _remove_at(tfd, self.stage_name)  # an earlier agent with the same pid
+                os.mkdir(self.stage_name, 0o700, dir_fd=tfd)
+                fd = os.open(self.stage_name, O_DIR, dir_fd=tfd)
+                if os.fstat(fd).st_dev == os.fstat(self.root_fd).st_dev:  # rename: one file system
+                    self.stage = Folders(fd)
+                else:
+                    os.close(fd)
+            except OSError:
+                pass  # new folders are then made in place, as any other
+        return self.stage
+
+    def _built(self, rel: bytes, create: bool) -> Optional[bytes]:
+        """Where ``rel`` is built in the stage when it or a folder above it is new in this batch,
+        else None. With ``create``, ``rel`` is a folder: it and the folders between are made in
+        the stage; without, nothing is made (a delete never builds what it deletes)."""
+        if not self.fresh or self.stage is None:
+            return None
+        cur, rest = rel, []  # type: bytes, List[bytes]
+        while cur and cur not in self.fresh:
+            cur, name = _split(cur)
+            rest.append(name)
+        if not cur:
+            return None
+        at = self.fresh[cur]
+        for name in reversed(rest):
+            at, cur = _join(at, name), _join(cur, name)
+            if create:
+                fd = self.stage.get(_split(at)[0], create=False)
+                if fd is None:
+                    return None
+                st = _lstat(fd, name)
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    _remove_at(fd, name)
+                    st = None
+                if st is None:
+                    os.mkdir(name, 0o700, dir_fd=fd)  # a folder the batch did not list
+                self.fresh[cur] = at
+        return at
+
+    def _in_stage(self, p: bytes) -> Optional[Tuple[int, bytes, bytes]]:
+        """(folder fd in the stage, name, where p goes) when p's folder is being built."""
+        d, name = _split(p)
+        at = self._built(d, create=True) if d else None
+        if at is None:
+            return None
+        assert self.stage is not None
+        fd = self.stage.get(at, create=False)
+        return None if fd is None else (fd, name, _join(at, name))
+
+    def _live_parent(self, p: bytes) -> Tuple[int, bytes, Optional[os.stat_result]]:
+        """(folder fd, name, lstat) of ``p`` in the copy, its folders made (links moved away)."""
+        d, name = _split(p)
+        fd = self.live.get(d, create=True, make=self._make_way)
+        assert fd is not None
+        return fd, name, _lstat(fd, name)
+
+    # -- operations ----------------------------------------------------------------------------
+    def put(self, p: bytes, mode: int, mtime: int, data: bytes) -> None:
+        mode &= MODE_MASK
+        staged = self._in_stage(p)
+        if staged is not None:
+            fd, name, _ = staged
+            _remove_at(fd, name)
+            _write_new(fd, name, mode, mtime, data)
+            return
+        fd, name, st = self._live_parent(p)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self.discard(fd, name, p)
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == len(data) \
+                and _same_content(fd, name, data):
+            if stat.S_IMODE(st.st_mode) != mode or st.st_mtime_ns != mtime:
+                _set_mode_time(fd, name, mode, mtime)
+            return
+        tmp = self._tmpname(name)
+        _remove_at(fd, tmp)  # left by an earlier agent of the same pid
+        _write_new(fd, tmp, mode, mtime, data)
+        self._into_place(fd, tmp, fd, name, p, st)
+
+    def _into_place(self, src_fd: int, tmp: bytes, fd: int, name: bytes, p: bytes,
+                    st: Optional[os.stat_result]) -> None:
+        """Rename ``tmp`` over ``name`` (what it replaces into the trash first); on failure the
+        temporary file goes, so a full disk leaves no debris."""
+        try:
+            if st is not None:
+                self.keep_old(fd, name, p, st)
+            os.rename(tmp, name, src_dir_fd=src_fd, dst_dir_fd=fd)
+        except BaseException:
+            _remove_quietly(src_fd, tmp)
+            raise
+
+    def _tmpname(self, name: bytes) -> bytes:
+        return b"." + name[:180] + self.tmp_end
+
+    def mkdir(self, p: bytes, mode: int) -> None:
+        mode &= MODE_MASK
+        if p in self.fresh:
+            return
+        staged = self._in_stage(p)
+        if staged is not None:
+            fd, name, at = staged
+            _remove_at(fd, name)
+        else:
+            fd, name, st = self._live_parent(p)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                self.discard(fd, name, p)
+                st = None
+            stage = self._stage() if st is None else None
+            if stage is None:
+                if st is None:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                if st is None or stat.S_IMODE(st.st_mode) != mode:
+                    _chmod_folder(fd, name, mode)
+                return
+            at = self._name(b"new-")
+            _remove_at(stage.root, at)
+            self.tops.append((at, p))
+            fd, name = stage.root, at
+        os.mkdir(name, 0o700, dir_fd=fd)
+        if mode != 0o700:
+            self.later.append((p, mode))  # set once its files are in
+        self.fresh[p] = at
+
+    def link(self, p: bytes, target: bytes) -> None:
+        if b"\0" in target or not target:
+            raise ValueError("refused link target")
+        staged = self._in_stage(p)
+        if staged is not None:
+            fd, name, _ = staged
+            _remove_at(fd, name)
+            os.symlink(target, name, dir_fd=fd)
+            return
+        fd, name, st = self._live_parent(p)
+        if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=fd) == target:
+            return
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self.discard(fd, name, p)
+            st = None
+        tmp = self._tmpname(name)
+        _remove_at(fd, tmp)
+        os.symlink(target, tmp, dir_fd=fd)
+        self._into_place(fd, tmp, fd, name, p, st)
+
+    def delete(self, p: bytes) -> None:
+        at = self._built(p, create=False)
+        if at is not None:  # new in this batch: never on the server, nothing to keep
+            assert self.stage is not None
+            d, name = _split(at)
+            fd = self.stage.get(d, create=False)
+            if fd is not None:
+                self.stage.forget(at)
+                _remove_at(fd, name)
+            for k in [k for k in self.fresh if k == p or k.startswith(p + b"/")]:
+                del self.fresh[k]
+            self.tops = [t for t in self.tops if t[1] != p]
+            return
+        d, name = _split(p)
+        fd = self.live.get(d, create=False)  # its folder is not there (or is a link): nothing to do
+        if fd is not None and _lstat(fd, name) is not None:
+            self.discard(fd, name, p)
+
+    def _partials(self) -> int:
+        stage = self._stage()
+        if stage is not None:
+            return stage.root
+        fd = self._trash().get(STAGING, create=True)
+        assert fd is not None
+        return fd
+
+    def chunk(self, p: bytes, offset: int, data: bytes) -> None:
+        """Part of a big file, written into a partial file in the stage."""
+        fd = self._partials()
+        name = self.big.get(p)
+        if offset == 0 or name is None:
+            if offset != 0:
+                raise ValueError("a chunk at %d of a file not begun" % offset)
+            if name is not None:
+                _remove_quietly(fd, name)
+            name = self.big[p] = self._name(b"big-" + self.stage_name + b"-")
+            out = os.open(name, O_NEW, 0o600, dir_fd=fd)
+        else:
+            out = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | O_CLOEXEC, dir_fd=fd)
+        try:
+            have = os.fstat(out).st_size
+            if have != offset:
+                raise ValueError("a chunk at %d does not follow the %d bytes received" % (offset, have))
+            os.lseek(out, offset, os.SEEK_SET)
+            _write_all(out, data)
+        except BaseException:
+            os.close(out)
+            _remove_quietly(fd, name)
+            self.big.pop(p, None)
+            raise
+        os.close(out)
+
+    def commit(self, p: bytes, mode: int, mtime: int, size: int, want: bytes) -> None:
+        """A big file is whole: check it and put it in place (what it replaces to the trash)."""
+        name = self.big.pop(p, None)
+        if name is None:
+            raise ValueError("no part of this file arrived")
+        sfd = self._partials()
+        fd = os.open(name, O_READ, dir_fd=sfd)
+        try:
+            h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+            got = 0
+            while True:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            if got != size or (want and h.digest() != want):
+                raise ValueError("the file arrived damaged (%d of %d bytes)" % (got, size))
+            os.fchmod(fd, mode & MODE_MASK)
+            os.utime(fd, ns=(mtime, mtime))
+        except BaseException:
+            os.close(fd)
+            _remove_quietly(sfd, name)
+            raise
+        os.close(fd)
+        staged = self._in_stage(p)
+        if staged is not None:
+            dfd, dname, _ = staged
+            _remove_at(dfd, dname)
+            os.rename(name, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            return
+        dfd, dname, st = self._live_parent(p)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self.discard(dfd, dname, p)
+            st = None
+        self._into_place(sfd, name, dfd, dname, p, st)
+
+    def finish(self, errors: List[List[str]]) -> None:
+        """End of a batch: the new folders into place (the client hears of it only after this)."""
+        for at, p in self.tops:
+            try:
+                self._settle(at, p)
+            except Exception as e:  # noqa: BLE001 - reported to the client
+                self.live.forget()
+                errors.append([p.decode("utf-8", "replace"), "%s: %s" % (type(e).__name__, e)])
+        for p, mode in reversed(self.later):
+            d, name = _split(p)
+            fd = self.live.get(d, create=False)
+            if fd is not None:
+                try:
+                    _chmod_folder(fd, name, mode)
+                except OSError:
+                    pass
+        if self.stage is not None:
+            self.stage.forget()
+        self.fresh.clear()
+        self.tops, self.later = [], []
+        self.stamp = None
+
+    def _settle(self, at: bytes, p: bytes) -> None:
+        """Put folder ``at`` (built in the stage) at ``p``; merge when ``p`` appeared meanwhile."""
+        assert self.stage is not None
+        fd, name, st = self._live_parent(p)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            self.discard(fd, name, p)
+            st = None
+        if st is None:
+            os.rename(at, name, src_dir_fd=self.stage.root, dst_dir_fd=fd)
+        else:
+            self._merge(self.stage.root, at, fd, name, p)
+
+    def _merge(self, sparent: int, sname: bytes, dparent: int, dname: bytes, rel: bytes) -> None:
+        src = os.open(sname, O_DIR, dir_fd=sparent)
+        try:
+            dst = os.open(dname, O_DIR, dir_fd=dparent)
+            try:
+                for n in _names(src):
+                    r = _join(rel, n)
+                    new_is_dir = stat.S_ISDIR(os.stat(n, dir_fd=src, follow_symlinks=False).st_mode)
+                    old = _lstat(dst, n)
+                    if old is not None:
+                        if new_is_dir and stat.S_ISDIR(old.st_mode):
+                            self._merge(src, n, dst, n, r)
+                            continue
+                        if new_is_dir or stat.S_ISDIR(old.st_mode):
+                            self.discard(dst, n, r)
+                        else:
+                            self.keep_old(dst, n, r, old)
+                    os.rename(n, n, src_dir_fd=src, dst_dir_fd=dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        os.rmdir(sname, dir_fd=sparent)
+
+    # -- reading -------------------------------------------------------------------------------
+    def manifest(self) -> Iterator[Tuple[bytes, os.stat_result, bytes]]:
+        """Every entry of the copy (the trash and temporary names left out): (rel, lstat, link
+        target). Temporary names left by dead agents are removed on the way."""
+        stack = [(b"", os.dup(self.root_fd))]
+        while stack:
+            rel, fd = stack.pop()
+            try:
+                for name in sorted(_names(fd)):
+                    if not rel and name == TRASH:
+                        continue
+                    if TMP_INFIX in name:
+                        if _left_by_dead(name):
+                            _remove_quietly(fd, name)
+                        continue
+                    st = _lstat(fd, name)
+                    if st is None:
+                        continue
+                    r = _join(rel, name)
+                    target = b""
+                    if stat.S_ISLNK(st.st_mode):
+                        try:
+                            target = os.readlink(name, dir_fd=fd)
+                        except OSError:
+                            continue
+                    elif stat.S_ISDIR(st.st_mode):
+                        sub = open_folder(fd, name, False)
+                        if sub is None:
+                            continue
+                        stack.append((r, sub))
+                    elif not stat.S_ISREG(st.st_mode):
+                        continue
+                    yield r, st, target
+            finally:
+                os.close(fd)
+
+    def read(self, p: bytes) -> Iterator[Tuple[int, int, int, bytes]]:
+        """A file's chunks: (mode, mtime, offset, data); the last one is short (maybe empty)."""
+        d, name = _split(p)
+        fd = self.live.get(d, create=False)
+        if fd is None:
+            raise FileNotFoundError(p.decode("utf-8", "replace"))
+        f = os.open(name, O_READ, dir_fd=fd)
+        try:
+            st = os.fstat(f)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            offset = 0
+            while True:
+                chunk = os.read(f, CHUNK)
+                yield st.st_mode, st.st_mtime_ns, offset, chunk
+                offset += len(chunk)
+                if len(chunk) < CHUNK:
+                    return
+        finally:
+            os.close(f)
+
+    # -- upkeep --------------------------------------------------------------------------------
+    def clean_staging(self) -> None:
+        """Remove what agents that are gone left in the staging folder."""
+        tfd = self._trash().get(STAGING, create=False)
+        if tfd is None:
+            return
+        for name in _names(tfd):
+            owner = name.split(b"-")[1] if name.startswith(b"big-") else name
+            if _left_by_dead(owner):
+                try:
+                    _remove_at(tfd, name)
+                except OSError:
+                    pass
+
+    def prune(self, keep_days: float, now: Optional[float] = None) -> int:
+        """Remove trash folders older than ``keep_days``; how many."""
+        cut = (time.time() if now is None else now) - keep_days * 86400
+        trash = self._trash()
+        removed = 0
+        for name in _names(trash.root):
+            if name == STAGING:
+                continue
+            try:
+                old = calendar.timegm(time.strptime(name[:19].decode(), STAMP_FORMAT)) < cut
+            except ValueError:
+                st = _lstat(trash.root, name)
+                old = st is not None and st.st_mtime < cut
+            if old:
+                trash.forget(name)
+                try:
+                    _remove_at(trash.root, name)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def close(self) -> None:
+        """Close every descriptor; the empty staging folder (and an empty trash) go."""
+        self.live.forget()
+        if self.stage is not None:
+            self.stage.forget()
+            os.close(self.stage.root)
+            self.stage = None
+        if self.trash is not None:
+            self.trash.forget()
+            for parent, name in ((STAGING, self.stage_name), (b"", STAGING)):
+                pfd = self.trash.get(parent, create=False)
+                if pfd is not None:
+                    try:
+                        os.rmdir(name, dir_fd=pfd)  # only when empty
+                    except OSError:
+                        pass
+                self.trash.forget()
+            os.close(self.trash.root)
+            self.trash = None
+            try:
+                os.rmdir(TRASH, dir_fd=self.root_fd)
+            except OSError:
+                pass
+        os.close(self.root_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_new(fd: int, name: bytes, mode: int, mtime: int, data: bytes) -> None:
+    """Create ``name`` (never through a link), write it, set its mode and time; gone on failure."""
+    out = os.open(name, O_NEW, 0o600, dir_fd=fd)
+    try:
+        _write_all(out, data)
+        if mode != 0o600:
+            os.fchmod(out, mode)
+        os.utime(out, ns=(mtime, mtime))
+    except BaseException:
+        os.close(out)
+        _remove_quietly(fd, name)
+        raise
+    os.close(out)
+
+
+def _remove_quietly(fd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass
+
+
+def _same_content(fd: int, name: bytes, data: bytes) -> bool:
+    try:
+        f = os.open(name, O_READ, dir_fd=fd)
+    except OSError:
+        return False
+    try:
+        have = b""
+        while len(have) <= len(data):
+            chunk = os.read(f, len(data) + 1 - len(have))
+            if not chunk:
+                break
+            have += chunk
+        return have == data
+    finally:
+        os.close(f)
+
+
+def _set_mode_time(fd: int, name: bytes, mode: int, mtime: int) -> None:
+    f = os.open(name, O_READ, dir_fd=fd)
+    try:
+        os.fchmod(f, mode)
+        os.utime(f, ns=(mtime, mtime))
+    finally:
+        os.close(f)
+
+
+def _chmod_folder(fd: int, name: bytes, mode: int) -> None:
+    f = os.open(name, O_DIR, dir_fd=fd)
+    try:
+        os.fchmod(f, mode & MODE_MASK)
+    finally:
+        os.close(f)
+
+
+# --- the mirror's agent -----------------------------------------------------------------------
+
+
+def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: dict) -> None:
+    """Answer the client's records until the channel closes."""
+    out.write(pack(R_HELLO, data=json.dumps(hello).encode()))
+    out.flush()
+    errors: List[List[str]] = []
+    n = 0
+    last_prune = 0.0
+    while True:
+        rec = read_record(inp.read)
+        if rec is None:
+            break  # the channel broke (a cut record is not applied) or the client is done
+        op, p, mode, mtime, offset, data = rec
+        if op == OP_END:
+            tree.finish(errors)
+            out.write(pack(R_ACK, offset=n, data=json.dumps(errors[:50]).encode()))
+            out.flush()
+            errors, n = [], 0
+            if time.monotonic() - last_prune > PRUNE_EVERY:
+                last_prune = time.monotonic()
+                _prune_quietly(tree, keep_days)
+            continue
+        if op == OP_MANIFEST:
+            tree.finish(errors)
+            count = 0
+            for rel, st, target in tree.manifest():
+                out.write(pack(R_ENTRY, rel, mode=st.st_mode, mtime_ns=st.st_mtime_ns,
+                               offset=st.st_size if stat.S_ISREG(st.st_mode) else 0, data=target))
+                count += 1
+            out.write(pack(R_DONE, offset=count))
+            out.flush()
+            continue
+        if op == OP_GET:
+            try:
+                check_path(p)
+                size = 0
+                for fmode, fmtime, off, chunk in tree.read(p):
+                    out.write(pack(R_DATA, p, mode=fmode, mtime_ns=fmtime, offset=off, data=chunk))
+                    size = off + len(chunk)
+                out.write(pack(R_DONE, p, offset=size))
+            except (OSError, ValueError) as e:
+                out.write(pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode()))
+            out.flush()
+            continue
+        n += 1
+        try:
+            if op not in (OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_CHUNK, OP_COMMIT):
+                raise ValueError("unknown operation %r" % op)
+            check_path(p)
+            if op == OP_PUT:
+                tree.put(p, mode, mtime, data)
+            elif op == OP_MKDIR:
+                tree.mkdir(p, mode)
+            elif op == OP_LINK:
+                tree.link(p, data)
+            elif op == OP_DELETE:
+                tree.delete(p)
+            elif op == OP_CHUNK:
+                tree.chunk(p, offset, data)
+            else:
+                tree.commit(p, mode, mtime, offset, data)
+        except Exception as e:  # noqa: BLE001 - reported to the client, the agent goes on
+            tree.live.forget()
+            errors.append([p.decode("utf-8", "replace"), "%s: %s" % (type(e).__name__, e)])
+    tree.finish(errors)  # the new folders of a cut batch hold whole files only: keep them
+
+
+def _prune_quietly(tree: Tree, keep_days: float) -> None:
+    try:
+        tree.prune(keep_days)
+        tree.clean_staging()
+    except OSError:
+        pass
+
+
+def run_mirror(root: bytes, *, keep_days: float, backup: bool = True,
+               inp: Optional[BinaryIO] = None, out: Optional[BinaryIO] = None) -> int:
+    os.umask(0o077)
+    try:  # 1 MiB pipe from sshd: fewer wake-ups per batch (Linux; fine without)
+        fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (OSError, ValueError):
+        pass
+    tree = Tree(root, backup=backup)
+    try:
+        if backup:
+            _prune_quietly(tree, keep_days)
+        hello = {"protocol": VERSION, "sha": own_sha(), "root": root.decode("utf-8", "replace"),
+                 "keep_days": keep_days, "pid": os.getpid()}
+        serve(tree, inp or sys.stdin.buffer, out or sys.stdout.buffer, keep_days=keep_days,
+              hello=hello)
+    finally:
+        tree.close()
+    return 0
+
+
+# --- the tunnel's helper ----------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> Optional[Tuple[str, int, str]]:
+    """(command name, parent pid, start time) of ``pid`` from /proc (Linux), or None.
+
+    /proc/PID/stat is readable for every process, also sshd's (which are not dumpable, so their
+    /proc/PID/fd is not).
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    name = raw[raw.index(b"(") + 1:raw.rindex(b")")].decode("utf-8", "replace")
+    rest = raw[raw.rindex(b")") + 2:].split()
+    return name, int(rest[1]), rest[19].decode()
+
+
+def session_pid() -> Optional[int]:
+    """The sshd process that serves this connection: the nearest ancestor named sshd*."""
+    pid = os.getppid()
+    for _ in range(16):
+        info = _proc_stat(pid)
+        if info is None:
+            return None
+        if info[0].startswith("sshd"):
+            return pid
+        pid = info[1]
+    return None
+
+
+def _sessions_file(key_id: str) -> Tuple[int, str]:
+    state = _state_dir()
+    folder = open_folder(state, b"sessions", True)
+    os.close(state)
+    assert folder is not None
+    return folder, key_id
+
+
+def record_session(key_id: str) -> Optional[int]:
+    """Note this connection's sshd process (pid and start time) as one of ``key_id``'s own."""
+    pid = session_pid()
+    info = _proc_stat(pid) if pid is not None else None
+    if pid is None or info is None:
+        return None
+    folder, name = _sessions_file(key_id)
+    try:
+        try:
+            with open(os.open(name, O_READ, dir_fd=folder), "rb") as f:
+                lines = f.read().decode().splitlines()[-31:]
+        except OSError:
+            lines = []
+        lines.append("%d %s" % (pid, info[2]))
+        _write_file_at(folder, name, ("\n".join(lines) + "\n").encode())
+    finally:
+        os.close(folder)
+    return pid
+
+
+def reclaim(key_id: str, pids: List[int]) -> List[int]:
+    """End sessions of this same key that still hold the tunnel's port after their link died:
+    only pids that :func:`record_session` noted for ``key_id``, still the same process (start
+    time), named sshd*, and not this very session. Returns the pids signalled."""
+    folder, name = _sessions_file(key_id)
+    try:
+        with open(os.open(name, O_READ, dir_fd=folder), "rb") as f:
+            known = set(f.read().decode().split("\n"))
+    except OSError:
+        known = set()
+    finally:
+        os.close(folder)
+    me, done = session_pid(), []
+    for pid in pids:
+        info = _proc_stat(pid)
+        if info is None or pid == me or not info[0].startswith("sshd"):
+            continue
+        if "%d %s" % (pid, info[2]) not in known:
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+            done.append(pid)
+        except OSError:
+            pass
+    return done
+
+
+def run_tunnel(key_id: str, port: int, request: List[str]) -> int:
+    word = request[0] if request else ""
+    if request == ["hello"]:
+        print("colab-remote-agent %s %s tunnel %d" % (VERSION, own_sha(), port))
+        return 0
+    if request == ["session"]:
+        pid = record_session(key_id)
+        print("colab-remote-session %s" % (pid if pid is not None else "?"))
+        return 0
+    if word == "reclaim" and len(request) > 1 and all(w.isdigit() for w in request[1:]):
+        done = reclaim(key_id, [int(w) for w in request[1:]])
+        print("colab-remote-reclaimed %s" % " ".join(str(p) for p in done))
+        return 0
+    if request == ["revoke"]:
+        return _print_revoked(revoke(runtime=runtime_of(key_id)))
+    return _refuse("this key only keeps the colab-remote tunnel on port %d up" % port)
+
+
+def _refuse(why: str) -> int:
+    sys.stderr.write("colab-remote: refused: %s\n" % why)
+    return 1
+
+
+# --- set-up, the server's config, revocation --------------------------------------------------
+
+
+def own_sha() -> str:
+    """sha256 of this file as installed (what the client pinned)."""
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (NameError, OSError):  # run from stdin at set-up: no file yet
+        return ""
+
+
+def home() -> str:
+    return pwd.getpwuid(os.getuid()).pw_dir
+
+
+def _own_folder(path: str, mode: int = 0o700) -> int:
+    """A folder of this user's, opened (created 0700 when missing); never a link."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    fd = os.open(path, O_DIR)
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid():
+        os.close(fd)
+        raise PermissionError("%s belongs to another user" % path)
+    return fd
+
+
+def _state_dir() -> int:
+    return _own_folder(os.path.join(home(), HOME_DIR))
+
+
+def _write_file_at(fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``name`` in folder ``fd`` whole (a fresh temporary name, then a rename)."""
+    tmp = ".%s.%d.%s" % (name, os.getpid(), os.urandom(4).hex())
+    out = os.open(tmp, O_NEW, mode, dir_fd=fd)
+    try:
+        _write_all(out, data)
+        os.fsync(out)
+    finally:
+        os.close(out)
+    os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def runtime_of(key_id: str) -> str:
+    """The runtime part of a key id (``RUNTIME.PURPOSE``)."""
+    return key_id.split(".", 1)[0]
+
+
+def _ok_id(text: str) -> str:
+    if not text or len(text) > 80 or any(not (c.isalnum() or c in "-_.") for c in text):
+        raise ValueError("a key id is 1-80 letters, digits, '-', '_', '.': %r" % text)
+    return text
+
+
+def _marker(key_id: str) -> str:
+    return "colab-remote:" + key_id
+
+
+class AuthorizedKeys:
+    """``~/.ssh/authorized_keys`` of this user, edited under a lock, never through a link."""
+
+    def __init__(self) -> None:
+        self.state = _state_dir()
+        self.lock = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC, 0o600,
+                            dir_fd=self.state)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.ssh = _own_folder(os.path.join(home(), ".ssh"))
+
+    def lines(self) -> List[str]:
+        try:
+            fd = os.open("authorized_keys", O_READ, dir_fd=self.ssh)
+        except FileNotFoundError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise PermissionError("~/.ssh/authorized_keys is not a file of this user")
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", "surrogateescape").splitlines()
+
+    def write(self, lines: List[str]) -> None:
+        text = "".join(line + "\n" for line in lines)
+        _write_file_at(self.ssh, "authorized_keys", text.encode("utf-8", "surrogateescape"))
+
+    def close(self) -> None:
+        os.close(self.ssh)
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        os.close(self.lock)
+        os.close(self.state)
+
+
+def _ours(line: str) -> Optional[str]:
+    """The key id a line of ours carries, else None."""
+    for word in reversed(line.split()):
+        if word.startswith("colab-remote:"):
+            return word[len("colab-remote:"):]
+    return None
+
+
+def _expired(line: str, now: float) -> bool:
+    at = line.find('expiry-time="')
+    if at < 0:
+        return False
+    spec = line[at + 13:at + 27]
+    try:
+        return time.mktime(time.strptime(spec, "%Y%m%d%H%M%S")) < now
+    except ValueError:
+        return False
+
+
+def revoke(runtime: Optional[str] = None, key_id: Optional[str] = None) -> List[str]:
+    """Remove the lines of ``runtime``, or the one of ``key_id``, or every colab-remote line (both
+    None), and the mirror configs only they used (and, for every line, our agents too); the key
+    ids removed."""
+    keys = AuthorizedKeys()
+    try:
+        kept, gone = [], []
+        for line in keys.lines():
+            kid = _ours(line)
+            if kid is not None and (kid == key_id if key_id is not None else
+                                    runtime is None or runtime_of(kid) == runtime):
+                gone.append(kid)
+            else:
+                kept.append(line)
+        if gone:
+            keys.write(kept)
+        _tidy(keys.state, kept, agents=runtime is None and key_id is None)
+    finally:
+        keys.close()
+    return gone
+
+
+def _print_revoked(gone: List[str]) -> int:
+    print("colab-remote-revoked %s" % " ".join(gone))
+    return 0
+
+
+def _tidy(state: int, lines: List[str], *, agents: bool = False) -> None:
+    """Remove the mirror configs no key line names (and with ``agents``, every installed agent:
+    a mirror without a restricted key runs one directly, so they stay otherwise)."""
+    names = {_ours(line) for line in lines}
+    if agents:
+        for name in os.listdir(state):
+            if name.startswith("agent-") and name.endswith(".py"):
+                _remove_quietly(state, name.encode())
+    cfg = open_folder(state, b"mirrors", False)
+    if cfg is None:
+        return
+    try:
+        for name in os.listdir(cfg):
+            if name[:-5] not in names:
+                _remove_quietly(cfg, name.encode())
+    finally:
+        os.close(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_dest(dest: str) -> str:
+    """The destination as an absolute real path (made when missing); refused when the mirror could
+    write over the account itself (the home folder, ``~/.ssh``, our own folder) from there."""
+    if not dest or "\0" in dest or "\n" in dest:
+        raise ValueError("the destination must be a folder path")
+    if ".." in dest.split("/"):
+        raise ValueError("the destination must not contain '..': %r" % dest)
+    if dest.startswith("~") and not dest.startswith("~/"):
+        raise ValueError("the destination must be a folder of this account: %r" % dest)
+    own = os.path.realpath(home())
+    path = os.path.join(own, dest[2:] if dest.startswith("~/") else dest)
+    os.makedirs(path, 0o700, exist_ok=True)
+    real = os.path.realpath(path)
+    if real == own or own.startswith(real.rstrip("/") + "/"):
+        raise ValueError("the destination %s holds the home folder: pick a folder of its own, "
+                         "e.g. ~/backup/project" % real)
+    for guarded in (os.path.join(own, ".ssh"), os.path.join(own, HOME_DIR)):
+        if real == guarded or real.startswith(guarded + "/"):
+            raise ValueError("the destination %s is inside %s" % (real, guarded))
+    return real
+
+
+def _command(words: List[str]) -> str:
+    """``words`` as the text of a ``command="..."`` option (the account's shell runs it)."""
+    text = " ".join(shlex.quote(w) for w in words)
+    if '"' in text or "\\" in text or "\n" in text:
+        raise ValueError("a path holds '\"', '\\' or a newline: %r" % text)
+    return text
+
+
+def _key_line(options: List[str], pubkey: str, key_id: str) -> str:
+    pub = pubkey.split()
+    if len(pub) < 2 or not pub[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise ValueError("not a public key: %r" % pubkey[:40])
+    return "%s %s %s %s" % (",".join(options), pub[0], pub[1], _marker(key_id))
+
+
+def setup(request: dict) -> dict:
+    """Install this agent and, with ``restricted``, the runtime's restricted keys (run once,
+    through the login that may use the password).
+
+    ``request``: ``source`` and ``sha`` (this file), ``restricted``, and ``keys``: a list of
+    ``{"id", "purpose": "tunnel", "port", "pubkey", "days"}`` or ``{"id", "purpose": "mirror",
+    "dest", "keep_days", "backup", "pubkey", "days"}``. The reply says, for each, the port (a free
+    one for port 0), the destination's real path, when the key expires, and the command to run
+    the agent directly (without ``restricted``).
+    """
+    source = request["source"].encode()
+    sha = hashlib.sha256(source).hexdigest()
+    if sha != request["sha"]:
+        raise ValueError("the agent arrived damaged")
+    restricted = bool(request.get("restricted", True))
+    state = _state_dir()
+    name = "agent-%s.py" % sha[:12]
+    agent = os.path.join(home(), HOME_DIR, name)
+    try:
+        try:
+            with open(os.open(name, O_READ, dir_fd=state), "rb") as f:
+                same = hashlib.sha256(f.read()).hexdigest() == sha
+        except OSError:
+            same = False
+        if not same:
+            _write_file_at(state, name, source)
+        run = [sys.executable or "python3", "-I", "-B", agent]
+        replies, lines, now = [], [], time.time()
+        for key in request["keys"]:
+            kid = _ok_id(key["id"])
+            reply: dict = {"id": kid}
+            if key["purpose"] == "tunnel":
+                port = int(key["port"]) or _free_port()
+                reply["port"] = port
+                forced = run + ["--forced", "tunnel", kid, str(port)]
+                options = ["restrict", "port-forwarding", 'permitlisten="localhost:%d"' % port,
+                           'permitopen="localhost:%d"' % port]
+            elif key["purpose"] == "mirror":
+                config = {"root": resolve_dest(key["dest"]),
+                          "keep_days": float(key.get("keep_days", 7)),
+                          "backup": bool(key.get("backup", True))}
+                reply["dest"] = config["root"]
+                reply["command"] = run + ["mirror", "--root", config["root"], "--keep-days",
+                                          repr(config["keep_days"])] + \
+                    ([] if config["backup"] else ["--no-backup"])
+                forced = run + ["--forced", "mirror", kid]
+                options = ["restrict"]
+                if restricted:  # what the key may do is fixed here, on the server
+                    cfg = _own_folder(os.path.join(home(), HOME_DIR, "mirrors"))
+                    try:
+                        _write_file_at(cfg, kid + ".json", json.dumps(config).encode())
+                    finally:
+                        os.close(cfg)
+            else:
+                raise ValueError("unknown purpose %r" % key["purpose"])
+            if restricted:
+                until = now + float(key["days"]) * 86400
+                reply["expires"] = until
+                options += ['command="%s"' % _command(forced),
+                            'expiry-time="%s"' % time.strftime("%Y%m%d%H%M%S", time.localtime(until))]
+                lines.append(_key_line(options, key["pubkey"], kid))
+            replies.append(reply)
+    finally:
+        os.close(state)
+    if lines:
+        keys = AuthorizedKeys()
+        try:
+            ids = {_ours(line) for line in lines}
+            kept = [line for line in keys.lines()  # a re-run replaces; expired lines of ours go
+                    if _ours(line) not in ids and not (_ours(line) and _expired(line, now))]
+            keys.write(kept + lines)
+            _tidy(keys.state, kept + lines)
+        finally:
+            keys.close()
+    return {"ok": True, "python": sys.executable, "home": home(), "agent": agent, "sha": sha,
+            "keys": replies, "protocol": VERSION}
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def _mirror_config(key_id: str) -> dict:
+    with open(os.path.join(home(), HOME_DIR, "mirrors", _ok_id(key_id) + ".json")) as f:
+        return dict(json.load(f))
+
+
+def main(argv: List[str]) -> int:
+    """``--forced mirror ID`` / ``--forced tunnel ID PORT`` (what restricted keys run: the request
+    is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [--no-backup]``, ``setup``
+    (request on stdin) and ``revoke [--all | RUNTIME]`` (run directly by the account)."""
+    if argv[:1] == ["--forced"]:
+        words = (os.environ.get("SSH_ORIGINAL_COMMAND") or "").split()
+        args = argv[1:]
+        if args[:1] == ["tunnel"] and len(args) == 3 and args[2].isdigit():
+            return run_tunnel(_ok_id(args[1]), int(args[2]), words)
+        if args[:1] == ["mirror"] and len(args) == 2:
+            kid = _ok_id(args[1])
+            if words == ["hello"]:
+                print("colab-remote-agent %s %s mirror" % (VERSION, own_sha()))
+                return 0
+            if words == ["revoke"]:
+                return _print_revoked(revoke(runtime=runtime_of(kid)))
+            if words != ["colab-remote", "agent"]:
+                return _refuse("this key only runs the colab-remote mirror agent")
+            cfg = _mirror_config(kid)
+            return run_mirror(cfg["root"].encode(), keep_days=float(cfg["keep_days"]),
+                              backup=bool(cfg.get("backup", True)))
+        return _refuse("unknown request")
+    if argv[:1] == ["setup"]:
+        try:
+            reply = setup(json.loads(sys.stdin.buffer.read().decode()))
+        except Exception as e:  # noqa: BLE001 - the client shows it
+            reply = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
+        return 0
+    if argv[:2] == ["mirror", "--root"] and len(argv) >= 5 and argv[3] == "--keep-days":
+        return run_mirror(argv[2].encode(), keep_days=float(argv[4]), backup="--no-backup" not in argv)
+    if argv in (["revoke"], ["revoke", "--all"]):
+        return _print_revoked(revoke())
+    if argv[:2] == ["revoke", "--runtime"] and len(argv) == 3:
+        return _print_revoked(revoke(runtime=_ok_id(argv[2])))
+    if argv[:2] == ["revoke", "--id"] and len(argv) == 3:
+        return _print_revoked(revoke(key_id=_ok_id(argv[2])))
+    return _refuse("unknown request")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,382 @@
+"""The server-side agent run directly (what sshd runs on the server), without ssh or root.
+
+Pure tier: a subprocess reading records on stdin in a temporary folder; any laptop runs these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from colab_remote import _agent as A
+
+from .conftest import wait_for
+
+AGENT = Path(A.__file__)
+TRASH = A.TRASH.decode()
+
+
+class Agent:
+    """``python3 -I -B _agent.py mirror --root DEST``: records in, records out."""
+
+    def __init__(self, dest: Path, *, keep_days: float = 7, backup: bool = True,
+                 fsize: int | None = None) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-I", "-B", str(AGENT), "mirror", "--root", str(dest),
+                "--keep-days", str(keep_days), *([] if backup else ["--no-backup"])]
+
+        def limit() -> None:  # a small disk: writes past fsize fail (EFBIG) instead of killing it
+            if fsize is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     preexec_fn=limit)
+        hello = self.record()
+        assert hello[0] == A.R_HELLO, hello
+        self.hello = json.loads(hello[5])
+        self.stage = dest / TRASH / ".staging" / str(self.proc.pid)
+
+    def send(self, *records: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"".join(records))
+        self.proc.stdin.flush()
+
+    def record(self) -> tuple[bytes, bytes, int, int, int, bytes]:
+        assert self.proc.stdout is not None
+        rec = A.read_record(self.proc.stdout.read)
+        assert rec is not None, "the agent closed the channel"
+        return rec
+
+    def end(self) -> list[list[str]]:
+        """End the batch; the errors the agent reported."""
+        self.send(A.pack(A.OP_END))
+        op, _, _, _, _, data = self.record()
+        assert op == A.R_ACK
+        return json.loads(data)
+
+    def manifest(self) -> dict[str, tuple[int, int, bytes]]:
+        self.send(A.pack(A.OP_MANIFEST))
+        found = {}
+        while True:
+            op, path, mode, _, size, data = self.record()
+            if op == A.R_DONE:
+                assert size == len(found)
+                return found
+            assert op == A.R_ENTRY
+            found[path.decode()] = (mode, size, data)
+
+    def get(self, rel: str) -> bytes | str:
+        self.send(A.pack(A.OP_GET, rel.encode()))
+        chunks = []
+        while True:
+            op, _, _, _, offset, data = self.record()
+            if op == A.R_FAIL:
+                return data.decode()
+            if op == A.R_DONE:
+                return b"".join(chunks)
+            assert op == A.R_DATA and offset == sum(map(len, chunks))
+            chunks.append(data)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(10) == 0
+
+
+def put(rel: str, data: bytes, mode: int = 0o644, mtime_ns: int = 1_600_000_000_123_456_789) -> bytes:
+    return A.pack(A.OP_PUT, rel.encode(), mode=mode, mtime_ns=mtime_ns, data=data)
+
+
+def mkdir(rel: str, mode: int = 0o755) -> bytes:
+    return A.pack(A.OP_MKDIR, rel.encode(), mode=mode)
+
+
+def link(rel: str, target: str) -> bytes:
+    return A.pack(A.OP_LINK, rel.encode(), data=target.encode())
+
+
+def delete(rel: str) -> bytes:
+    return A.pack(A.OP_DELETE, rel.encode())
+
+
+def trash_of(dest: Path) -> dict[str, bytes]:
+    """rel path inside its time stamp folder -> content (b'link:...' for links)."""
+    found = {}
+    for stamp in (dest / TRASH).glob("20*"):
+        for p in stamp.rglob("*"):
+            if p.is_symlink():
+                found[str(p.relative_to(stamp))] = b"link:" + os.readlink(p).encode()
+            elif p.is_file():
+                found[str(p.relative_to(stamp))] = p.read_bytes()
+    return found
+
+
+def test_the_agent_runs_on_python_3_6() -> None:
+    vermin = Path(sys.executable).with_name("vermin")
+    if not vermin.exists():
+        pytest.skip("vermin is not installed (pip install -e '.[test]')")
+    done = subprocess.run([str(vermin), "--no-tips", "--violations", "-t=3.6-", str(AGENT)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_agent_builds_new_folders_whole_and_renames_them_into_place(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    agent = Agent(dest)
+    try:
+        agent.send(mkdir("new"), put("new/a.txt", b"one"), mkdir("new/ro", 0o555),
+                   put("new/ro/b.txt", b"two", 0o600), put("new/a.txt", b"again"),
+                   link("new/link", "a.txt"),
+                   put("new/deep/er/c.txt", b"three"),  # its folders were not listed first
+                   mkdir("gone"), put("gone/x", b"x"), delete("gone/x"), delete("gone"))
+        wait_for(lambda: any(agent.stage.glob("*/deep/er/c.txt")), 10, "the agent to build it")
+        assert not (dest / "new").exists()  # nothing visible before the batch ends
+        assert agent.end() == []
+        assert (dest / "new/a.txt").read_bytes() == b"again"
+        assert (dest / "new/ro/b.txt").read_bytes() == b"two"
+        assert (dest / "new/deep/er/c.txt").read_bytes() == b"three"
+        assert os.readlink(dest / "new/link") == "a.txt"
+        assert stat.S_IMODE((dest / "new/ro").stat().st_mode) == 0o555
+        assert stat.S_IMODE((dest / "new/ro/b.txt").stat().st_mode) == 0o600
+        assert (dest / "new/a.txt").stat().st_mtime_ns == 1_600_000_000_123_456_789
+        assert not (dest / "gone").exists()
+        assert not list(agent.stage.iterdir())
+        assert trash_of(dest) == {}  # nothing was replaced: nothing in the trash
+
+        # a folder that appears on the server while the batch builds it: merged, nothing lost
+        agent.send(mkdir("race"), put("race/ours.txt", b"ours"), put("race/both.txt", b"new"))
+        wait_for(lambda: any(agent.stage.glob("*/both.txt")), 10, "the agent to build it")
+        (dest / "race").mkdir()
+        (dest / "race/theirs.txt").write_bytes(b"theirs")
+        (dest / "race/both.txt").write_bytes(b"old")
+        assert agent.end() == []
+        assert {p.name: p.read_bytes() for p in (dest / "race").iterdir()} == {
+            "ours.txt": b"ours", "both.txt": b"new", "theirs.txt": b"theirs"}
+        assert trash_of(dest) == {"race/both.txt": b"old"}
+    finally:
+        agent.close()
+    assert not agent.stage.exists()  # the agent removes its empty staging folder on exit
+    assert not (dest / TRASH / ".staging").exists() and (dest / TRASH).exists()  # trash kept
+    (dest / "new/ro").chmod(0o755)
+
+
+def test_a_deleted_folder_inside_a_new_one_never_comes_back(tmp_path: Path) -> None:
+    """mkdir -p C/s1/s2 && echo x > C/s1/s2/f && echo y > C/keep && rm -r C/s1, as the mirror
+    sends it when the listing of the new folder C no longer finds s1 (issue 13, item 1)."""
+    dest = tmp_path / "dest"
+    agent = Agent(dest)
+    try:
+        agent.send(mkdir("C"), put("C/keep", b"y"), delete("C/s1"), delete("C/s1/s2"),
+                   delete("C/s1/s2/f"))
+        assert agent.end() == []
+        assert sorted(p.name for p in (dest / "C").iterdir()) == ["keep"]
+        # the same deletes under a folder that already exists on the server: nothing made either
+        agent.send(delete("C/t1/t2/f"), delete("C/t1/t2"), delete("C/t1"))
+        assert agent.end() == []
+        assert sorted(p.name for p in (dest / "C").iterdir()) == ["keep"]
+    finally:
+        agent.close()
+
+
+def test_nothing_outside_the_destination_is_written_read_or_deleted(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (outside / "victim").write_bytes(b"victim")
+    dest.mkdir()
+    (dest / "evil").symlink_to(outside)           # a link where the client says a folder is
+    (dest / "f").symlink_to(outside / "victim")   # a link where the client writes a file
+    agent = Agent(dest)
+    try:
+        agent.send(put("../x", b"x"), put("/abs", b"x"), put(f"{TRASH}/x", b"x"), put("a/../b", b"x"),
+                   put("./c", b"x"), put("d//e", b"x"), mkdir(TRASH), delete(TRASH), delete(".."),
+                   link(f"{TRASH}/l", "/"))
+        errors = agent.end()
+        assert len(errors) == 10 and all("refused path" in e for _, e in errors), errors
+        # reading and deleting through the link: nothing there, as far as the copy goes
+        assert "FileNotFoundError" in agent.get("evil/secret") or "OSError" in agent.get("evil/secret")
+        agent.send(delete("evil/secret"))
+        assert agent.end() == []
+        assert (outside / "secret").read_bytes() == b"secret"
+        # writing through the link: the link goes to the trash, a real folder takes its place
+        agent.send(put("evil/new", b"new"), put("f", b"file"))
+        assert agent.end() == []
+        assert (dest / "evil").is_dir() and not (dest / "evil").is_symlink()
+        assert (dest / "evil/new").read_bytes() == b"new" and not (outside / "new").exists()
+        assert (dest / "f").read_bytes() == b"file" and not (dest / "f").is_symlink()
+        assert (outside / "victim").read_bytes() == b"victim"
+        kept = trash_of(dest)
+        assert kept["evil"] == f"link:{outside}".encode() and kept["f"] == f"link:{outside}/victim".encode()
+        assert sorted(p.name for p in outside.iterdir()) == ["secret", "victim"]
+    finally:
+        agent.close()
+
+
+def test_modes_never_group_or_world_writable_nor_setuid(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    agent = Agent(dest)
+    try:
+        agent.send(put("s", b"#!/bin/sh\n", mode=0o6777), mkdir("d", 0o2777), put("d/w", b"w", mode=0o666),
+                   mkdir("x"), mkdir("x", 0o1777))
+        assert agent.end() == []
+        assert stat.S_IMODE((dest / "s").stat().st_mode) == 0o755
+        assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o755
+        assert stat.S_IMODE((dest / "d/w").stat().st_mode) == 0o644
+        assert stat.S_IMODE((dest / "x").stat().st_mode) == 0o755
+        staging = dest / TRASH / ".staging"
+        assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    finally:
+        agent.close()
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "d").mkdir(parents=True)
+    (dest / "d" / "old").write_bytes(b"old")
+    agent = Agent(dest, fsize=1000)  # files may not grow past 1,000 bytes: a full disk
+    try:
+        agent.send(put("d/old", b"x" * 5000), put("d/new", b"y" * 5000), put("d/small", b"ok"),
+                   mkdir("n"), put("n/big", b"z" * 5000))
+        errors = agent.end()
+        assert {p for p, _ in errors} == {"d/old", "d/new", "n/big"}, errors
+        assert sorted(p.name for p in (dest / "d").iterdir()) == ["new", "old", "small"] or \
+            sorted(p.name for p in (dest / "d").iterdir()) == ["old", "small"]
+        assert (dest / "d/old").read_bytes() == b"old" and not list(dest.rglob(f"*{A.TMP_INFIX.decode()}*"))
+    finally:
+        agent.close()
+
+
+def test_big_files_in_chunks_checked_before_they_are_put_in_place(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "b").mkdir(parents=True)
+    (dest / "b" / "f").write_bytes(b"the old version")
+    data = os.urandom(3 * 1000 + 17)
+    agent = Agent(dest)
+    try:
+        chunks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+        agent.send(*[A.pack(A.OP_CHUNK, b"b/f", offset=i * 1000, data=c) for i, c in enumerate(chunks)])
+        assert (dest / "b" / "f").read_bytes() == b"the old version"  # not before the commit
+        agent.send(A.pack(A.OP_COMMIT, b"b/f", mode=0o640, mtime_ns=1_700_000_000_000_000_000,
+                          offset=len(data), data=A.digest(data)))
+        assert agent.end() == []
+        assert (dest / "b" / "f").read_bytes() == data
+        assert stat.S_IMODE((dest / "b" / "f").stat().st_mode) == 0o640
+        assert trash_of(dest) == {"b/f": b"the old version"}
+        # damaged (a wrong digest), out of order, never begun: refused, nothing left behind
+        agent.send(A.pack(A.OP_CHUNK, b"b/f", data=b"abc"),
+                   A.pack(A.OP_COMMIT, b"b/f", offset=3, data=A.digest(b"abd")),
+                   A.pack(A.OP_CHUNK, b"b/g", offset=5, data=b"abc"),
+                   A.pack(A.OP_CHUNK, b"b/h", data=b"abc"), A.pack(A.OP_CHUNK, b"b/h", offset=7, data=b"x"),
+                   A.pack(A.OP_COMMIT, b"b/i", offset=3))
+        errors = dict(agent.end())
+        assert set(errors) == {"b/f", "b/g", "b/h", "b/i"}, errors
+        assert (dest / "b" / "f").read_bytes() == data
+        assert sorted(p.name for p in (dest / "b").iterdir()) == ["f"]
+        assert not [p for p in (dest / TRASH / ".staging").rglob("*") if p.is_file()]
+    finally:
+        agent.close()
+
+
+def test_manifest_and_get_read_the_copy_back(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    agent = Agent(dest)
+    try:
+        big = os.urandom(A.CHUNK * 2 + 5)
+        agent.send(mkdir("d"), put("d/a", b"a", mode=0o600), link("d/l", "a"), put("top", b""),
+                   put("d/big", big))
+        assert agent.end() == []
+        (dest / "d" / f".x{A.TMP_INFIX.decode()}999999999").write_bytes(b"left by a dead agent")
+        found = agent.manifest()
+        assert set(found) == {"d", "d/a", "d/l", "top", "d/big"}
+        assert stat.S_ISDIR(found["d"][0]) and stat.S_ISLNK(found["d/l"][0])
+        assert found["d/l"][2] == b"a" and found["d/a"][1] == 1 and found["d/big"][1] == len(big)
+        assert stat.S_IMODE(found["d/a"][0]) == 0o600
+        assert not list(dest.rglob(f"*{A.TMP_INFIX.decode()}*"))  # the dead agent's leftover went
+        assert agent.get("d/a") == b"a" and agent.get("top") == b"" and agent.get("d/big") == big
+        assert "ValueError" in agent.get("d/l") or "OSError" in agent.get("d/l")  # a link is not read
+        assert "refused" in agent.get("../etc/passwd")
+    finally:
+        agent.close()
+
+
+def test_cut_mid_record_and_leftovers_of_dead_agents(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dead = "999999999"  # above any pid_max: no such process
+    (dest / "d").mkdir(parents=True)
+    (dest / TRASH / ".staging" / dead / "new-1").mkdir(parents=True)
+    agent = Agent(dest)
+    try:
+        assert not (dest / TRASH / ".staging" / dead).exists()  # cleaned when the agent starts
+        record = put("d/cut.txt", b"x" * 1000)
+        agent.send(put("d/whole.txt", b"whole"), record[:-400])  # the channel breaks mid-record
+    finally:
+        agent.close()
+    assert (dest / "d" / "whole.txt").read_bytes() == b"whole"
+    assert sorted(p.name for p in (dest / "d").iterdir()) == ["whole.txt"]
+
+
+def test_trash_is_pruned_by_the_servers_keep_days_only(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    old, recent = dest / TRASH / "2020-01-01T00-00-00.000000Z", dest / TRASH / "2099-01-01T00-00-00.000000Z"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text("trash")
+    agent = Agent(dest, keep_days=3)
+    try:
+        assert not old.exists() and recent.exists()
+        agent.send(A.pack(b"T", mtime_ns=0))  # the old "prune now" record: no such thing any more
+        assert "unknown operation" in agent.end()[0][1]
+        assert recent.exists()
+    finally:
+        agent.close()
+
+
+def test_forced_command_runs_only_the_agent(tmp_path: Path) -> None:
+    env = dict(os.environ, HOME=str(tmp_path))
+    for words in ("echo PWNED", "", "sh -c id", "/usr/lib/openssh/sftp-server", "internal-sftp",
+                  "scp -f /etc/passwd", "rsync --server --sender -vlogDtpre.iLsfxC . /",
+                  "colab-remote agent; echo PWNED"):
+        done = subprocess.run([sys.executable, "-I", "-B", str(AGENT), "--forced", "mirror", "rid.mirror-1"],
+                              env={**env, "SSH_ORIGINAL_COMMAND": words}, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "refused" in done.stderr and "PWNED" not in done.stdout, words
+    tunnel = [sys.executable, "-I", "-B", str(AGENT), "--forced", "tunnel", "rid.t", "20022"]
+    for words in ("echo PWNED", "", "reclaim 1; id", "reclaim x", "session now", "sh"):
+        done = subprocess.run(tunnel,
+                              env={**env, "SSH_ORIGINAL_COMMAND": words}, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "refused" in done.stderr, words
+    done = subprocess.run(tunnel, env={**env, "SSH_ORIGINAL_COMMAND": "hello"}, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith(f"colab-remote-agent {A.VERSION} ")
+
+
+def test_protocol_records_round_trip() -> None:
+    rec = A.pack(A.OP_CHUNK, "é/\n".encode(), mode=0o755, mtime_ns=-5, offset=1 << 40, data=b"xyz")
+    data = iter([rec])
+    buf = bytearray(next(data))
+
+    def read(n: int) -> bytes:
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    assert A.read_record(read) == (A.OP_CHUNK, "é/\n".encode(), 0o755, -5, 1 << 40, b"xyz")
+    assert A.read_record(read) is None
+    stamp = A.trash_stamp(0.25).decode()
+    assert stamp == "1970-01-01T00-00-00.250000Z"
+    assert time.strptime(stamp[:19], A.STAMP_FORMAT)
+    for bad in (b"", b"/a", b"a/../b", b"a//b", b"./a", A.TRASH + b"/x", b"a\0b"):
+        with pytest.raises(ValueError):
+            A.check_path(bad)
+    A.check_path(b"a/b c/.d..e")
