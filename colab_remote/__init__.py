@@ -18,7 +18,7 @@ from .errors import (
 from .mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
 from .reverse import Tunnel, find_tunnels, load_tunnel, reverse_forward, stop_tunnels
 from .server import Sshd, kernel_environment, start_sshd
-from .status import CheckResult, Status, self_check, status, stop_all
+from .status import CheckResult, Status, revoke, self_check, status, stop_all
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "mirror",
     "push",
     "reverse_forward",
+    "revoke",
     "self_check",
     "start_sshd",
     "status",

@@ -398,3 +398,29 @@ def revoke_recorded(state: Path, timeout: float = 30) -> list[tuple[str, str]]:
             with contextlib.suppress(FileNotFoundError):
                 Path(info["key"] + suffix).unlink()
     return outcomes
+
+
+def pinned_known_hosts(host: str, port: int, host_key: str, error: type[ColabRemoteError]) -> str:
+    """known_hosts text pinning ``host_key`` (a key line, or a fingerprint checked against keyscan)."""
+    if not host_key.startswith("SHA256:"):
+        return _ssh.known_hosts_line(host, port, host_key)
+    keyscan = _proc.require_program("ssh-keyscan", package="openssh-client", install=True,
+                                    error=error)
+    done = _proc.run([keyscan, "-p", str(port), "-T", "5", host], timeout=15, check=False,
+                     error=error)
+    offered = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        with contextlib.suppress(ValueError):
+            offered[_ssh.fingerprint(line)] = line
+    if host_key in offered:
+        return _ssh.known_hosts_line(host, port, offered[host_key])
+    if not offered:
+        raise error(f"could not read the host key of {host} port {port}",
+                          log_tail=done.stderr, fix="check the host name, port and that sshd runs")
+    raise error(f"the host key of {host} does not match host_key={host_key}",
+                      log_tail="the server offers:\n" + "\n".join(offered),
+                      fix="check the fingerprint on the server (ssh-keygen -lf "
+                          "/etc/ssh/ssh_host_ed25519_key.pub); never connect to a server whose "
+                          "key you cannot confirm")

@@ -315,6 +315,9 @@ class Supervisor:
             kind = _ssh.classify(output)
         last = output.splitlines()[-1] if output else how
         message = f"{text}: {last}" if text else last
+        if kind == "auth" and self.restricted:
+            message += (" (the tunnel's restricted key: expired or revoked? run reverse_forward() "
+                        "again with the password to install a new one)")
         log.warning("[ssh %d] could not connect (%s): %s", conn.number, kind, message)
         self.last_error, self.error_kind = message, kind
         if kind == "down" and (self.config.get("via") != "gcloud" or self.config.get("probe_host")):

@@ -35,6 +35,15 @@ def add_login_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-key", metavar="KEY", help="pin the other side's key: SHA256:... or a key line")
 
 
+def add_access_options(p: argparse.ArgumentParser) -> None:
+    """--unrestricted, --key-days: what the runtime may do on the server afterwards."""
+    p.add_argument("--unrestricted", dest="restricted", action="store_false",
+                   help="keep using the password (or --identity-file) instead of installing a "
+                        "restricted key: the runtime can then log in to the server as you")
+    p.add_argument("--key-days", type=float, default=3.0, metavar="DAYS",
+                   help="lifetime of the restricted key installed on the server (default 3)")
+
+
 def _cmd_sshd(args: argparse.Namespace) -> int:
     from .server import load_sshd, start_sshd
 
@@ -86,7 +95,8 @@ def _cmd_tunnel(args: argparse.Namespace) -> int:
     reverse_forward(args.destination, remote_port=20022 if args.remote_port is None else args.remote_port,
                     local_port=args.local_port, port=args.port, password=read_password(args),
                     identity_file=args.identity_file, via=args.via, zone=args.zone,
-                    project=args.project, state_dir=args.state_dir, host_key=args.host_key)
+                    project=args.project, state_dir=args.state_dir, host_key=args.host_key,
+                    restricted=args.restricted, key_days=args.key_days)
     return 0
 
 
@@ -100,6 +110,7 @@ def _add_tunnel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-port", type=int, default=None,
                    help="the runtime's sshd port (default: that of `colab-remote sshd`, else 22)")
     add_login_options(p)
+    add_access_options(p)
     p.add_argument("--via", choices=["ssh", "gcloud"], default="ssh",
                    help="plain ssh, or gcloud compute ssh to a Compute Engine VM")
     p.add_argument("--zone", help="the VM's zone (--via gcloud)")
@@ -161,6 +172,13 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    from .status import revoke
+
+    outcomes = revoke(args.state_dir, all=args.all)
+    return 1 if any(o.startswith("failed") for _, o in outcomes) else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -174,6 +192,14 @@ def _add_status_commands(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--state-dir", help="default ~/.colab_remote")
         p.set_defaults(func=func)
+    p = sub.add_parser("revoke", help="remove this runtime's keys from the servers it set up",
+                       description="Ask each server this runtime set up (with its own restricted "
+                                   "keys) to remove this runtime's key lines. On the server: "
+                                   "--all removes every colab-remote line of this account.")
+    p.add_argument("--all", action="store_true",
+                   help="run on the server: remove every colab-remote key line of this account")
+    p.add_argument("--state-dir", help="default ~/.colab_remote")
+    p.set_defaults(func=_cmd_revoke)
     p = sub.add_parser("logs", help="show the last lines of the logs", description="Show the last log lines.")
     p.add_argument("which", nargs="?", default="all", choices=["all", "sshd", "tunnel", "mirror"])
     p.add_argument("-n", "--lines", type=int, default=20)
@@ -195,7 +221,8 @@ def _cmd_mirror(args: argparse.Namespace) -> int:
                           password=read_password(args, "server password: "),
                           identity_file=args.identity_file, state_dir=args.state_dir,
                           exclude=args.exclude, delete=not args.no_delete,
-                          backup=not args.no_backup, restore=args.restore, host_key=args.host_key)
+                          backup=not args.no_backup, restore=args.restore, host_key=args.host_key,
+                          restricted=args.restricted, key_days=args.key_days)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -218,6 +245,7 @@ def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
                    help="first copy the server copy into LOCAL_DIR (a fresh runtime resumes)")
     p.add_argument("--no-delete", action="store_true", help="never delete on the server")
     p.add_argument("--no-backup", action="store_true", help="no trash on the server")
+    add_access_options(p)
     for q in (p, sub.add_parser(
             "push", help="copy a project into a runtime and set it up (run on the server)",
             description="Copy LOCAL_DIR into the runtime through the tunnel (nothing is deleted "

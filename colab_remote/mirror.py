@@ -295,9 +295,7 @@ def _known_hosts(state: Path, run_dir: Path, dest: _ssh.Destination, port: int,
     if host_key is None:
         return state / "known_hosts", False
     if host_key.startswith("SHA256:"):
-        from .reverse import _pinned_known_hosts  # checks the fingerprint against ssh-keyscan
-
-        text = _pinned_known_hosts(dest.host, port, host_key)
+        text = _access.pinned_known_hosts(dest.host, port, host_key, MirrorError)
     else:
         text = _ssh.known_hosts_line(dest.host, port, host_key)
     path = run_dir / "known_hosts.pinned"

@@ -133,6 +133,35 @@ class Tunnel:
         return _ssh.ssh_config_block(alias, jump=self.jump, remote_port=self.remote_port,
                                      login_user=self.login_user)
 
+    def access(self) -> str:
+        """What this tunnel logs in to the server with (and so what the runtime holds)."""
+        if self.config.get("restricted"):
+            expires = self.config.get("key_expires")
+            when = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(float(expires))) if expires else ""
+            return f"a key for this tunnel only{when} (no shell, no other port)"
+        if self.config.get("has_secret"):
+            return "your password, in the supervisor's memory (unrestricted)"
+        return "your own key or agent (unrestricted)"
+
+    def known_hosts(self, alias: str = "colab") -> str:
+        """``~/.ssh/known_hosts`` lines for the laptop: the runtime's host keys under ``alias`` (the
+        ``HostKeyAlias`` of :meth:`ssh_config`), so the laptop checks the runtime's key from the
+        first login instead of accepting whatever answers. Empty when this state folder has no
+        sshd of :func:`start_sshd`.
+
+        Example:
+            >>> print(tunnel.known_hosts())  # doctest: +SKIP
+            colab ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI...
+        """
+        _ssh.ssh_config_block(alias, jump="x", remote_port=1, login_user="x")  # checks the alias
+        keys = sorted((self.run_dir.parent.parent / "sshd" / "host_keys").glob("*.pub"))
+        lines = []
+        for key in keys:
+            words = key.read_text().split()
+            if len(words) >= 2:
+                lines.append(f"{alias} {words[0]} {words[1]}")
+        return "\n".join(lines) + ("\n" if lines else "")
+
     def logs(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the supervisor's log (ssh's messages included)."""
         return _proc.tail(self.run_dir / "supervisor.log", lines)
@@ -174,11 +203,16 @@ class Tunnel:
         lines = [
             f"tunnel {status.get('state', 'stopped')}: {self.config['destination']} {self._spec()}"
             f" (supervisor pid {status.get('pid')}, {status.get('restarts', 0)} restarts)",
+            f"server access: {self.access()}",
             "connect from your laptop with",
             f"  {self.connection_string}",
             "or put this in ~/.ssh/config (VS Code Remote-SSH: host 'colab'):",
             *("  " + line for line in self.ssh_config().splitlines()),
         ]
+        known = self.known_hosts()
+        if known:
+            lines += ["and this in ~/.ssh/known_hosts (the runtime's host keys: nothing else is accepted):",
+                      *("  " + line for line in known.splitlines())]
         if status.get("last_error") and status.get("state") != "up":
             lines.append(f"last error: {status['last_error']}")
         return "\n".join(lines)
@@ -187,6 +221,7 @@ class Tunnel:
         status = self.status()
         rows = [("server", str(self.config["destination"])),
                 ("forward", self._spec()),
+                ("server access", self.access()),
                 ("restarts", str(status.get("restarts", 0))),
                 ("supervisor pid", str(status.get("pid")))]
         if status.get("since"):
@@ -194,9 +229,12 @@ class Tunnel:
             rows.append(("since", since))
         if status.get("last_error"):
             rows.append(("last error", str(status["last_error"])))
-        return _html.card("reverse tunnel", str(status.get("state", "stopped")), rows,
-                          [("connect", self.connection_string),
-                           ("~/.ssh/config (VS Code Remote-SSH)", self.ssh_config())])
+        blocks = [("connect", self.connection_string),
+                  ("~/.ssh/config (VS Code Remote-SSH)", self.ssh_config())]
+        known = self.known_hosts()
+        if known:
+            blocks.append(("~/.ssh/known_hosts (the runtime's host keys)", known))
+        return _html.card("reverse tunnel", str(status.get("state", "stopped")), rows, blocks)
 
 
 def _tunnels_dir(state: Path) -> Path:
@@ -387,7 +425,8 @@ def reverse_forward(
         known_hosts = state / "known_hosts"
         if host_key is not None:
             known_hosts = run_dir / "known_hosts.pinned"
-            _proc.write_private(known_hosts, _pinned_known_hosts(dest.host, port, host_key) + "\n")
+            pinned = _access.pinned_known_hosts(dest.host, port, host_key, TunnelError)
+            _proc.write_private(known_hosts, pinned + "\n")
         secret = password
         if restricted and key_path is None:
             login = _access.Login(ssh=ssh, dest=dest, port=port, known_hosts=known_hosts,
@@ -491,29 +530,3 @@ def _control_dir(run_dir: Path) -> Path:
     base.mkdir(mode=0o700, exist_ok=True)
     base.chmod(0o700)
     return base / hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
-
-
-def _pinned_known_hosts(host: str, port: int, host_key: str) -> str:
-    """known_hosts text pinning ``host_key`` (a key line, or a fingerprint checked against keyscan)."""
-    if not host_key.startswith("SHA256:"):
-        return _ssh.known_hosts_line(host, port, host_key)
-    keyscan = _proc.require_program("ssh-keyscan", package="openssh-client", install=True,
-                                    error=TunnelError)
-    done = _proc.run([keyscan, "-p", str(port), "-T", "5", host], timeout=15, check=False,
-                     error=TunnelError)
-    offered = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        with contextlib.suppress(ValueError):
-            offered[_ssh.fingerprint(line)] = line
-    if host_key in offered:
-        return _ssh.known_hosts_line(host, port, offered[host_key])
-    if not offered:
-        raise TunnelError(f"could not read the host key of {host} port {port}",
-                          log_tail=done.stderr, fix="check the host name, port and that sshd runs")
-    raise TunnelError(f"the host key of {host} does not match host_key={host_key}",
-                      log_tail="the server offers:\n" + "\n".join(offered),
-                      fix="check the fingerprint on the server (ssh-keygen -lf "
-                          "/etc/ssh/ssh_host_ed25519_key.pub); never connect to a server whose "
-                          "key you cannot confirm")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _proc, _ssh
+from . import _access, _proc, _ssh
 from .errors import ColabRemoteError
 from .server import Sshd, announce, load_sshd, state_path
 
-__all__ = ["CheckResult", "Status", "self_check", "status", "stop_all"]
+__all__ = ["CheckResult", "Status", "revoke", "self_check", "status", "stop_all"]
 
 
 @dataclass
@@ -86,6 +86,37 @@ def stop_all(state_dir: str | os.PathLike[str] | None = None) -> int:
         sshd.stop()
         count += 1
     return count
+
+
+def revoke(state_dir: str | os.PathLike[str] | None = None, *, all: bool = False,
+           quiet: bool = False) -> list[tuple[str, str]]:
+    """Remove this runtime's key lines from the servers it set up (or, with ``all``, run on the
+    server: every colab-remote line of this account).
+
+    Each restricted key can ask the server's helper to remove the lines of its own runtime, and
+    nothing else. Stop the tunnels and mirrors first (they cannot log in again afterwards).
+
+    Returns:
+        ``(key id, outcome)`` pairs: "revoked", or "failed: ..." (an expired key, an unreachable
+        server; the line expires anyway).
+
+    Example:
+        >>> colab_remote.stop_all(); colab_remote.revoke()  # doctest: +SKIP
+        [('3f2a9c1b7e44.tunnel-9d1e0c5b2a', 'revoked'), ('3f2a9c1b7e44.mirror-1c9a...', 'revoked')]
+    """
+    if not isinstance(all, bool):
+        raise TypeError(f"all must be True or False, got {all!r}")
+    if all:
+        outcomes = [(kid, "revoked") for kid in _access.revoke_all_here()]
+    else:
+        outcomes = _access.revoke_recorded(state_path(state_dir))
+    if not quiet:
+        for kid, outcome in outcomes:
+            print(f"{kid}: {outcome}", flush=True)
+        if not outcomes:
+            print("no colab-remote keys " + ("on this account" if all else "recorded in the state folder"),
+                  flush=True)
+    return outcomes
 
 
 @dataclass

@@ -532,6 +532,17 @@ def test_push_copies_into_a_runtime_and_runs_setup(tmp_path: Path, make_user, ca
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
         assert cli.stdout.strip().splitlines()[-1].endswith("content/p2")
+        # the runtime's fingerprint as start_sshd printed it: checked strictly, a wrong one refused
+        fresh_state = tmp_path / "another-server-state"
+        rc = push(project, f"{runtime_user.name}@127.0.0.1:content/p3", port=port,
+                  password=runtime_user.password, state_dir=fresh_state,
+                  host_key=sshd.fingerprints["ED25519"])
+        assert rc == 0 and (target.parent / "p3" / "pkg" / "m.py").exists()
+        with pytest.raises(MirrorError, match="does not match"):
+            push(project, f"{runtime_user.name}@127.0.0.1:content/p4", port=port,
+                 password=runtime_user.password, state_dir=fresh_state,
+                 host_key="SHA256:" + "A" * 43)
+        assert not (target.parent / "p4").exists()
     finally:
         sshd.stop()
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from colab_remote import AuthenticationError, TunnelError, _proc, _ssh, reverse, start_sshd
@@ -192,6 +193,51 @@ def test_login_through_tunnel_and_heal_after_kill(tmp_path, server, runtime, cap
     tunnel.stop()  # idempotent
     assert not tunnel.alive and tunnel.state == "stopped"
     assert not forward_answers(tunnel.remote_port)
+
+
+@needs_root
+@needs_sshd
+def test_the_laptop_checks_the_runtimes_key_from_the_first_login(tmp_path, server, runtime) -> None:
+    """The card's ~/.ssh/config block and known_hosts lines, used as a laptop would: strict."""
+    tunnel = open_tunnel(server, runtime)
+    try:
+        assert "a key for this tunnel only" in tunnel.summary()
+        assert tunnel.known_hosts() in tunnel.summary().replace("  ", "") or tunnel.known_hosts()
+        home = tmp_path / "laptop"
+        home.mkdir()
+        server_line = f"[127.0.0.1]:{server.port} " + " ".join(server.host_key_line.split()[:2])
+        strict = (f"    UserKnownHostsFile {home / 'known_hosts'}\n    GlobalKnownHostsFile /dev/null\n"
+                  "    StrictHostKeyChecking yes\n")
+        # the card's block, with the jump spelled as a ProxyCommand so it reads this config too
+        block = tunnel.ssh_config("colab").replace("    ProxyJump", "    #ProxyJump")
+        (home / "config").write_text(
+            block + f"    ProxyCommand ssh -F {home / 'config'} -W %h:%p -p {server.port} "
+            f"{server.user.name}@127.0.0.1\n" + strict + "Host 127.0.0.1\n" + strict)
+
+        def login() -> tuple[int | None, str]:
+            child = pexpect.spawn("ssh", ["-F", str(home / "config"), "-o", "PubkeyAuthentication=no",
+                                          "colab", "id -un"], encoding="utf-8", timeout=20)
+            try:
+                for pw in (server.user.password, runtime.login.password):
+                    if child.expect(["assword:", pexpect.EOF]) == 1:
+                        break
+                    child.sendline(pw)
+                child.expect(pexpect.EOF)
+            finally:
+                child.close(force=True)
+            return child.exitstatus, child.before or ""
+
+        (home / "known_hosts").write_text(tunnel.known_hosts("colab") + server_line + "\n")
+        code, out = login()
+        assert code == 0 and runtime.login.name in out, out
+        # a runtime whose key is not the one on the card: refused, never accepted
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
+        fake = (home / "k.pub").read_text().split()
+        (home / "known_hosts").write_text(f"colab {fake[0]} {fake[1]}\n{server_line}\n")
+        code, out = login()
+        assert code != 0 and "verification failed" in out, out
+    finally:
+        tunnel.stop()
 
 
 @needs_root
