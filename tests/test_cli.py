@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from colab_remote import Mirror, MirrorError, Sshd, TunnelError, _proc, find_tun
 
 from .conftest import needs_root, needs_sshd
 
+ROOT = Path(__file__).resolve().parent.parent
 mirror_module = sys.modules["colab_remote.mirror"]  # the package's name "mirror" is the function
 CLI = [sys.executable, "-m", "colab_remote"]
 TIMESTAMPED = re.compile(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
@@ -92,6 +94,7 @@ def test_an_unreadable_or_unreachable_folder_is_a_clear_error(tmp_path, make_use
     state.mkdir()
     os.chown(state, user.uid, user.gid)
     as_user = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever is installed
     closed = str(_proc.free_port())
     for folder, restore, said in ((home / "typo", "0", "does not exist"),
                                   (secret, "0", f"cannot be read by {user.name} (mode d---------"),
@@ -100,13 +103,14 @@ def test_an_unreadable_or_unreachable_folder_is_a_clear_error(tmp_path, make_use
                                   (readonly / "new", "1", f"{user.name} cannot create it: {readonly} "
                                                           "is not writable")):
         done = subprocess.run([*as_user, sys.executable, "-c", NON_ROOT_MIRROR, str(folder), closed,
-                               str(state), restore], cwd=home, capture_output=True, text=True, timeout=60)
+                               str(state), restore], cwd=home, env=env, capture_output=True, text=True,
+                              timeout=60)
         assert done.stdout.startswith(f"ValueError: local_dir {folder} "), done.stdout + done.stderr
         assert said in done.stdout, done.stdout
         assert not (state / "mirror").exists()  # before anything ran
     done = subprocess.run([*as_user, *CLI, "mirror", str(secret), "nobody@127.0.0.1:backup", "--port",
-                           closed, "--state-dir", str(state)], cwd=home, capture_output=True, text=True,
-                          timeout=60)
+                           closed, "--state-dir", str(state)], cwd=home, env=env, capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 2
     assert f"colab-remote: ValueError: local_dir {secret} cannot be read" in done.stderr
     assert "Traceback" not in done.stderr
