@@ -273,6 +273,11 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
     _check_server(login, restricted, error)
     rid = runtime_id(state)
     kid = f"{rid}.{purpose['name']}"
+    if restricted:
+        reused = _reuse(state, login, purpose, kid)
+        if reused is not None:
+            log.info("reusing the key %s: the server still takes it", kid)
+            return reused
     key = key_file(state, purpose["name"]) if restricted else None
     source, sha = agent_source()
     request = {"source": source.decode(), "sha": sha, "restricted": restricted,
@@ -291,7 +296,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
                        command=tuple(found.get("command", ())), expires=found.get("expires"))
         if key is not None:
             _verify(session, login, key, kid, reply, error)
-            _record(state, purpose["name"], login, kid)
+            _record(state, login, purpose, result, sha)
     _announce_new_host_key(login, known_before, quiet)
     log.info("set up %s on %s: %s", purpose["purpose"], login.dest.target,
              "restricted key " + kid if key else "the account's own login")
@@ -329,11 +334,37 @@ def _verify(session: _Session, login: Login, key: Path, kid: str, reply: dict[st
                     "key logins; check its sshd_config, or pass restricted=False")
 
 
-def _record(state: Path, name: str, login: Login, kid: str) -> None:
-    """What :func:`revoke` needs later: where the key logs in."""
-    _proc.write_private(state / "keys" / f"{name}.json", json.dumps({
-        "id": kid, "user": login.dest.user, "host": login.dest.host, "port": login.port,
-        "known_hosts": str(login.known_hosts), "pinned": login.pinned, "ssh": login.ssh}))
+def _record(state: Path, login: Login, purpose: dict[str, Any], granted: Grant, sha: str) -> None:
+    """What :func:`revoke` and a re-run need later: where the key logs in, for what."""
+    _proc.write_private(state / "keys" / f"{purpose['name']}.json", json.dumps({
+        "id": granted.key_id, "user": login.dest.user, "host": login.dest.host, "port": login.port,
+        "known_hosts": str(login.known_hosts), "pinned": login.pinned, "ssh": login.ssh,
+        "purpose": purpose, "sha": sha, "granted_port": granted.port, "dest": granted.dest,
+        "expires": granted.expires}))
+
+
+REUSE_MARGIN = 3600.0  # a key that expires sooner than this is replaced (when a password is given)
+
+
+def _reuse(state: Path, login: Login, purpose: dict[str, Any], kid: str) -> Grant | None:
+    """The key a cell run earlier in this runtime installed for the same purpose, when the server
+    still takes it and runs this version's agent: a re-run needs no password."""
+    name = purpose["name"]
+    key = state / "keys" / name
+    try:
+        info = json.loads((state / "keys" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (info.get("purpose") == purpose and info.get("id") == kid and key.is_file()
+            and info.get("sha") == agent_source()[1] and info.get("host") == login.dest.host
+            and info.get("port") == login.port and info.get("user") == login.dest.user)
+    if not same or (info.get("expires") or 0) < time.time() + REUSE_MARGIN:
+        return None
+    done = _proc.run(login.argv("hello", key=str(key)), timeout=15, check=False)
+    if not done.stdout.startswith(f"colab-remote-agent {_agent.VERSION} {info['sha']}"):
+        return None
+    return Grant(key=key, key_id=kid, port=info.get("granted_port"), dest=info.get("dest"),
+                 expires=info.get("expires"))
 
 
 def _known(login: Login) -> set[str]:

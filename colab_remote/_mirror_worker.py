@@ -1688,6 +1688,8 @@ def run(cfg: dict[str, Any], password: str | None, *, foreground: bool = False) 
             worker.error_detail = {"type": type(e).__name__, "what": e.what, "log_tail": e.log_tail,
                                    "fix": e.fix}
             worker.set_state("error", str(e))
+            if foreground:
+                raise  # the command line prints it as every other error
             log.error("%s", e)
             return 1
         except Exception as e:

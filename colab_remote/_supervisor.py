@@ -320,6 +320,8 @@ class Supervisor:
                         "again with the password to install a new one)")
         log.warning("[ssh %d] could not connect (%s): %s", conn.number, kind, message)
         self.last_error, self.error_kind = message, kind
+        if not self.up_once and kind == "down" and "timed out" not in output:
+            raise Fatal(kind, message)  # refused, no route: a wrong host or port, not an outage
         if kind == "down" and (self.config.get("via") != "gcloud" or self.config.get("probe_host")):
             self.server_down = True
             self.next_probe = time.monotonic() + PROBE_INTERVAL

@@ -17,6 +17,28 @@ from .errors import ColabRemoteError
 Command = Callable[[argparse.Namespace], int]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0 (``logs -n -5`` is refused, not read as "all")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
 def read_password(args: argparse.Namespace, prompt: str = "password: ") -> str | None:
     """The password from stdin (``--password-stdin``) or None."""
     if getattr(args, "password_stdin", False):
@@ -96,7 +118,7 @@ def _cmd_tunnel(args: argparse.Namespace) -> int:
                     local_port=args.local_port, port=args.port, password=read_password(args),
                     identity_file=args.identity_file, via=args.via, zone=args.zone,
                     project=args.project, state_dir=args.state_dir, host_key=args.host_key,
-                    restricted=args.restricted, key_days=args.key_days)
+                    timeout=args.timeout, restricted=args.restricted, key_days=args.key_days)
     return 0
 
 
@@ -116,6 +138,8 @@ def _add_tunnel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zone", help="the VM's zone (--via gcloud)")
     p.add_argument("--project", help="the VM's project (--via gcloud)")
     p.add_argument("--state-dir", help="status and logs (default ~/.colab_remote)")
+    p.add_argument("--timeout", type=positive_float, default=30,
+                   help="seconds to wait for the forward to come up (default 30)")
     p.add_argument("--stop", action="store_true",
                    help="stop the tunnels of the state folder (only --remote-port's if given)")
     p.set_defaults(func=_cmd_tunnel)
@@ -154,9 +178,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from .status import stop_all
+    from .server import state_path
+    from .status import _stop_all
 
-    print(f"stopped {stop_all(args.state_dir)} running process(es)")
+    stopped, removed = _stop_all(state_path(args.state_dir))
+    for name in stopped:
+        print(f"stopped {name}")
+    for name in removed:
+        print(f"removed the record of the {name}")
+    count = len(stopped)
+    print(f"stopped {count} running process{'' if count == 1 else 'es'}"
+          + (f", removed {len(removed)} record{'' if len(removed) == 1 else 's'} of what had stopped "
+             "or failed" if removed else ""))
     return 0
 
 
@@ -202,7 +235,8 @@ def _add_status_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_revoke)
     p = sub.add_parser("logs", help="show the last lines of the logs", description="Show the last log lines.")
     p.add_argument("which", nargs="?", default="all", choices=["all", "sshd", "tunnel", "mirror"])
-    p.add_argument("-n", "--lines", type=int, default=20)
+    p.add_argument("-n", "--lines", type=positive_int, default=20,
+                   help="how many lines of each log (default 20)")
     p.add_argument("--state-dir", help="default ~/.colab_remote")
     p.set_defaults(func=_cmd_logs)
     p = sub.add_parser("demo", help="run the whole flow on this machine with throwaway accounts",
@@ -231,7 +265,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return push(args.local_dir, args.destination, port=args.port,
                 password=read_password(args, "runtime password: "),
                 identity_file=args.identity_file, setup=args.setup, exclude=args.exclude,
-                state_dir=args.state_dir, host_key=args.host_key)
+                state_dir=args.state_dir, host_key=args.host_key, timeout=args.timeout)
 
 
 def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
@@ -255,6 +289,8 @@ def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
             q.add_argument("destination", metavar="USER@HOST:PATH",
                            help="e.g. root@localhost:/content/project")
             q.add_argument("--setup", metavar="CMD", help="e.g. 'pip install -r requirements.txt'")
+            q.add_argument("--timeout", type=positive_float, default=3600,
+                           help="seconds for the copy and for the set-up command, each (default 3600)")
             q.set_defaults(func=_cmd_push)
         add_login_options(q)
         q.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out (repeatable)")
@@ -275,7 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        command.set_defaults(usage_of=command)  # a caller mistake shows this command's usage
     return parser
+
+
+def _say(error: BaseException) -> None:
+    """Every failure in one voice: ``colab-remote: ErrorName: message`` (our errors add the log
+    tail and the fix)."""
+    print(f"colab-remote: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,10 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        args.usage_of.print_usage(sys.stderr)
+        _say(e)
+        return 2
     except ColabRemoteError as e:
-        print(f"colab-remote: {type(e).__name__}: {e}", file=sys.stderr)
+        _say(e)
+        return 1
+    except OSError as e:  # a file or folder the command needs (permissions, a full disk)
+        _say(e)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0

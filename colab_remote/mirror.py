@@ -18,9 +18,11 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -126,18 +128,23 @@ class Mirror:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        info = self._info()
-        self.pid: int | None = info.get("pid")
-        self.local_dir: str = info.get("local_dir", "")
-        self.destination: str = info.get("destination", "")
-        self.port: int = info.get("port", 22)
         self.config_path = str(run_dir / "config.json")
+        # config.json holds the call's values before the process starts (status.json comes later)
+        info = {**self._read("config.json"), **self._info()}
+        pid = info.get("pid") or _proc.read_pid(run_dir / "mirror.pid")
+        self.pid: int | None = int(pid) if pid else None
+        self.local_dir: str = str(info.get("local_dir", ""))
+        self.destination: str = str(info.get("destination", ""))
+        self.port: int = int(info.get("port", 22))
+
+    def _read(self, name: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.run_dir / name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
 
     def _info(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.run_dir / "status.json").read_text()))
-        except (OSError, ValueError):
-            return {}
+        return self._read("status.json")
 
     @property
     def _sock(self) -> Path:
@@ -263,6 +270,39 @@ def _local_dir(local_dir: object) -> str:
     if path == "/":
         raise ValueError("local_dir must not be /")
     return path
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _check_local_folder(path: str, given: object, *, create: bool) -> None:
+    """ValueError naming ``path`` unless this user can list it (or, with ``create``, make it)."""
+    user = _user_name()
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        raise ValueError(f"local_dir {given} cannot be reached by {user}: a folder above it cannot "
+                         "be entered (permission denied)") from None
+    except FileNotFoundError:
+        if not create:
+            raise ValueError(f"local_dir {given} does not exist; check the path (a typo?), create "
+                             "the folder first, or pass restore=True to fetch the server copy into "
+                             "it") from None
+        parent = os.path.dirname(path)
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"local_dir {given} does not exist and {user} cannot create it: "
+                             f"{parent} is not writable") from None
+        return
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"local_dir {given} cannot be read by {user} (mode "
+                         f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}); fix its permissions "
+                         "or mirror it as its owner")
 
 
 def _identity(identity_file: object) -> str | None:
@@ -400,6 +440,7 @@ def mirror(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     _check_bool("restricted", restricted)
     _access.check_days(key_days)
+    _check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=keep_days, restricted=restricted, key_days=key_days,
                                    quiet=quiet)
@@ -502,13 +543,16 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                    delete: bool = True, backup: bool = True, restore: bool = False,
                    host_key: str | None = None, restricted: bool = True,
                    key_days: float = _access.KEY_DAYS) -> int:
-    """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes)."""
+    """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
+
+    A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
     from . import _mirror_worker
 
     args = _prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
     _access.check_days(key_days)
+    _check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=_sync.TRASH_KEEP_DAYS, restricted=restricted,
                                    key_days=key_days, quiet=False)
@@ -526,8 +570,8 @@ def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror
     """
     state = state_path(state_dir)
     found = []
-    for status in sorted((state / "mirror").glob("*/status.json")):
-        found.append(Mirror(status.parent))
+    for config in sorted((state / "mirror").glob("*/config.json")):
+        found.append(Mirror(config.parent))
     return found
 
 

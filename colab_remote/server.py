@@ -126,7 +126,9 @@ class Sshd:
         return "up" if self.alive else "stopped"
 
     def __repr__(self) -> str:
-        return f"<Sshd {self.user}@:{self.port} {self._state()}, pid {self.pid}>"
+        host = self.listen_address or "*"  # no ListenAddress: every address
+        host = f"[{host}]" if ":" in host else host
+        return f"<Sshd {self.user}@{host}:{self.port} {self._state()}, pid {self.pid}>"
 
     def summary(self, *, show_password: bool = False) -> str:
         """What a user needs to log in, as text."""

@@ -25,7 +25,8 @@ __all__ = ["CheckResult", "Status", "revoke", "self_check", "status", "stop_all"
 
 @dataclass
 class Status:
-    """The sshd, tunnels and mirrors recorded in one state folder."""
+    """The sshd, tunnels and mirrors recorded in one state folder: running ones first, then the
+    records of those that stopped or failed (:func:`stop_all` removes a tunnel's or mirror's)."""
 
     state_dir: Path
     sshd: Sshd | None
@@ -35,17 +36,54 @@ class Status:
     def handles(self) -> list[Any]:
         return [h for h in [self.sshd, *self.tunnels, *self.mirrors] if h is not None]
 
+    def running(self) -> list[Any]:
+        """The handles whose process runs."""
+        return [h for h in self.handles() if h.alive]
+
+    def not_running(self) -> list[Any]:
+        """The handles of what stopped or failed (a record in the state folder, no process)."""
+        return [h for h in self.handles() if not h.alive]
+
     def __repr__(self) -> str:
+        running, dead = self.running(), self.not_running()
         lines = [f"colab-remote status ({self.state_dir})"]
-        shown = self.handles()
-        lines += [f"  {h!r}" for h in shown] or ["  nothing recorded"]
+        lines += [f"  {h!r}" for h in running] or ["  nothing running"]
+        if dead:
+            lines.append("  not running (stop_all() or `colab-remote stop` removes these records; "
+                         "an sshd's host keys stay):")
+            lines += [f"    {h!r}{_why(h)}" for h in dead]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        cards = "".join(h._repr_html_() for h in self.handles())
+        running, dead = self.running(), self.not_running()
+        cards = "".join(h._repr_html_() for h in running) or "<p>nothing running</p>"
+        if dead:
+            cards += ("<p>not running (<code>stop_all()</code> removes these records):</p>"
+                      + "".join(h._repr_html_() for h in dead))
         return (f"<div class='colab-remote-status'><b>colab-remote</b> "
-                f"<code>{html.escape(str(self.state_dir))}</code>"
-                f"{cards or '<p>nothing recorded</p>'}</div>")
+                f"<code>{html.escape(str(self.state_dir))}</code>{cards}</div>")
+
+
+def _why(handle: Any) -> str:
+    """``: <first line of its error>`` for a failed tunnel or mirror, else ''."""
+    if isinstance(handle, Sshd):
+        return ""
+    if hasattr(handle, "last_error"):
+        error = handle.last_error if handle.state == "failed" else ""
+    else:
+        error = str(handle._info().get("error") or "") if handle.state == "error" else ""
+    first = error.strip().splitlines()[0] if error.strip() else ""
+    return f": {first[:160]}" if first else ""
+
+
+def _name(handle: Any) -> str:
+    """What the user knows a handle by: ``tunnel bob@host -R 20022:localhost:22``."""
+    if isinstance(handle, Sshd):
+        host = handle.listen_address or "*"
+        return f"sshd {handle.user}@{f'[{host}]' if ':' in host else host}:{handle.port}"
+    if hasattr(handle, "ssh_config"):
+        return f"tunnel {handle.config['destination']} {handle._spec()}"
+    return f"mirror {handle.local_dir} -> {handle.destination}"
 
 
 def status(state_dir: str | os.PathLike[str] | None = None, *, display: bool = False) -> Status:
@@ -54,7 +92,7 @@ def status(state_dir: str | os.PathLike[str] | None = None, *, display: bool = F
     Example:
         >>> colab_remote.status()  # doctest: +SKIP
         colab-remote status (/root/.colab_remote)
-          <Sshd root@:22 up, pid 812>
+          <Sshd root@*:22 up, pid 812>
           <Tunnel bob@example.org -R 20022:localhost:22 up, 0 restarts>
     """
     from .mirror import find_mirrors
@@ -70,22 +108,40 @@ def status(state_dir: str | os.PathLike[str] | None = None, *, display: bool = F
 def stop_all(state_dir: str | os.PathLike[str] | None = None) -> int:
     """Stop every mirror, tunnel and sshd started from ``state_dir``; return how many ran.
 
-    Mirrors go first and push what is pending; the sshd goes last.
+    Mirrors go first and push what is pending; the sshd goes last. Then the records of the
+    tunnels and mirrors (stopped now, earlier, or failed) are removed from ``state_dir``; the
+    sshd's folder stays (the next :func:`start_sshd` reuses its host keys).
 
     Example:
         >>> colab_remote.stop_all()  # doctest: +SKIP
         3
     """
-    from .mirror import stop_mirrors
-    from .reverse import stop_tunnels
+    return len(_stop_all(state_path(state_dir))[0])
 
-    state = state_path(state_dir)
-    count = stop_mirrors(state) + stop_tunnels(state)
+
+def _stop_all(state: Path) -> tuple[list[str], list[str]]:
+    """Stop what runs, remove the tunnels' and mirrors' records; return the names of what was
+    stopped (``tunnel bob@host -R 20022:localhost:22 (pid 812)``) and of the records removed of
+    what had stopped or failed before."""
+    from .mirror import find_mirrors
+    from .reverse import find_tunnels
+
+    stopped: list[str] = []
+    removed: list[str] = []
+    handles: list[Any] = [*find_mirrors(state), *find_tunnels(state)]
+    for handle in handles:
+        if handle.alive:
+            stopped.append(f"{_name(handle)} (pid {handle.pid})")
+        else:
+            removed.append(f"{'failed' if handle.state == 'error' else handle.state} {_name(handle)}")
+        handle.stop()
+        if not handle.alive:
+            shutil.rmtree(handle.run_dir, ignore_errors=True)
     sshd = load_sshd(state)
     if sshd is not None and sshd.alive:
+        stopped.append(f"{_name(sshd)} (pid {sshd.pid})")
         sshd.stop()
-        count += 1
-    return count
+    return stopped, removed
 
 
 def revoke(state_dir: str | os.PathLike[str] | None = None, *, all: bool = False,

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 extra=${1:-}
 
 if [ "$(id -u)" != 0 ]; then
-  echo "bootstrap: run as root (it installs system packages): sudo bash $0 $*" >&2
+  echo "bootstrap: run as root (it installs system packages): sudo bash $0 $*, or from a root shell" >&2
   exit 1
 fi
 
@@ -43,12 +43,45 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# pip's own output goes to a log (shown when it fails); a terminal sees which package it is at.
+# PYTHONWARNINGS: setuptools boxes a note about editable installs into every install; not for us.
+pip_install() {
+  local log=.venv/bootstrap-pip.log rc
+  set +e
+  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --progress-bar off "$@" \
+    2>&1 | tee -a "$log" | if [ -t 1 ]; then
+      awk '/^Collecting /{n++; printf "\r   %d packages, now %s\033[K", n, $2; fflush()}
+           END{if (n) printf "\r\033[K"}'
+    else cat >/dev/null; fi
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" != 0 ]; then
+    echo "bootstrap: pip install $* failed (exit $rc); the end of $log:" >&2
+    tail -n 25 "$log" >&2
+    exit "$rc"
+  fi
+}
+
+# Re-runs skip pip when pyproject.toml is what was installed (the code itself is installed
+# editable: changes to it need no reinstall).
+target=.; [ "$extra" = test ] && target='.[test]'
+stamp="pyproject $(sha256sum pyproject.toml | cut -c1-16) $target"
+if [ -x .venv/bin/python ] && [ -f .venv/.bootstrap-stamp ] && \
+   { [ "$(cat .venv/.bootstrap-stamp)" = "$stamp" ] || \
+     { [ "$target" = . ] && [ "$(cat .venv/.bootstrap-stamp)" = "${stamp% .}"' .[test]' ]; }; } && \
+   .venv/bin/python -c 'import colab_remote' >/dev/null 2>&1; then
+  echo "== .venv is up to date (pyproject.toml unchanged since its install; the code is linked, not copied)"
+  exit 0
+fi
+started=$SECONDS
 if [ ! -x .venv/bin/python ]; then
+  echo "== creating the virtual environment .venv"
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if [ "$extra" = test ]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
-else
-  .venv/bin/python -m pip install -q -e .
-fi
+rm -f .venv/.bootstrap-stamp .venv/bootstrap-pip.log
+what="colab-remote"; [ "$extra" = test ] && what="colab-remote and what its tests need"
+echo "== installing $what into .venv with pip (about 30 s the first time; log: .venv/bootstrap-pip.log)"
+pip_install --upgrade pip
+pip_install -e "$target"
+echo "$stamp" > .venv/.bootstrap-stamp
+echo "== .venv ready ($((SECONDS - started)) s)"

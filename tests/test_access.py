@@ -423,3 +423,23 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
             reverse_forward("bob@127.0.0.1", port=port, password="x" * 12, remote_port=_proc.free_port(),
                             local_port=port, state_dir=tmp_path / "state2", quiet=True)
         assert "restricted=False" in str(caught.value)
+
+
+def test_a_rerun_in_the_same_runtime_needs_no_password(tmp_path: Path, server) -> None:
+    state = tmp_path / "state"
+    tunnel, m, local = start_both(tmp_path, server)
+    port = tunnel.remote_port
+    lines = (server.user.home / ".ssh/authorized_keys").read_text()
+    m.stop()
+    tunnel.stop()
+    # the same cells again, the password variable gone: the keys installed earlier are reused
+    tunnel = reverse_forward(f"{server.user.name}@127.0.0.1", port=server.port, password=None,
+                             remote_port=port, local_port=server.port, state_dir=state, quiet=True)
+    m = mirror(local, f"{server.user.name}@127.0.0.1:backup/project", port=server.port, password=None,
+               state_dir=state, quiet=True)
+    try:
+        assert forward_answers(tunnel.remote_port) and m.alive
+        assert (server.user.home / ".ssh/authorized_keys").read_text() == lines  # nothing new
+    finally:
+        m.stop()
+        tunnel.stop()

@@ -345,7 +345,8 @@ def test_empty_local_is_refused_and_restore_resumes(tmp_path: Path, server) -> N
     fresh.mkdir()
     with pytest.raises(MirrorError, match="restore=True"):
         start(tmp_path, server, fresh)
-    with pytest.raises(MirrorError, match="missing"):
+    # a missing folder is now refused before anything runs, whatever the server holds (issue 12)
+    with pytest.raises(ValueError, match="not-there does not exist.*restore=True"):
         start(tmp_path, server, tmp_path / "not-there")
     few = tmp_path / "few"
     few.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -13,6 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import colab_remote
+from colab_remote import _ssh
 
 from .conftest import needs_root, needs_sshd, ssh_run
 
@@ -42,7 +44,23 @@ def test_notebook_is_saved_without_outputs_and_has_tagged_parameters() -> None:
     assert len(params) == 1
     names = set(re.findall(r"(?m)^([A-Z_]+) = .*# @param", params[0].source))
     assert {"INSTALL_FROM", "SSHD_USER", "SSHD_PORT", "SERVER", "SERVER_PORT", "SERVER_PASSWORD",
-            "REMOTE_PORT", "PROJECT_DIR", "BACKUP_DIR", "STATE_DIR", "STOP_AT_END"} <= names
+            "REMOTE_PORT", "PROJECT_DIR", "BACKUP_DIR", "STATE_DIR", "STOP_AT_END",
+            "SERVER_HOST_KEY"} <= names
+
+
+def test_notebook_run_all_leaves_everything_running_and_pins_the_host_key() -> None:
+    """The saved form's defaults: "run all" keeps sshd, tunnel and mirror up; the server's key
+    from the form reaches reverse_forward and mirror."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    form = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source
+    assert re.search(r"(?m)^STOP_AT_END = False  # @param", form)
+    assert re.search(r'(?m)^SERVER_HOST_KEY = ""  # @param', form)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for call in ("reverse_forward(", "mirror("):
+        block = code[code.index(call):]
+        assert "host_key=host_key" in block[:block.index("\n)")], call
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "trusts whatever key it sees first" in text and "git+https://" in text
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
@@ -55,6 +73,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
         "SSHD_LISTEN": "127.0.0.1", "SERVER": f"{server.user.name}@127.0.0.1", "SERVER_PORT": server.port,
         "SERVER_PASSWORD": server.user.password, "REMOTE_PORT": remote_port, "PROJECT_DIR": str(project),
         "BACKUP_DIR": "backup/project", "STATE_DIR": str(state), "STOP_AT_END": False,
+        "SERVER_HOST_KEY": _ssh.fingerprint(server.host_key_line),
     }
     nb = nbformat.read(NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
@@ -78,6 +97,12 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
         # The kernel is gone (nbclient shut it down): what it started still runs and is found.
         found = colab_remote.status(state)
         assert found.sshd is not None and found.sshd.alive and len(found.tunnels) == 1
+        # SERVER_HOST_KEY pinned the server's key for the tunnel and the mirror
+        (tunnel,) = found.tunnels
+        assert tunnel.config["options"]["StrictHostKeyChecking"] == "yes"
+        assert tunnel.config["options"]["UserKnownHostsFile"].endswith("known_hosts.pinned")
+        (mirrored,) = found.mirrors
+        assert json.loads(Path(mirrored.config_path).read_text())["pinned"] is True
     finally:
         colab_remote.stop_all(state)
 
@@ -97,7 +122,8 @@ def test_demo_check_mode(tmp_path) -> None:
 def test_readme_demo_command(tmp_path) -> None:
     """The README's first command, as written (bootstrap, then the demo), in its --check mode."""
     root = Path(__file__).resolve().parent.parent
-    assert "sudo bash demo.sh" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "\nbash demo.sh  " in readme and "sudo bash demo.sh" not in readme  # as root, no sudo needed
     done = subprocess.run(["bash", str(root / "demo.sh"), "--check", "--base-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

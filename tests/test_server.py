@@ -403,7 +403,7 @@ def test_status_logs_and_stop_from_the_command_line(tmp_path, make_user, free_po
     cli = [sys.executable, "-m", "colab_remote"]
     state = ["--state-dir", str(tmp_path / "state")]
     shown = subprocess.run([*cli, "status", *state], capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0 and f"<Sshd {user.name}@:{free_port} up" in shown.stdout
+    assert shown.returncode == 0 and f"<Sshd {user.name}@127.0.0.1:{free_port} up" in shown.stdout
     logs = subprocess.run([*cli, "logs", "sshd", "-n", "5", *state], capture_output=True, text=True,
                           timeout=60)
     assert "Server listening on 127.0.0.1" in logs.stdout

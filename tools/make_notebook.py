@@ -29,7 +29,18 @@ Run the cells top to bottom. Fill in the form first."""),
 secret `SERVER_PASSWORD` (🔑 in the left sidebar) or asks you, so the password is never saved in the
 notebook. With key login to your server, put the private key's path in `SERVER_IDENTITY_FILE`.
 `AUTHORIZED_KEYS` (your laptop's public key, e.g. `~/.ssh/id_ed25519.pub`) turns password login to the
-runtime off."""),
+runtime off.
+
+`SERVER_HOST_KEY` pins your server's host key: its `SHA256:...` fingerprint (on the server:
+`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) or its public key line. Pinning matters because every
+runtime is fresh: left empty, each new runtime trusts whatever key it sees first, so someone between
+the runtime and your server could pose as the server and receive your password.
+
+`INSTALL_FROM` is what `pip install` gets: `colab-remote` from PyPI, or before a release, the repository
+(`git+https://github.com/colab-remote/colab-remote`) or a wheel you uploaded
+(`/content/colab_remote-0.1.0-py3-none-any.whl`). Empty skips the install.
+
+`STOP_AT_END` stops everything in the last cell; leave it off to keep working over SSH after "run all"."""),
     new_code_cell("""INSTALL_FROM = "colab-remote"  # @param {type:"string"}
 SSHD_USER = "root"  # @param {type:"string"}
 SSHD_PORT = 22  # @param {type:"integer"}
@@ -40,6 +51,7 @@ SERVER = "you@your-server.example.org"  # @param {type:"string"}
 SERVER_PORT = 22  # @param {type:"integer"}
 SERVER_PASSWORD = ""  # @param {type:"string"}
 SERVER_IDENTITY_FILE = ""  # @param {type:"string"}
+SERVER_HOST_KEY = ""  # @param {type:"string"}
 VIA = "ssh"  # @param ["ssh", "gcloud"]
 GCE_ZONE = ""  # @param {type:"string"}
 GCE_PROJECT = ""  # @param {type:"string"}
@@ -47,10 +59,11 @@ REMOTE_PORT = 20022  # @param {type:"integer"}
 PROJECT_DIR = "/content/project"  # @param {type:"string"}
 BACKUP_DIR = "backup/project"  # @param {type:"string"}
 STATE_DIR = "~/.colab_remote"  # @param {type:"string"}
-STOP_AT_END = True  # @param {type:"boolean"}""", metadata={"tags": ["parameters"]}),
+STOP_AT_END = False  # @param {type:"boolean"}""", metadata={"tags": ["parameters"]}),
     new_markdown_cell("""## 2. Install colab-remote
 
-Skipped when `INSTALL_FROM` is empty (the package is already installed)."""),
+`INSTALL_FROM`: `colab-remote` (PyPI), a git URL or a wheel's path. Skipped when it is empty (the package
+is already installed)."""),
     new_code_cell("""import subprocess, sys
 
 if INSTALL_FROM:
@@ -79,8 +92,14 @@ sshd = start_sshd(
 
 The runtime connects to `SERVER` and forwards its port `REMOTE_PORT` back to the runtime's SSH server.
 The tunnel runs in the background, outlives this cell and a kernel restart, and reconnects by itself
-(after a network hiccup, a server reboot, a dead link). The first connection records the server's host
-key; later ones check it."""),
+(after a network hiccup, a server reboot, a dead link). With `SERVER_HOST_KEY` the server's key is checked
+against it; without, this runtime's first connection records the key and later ones check it.
+
+**Your password is used once.** The first login installs, on your server, a key for this tunnel alone
+(it may keep `REMOTE_PORT` forwarded and do nothing else: no shell, no other port) and, in section 5, one
+for the mirror alone (it may only write into `BACKUP_DIR`, through a trash, and read it back). Both expire
+after 3 days. The runtime keeps those keys, never the password: whatever else runs here can do no more on
+your server. `colab_remote.revoke()` takes the keys back."""),
     new_code_cell("""import getpass
 
 def server_password():
@@ -93,7 +112,8 @@ def server_password():
         pass
     return getpass.getpass(f"password for {SERVER}: ") or None
 
-password = server_password()"""),
+password = server_password()
+host_key = (SERVER_HOST_KEY or None) if VIA == "ssh" else None  # gcloud pins the VM's key itself"""),
     new_code_cell("""from colab_remote import reverse_forward
 
 tunnel = reverse_forward(
@@ -106,6 +126,7 @@ tunnel = reverse_forward(
     zone=GCE_ZONE or None,
     project=GCE_PROJECT or None,
     state_dir=STATE_DIR,
+    host_key=host_key,
 )"""),
     new_markdown_cell("""### Connect from your laptop
 
@@ -114,8 +135,10 @@ ssh -J you@your-server -p 20022 root@localhost
 ```
 
 (the exact command is printed above as `tunnel.connection_string`). For **VS Code Remote-SSH**, paste
-the block below into `~/.ssh/config` and connect to the host `colab`."""),
-    new_code_cell("""print(tunnel.ssh_config(alias="colab"))"""),
+the block below into `~/.ssh/config` and connect to the host `colab`; the lines after it go into
+`~/.ssh/known_hosts`, so your laptop checks this runtime's key from the first login."""),
+    new_code_cell("""print(tunnel.ssh_config(alias="colab"))
+print(tunnel.known_hosts(alias="colab"))"""),
     new_markdown_cell("""## 5. Keep the project safe
 
 `mirror()` first restores the server's copy into `PROJECT_DIR` (a fresh runtime resumes where the last one
@@ -133,17 +156,19 @@ backup = mirror(
     password=password,
     identity_file=SERVER_IDENTITY_FILE or None,
     state_dir=STATE_DIR,
+    host_key=host_key,
     restore=True,
 )
 with open(os.path.join(PROJECT_DIR, "hello-from-colab.txt"), "w") as f:
     f.write("written in the notebook\\n")
 backup.flush(timeout=30)
+password = None  # both keys are installed (a re-run of these cells reuses them): the password is done
 backup"""),
     new_markdown_cell("""## 6. Check the whole path
 
 Logs in the way your laptop will (through the server and the tunnel into this runtime) and runs
 `nvidia-smi` when there is a GPU, else `hostname`."""),
-    new_code_cell("""colab_remote.self_check(sshd, tunnel, server_password=password)"""),
+    new_code_cell("""colab_remote.self_check(sshd, tunnel)"""),
     new_markdown_cell("""## 7. Status
 
 Everything running from `STATE_DIR`, also after a kernel restart. `colab_remote.stop_all()` stops it;
@@ -151,7 +176,9 @@ each handle's `.logs()` shows its log."""),
     new_code_cell("""colab_remote.status(STATE_DIR)"""),
     new_markdown_cell("""## 8. Stop
 
-Runs only when `STOP_AT_END` is set. Leave it off to keep working over SSH after the notebook ends."""),
+Runs only when `STOP_AT_END` is set (it is off by default: after "run all" the SSH server, the tunnel and
+the mirror keep running, so you can keep working over SSH). To stop everything later, run
+`colab_remote.stop_all(STATE_DIR)`."""),
     new_code_cell("""if STOP_AT_END:
     backup.stop(flush=True)
     colab_remote.stop_all(STATE_DIR)"""),
