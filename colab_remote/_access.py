@@ -29,6 +29,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,14 +257,19 @@ def _setup_command(source: bytes) -> str:
             f"{shlex.quote(boot)} setup; fi; echo CRA-NOPYTHON; exit 97")
 
 
+Runner = Callable[[str, bytes, float], tuple[int, str]]  # (command, stdin, timeout) -> (rc, output)
+
+
 def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str | None,
           restricted: bool = True, days: float = KEY_DAYS, error: type[ColabRemoteError],
-          quiet: bool = False, timeout: float = SETUP_TIMEOUT) -> Grant:
+          quiet: bool = False, timeout: float = SETUP_TIMEOUT, runner: Runner | None = None) -> Grant:
     """Log in once and set the server up for one tunnel or mirror (see the module docstring).
 
     ``purpose``: ``{"purpose": "tunnel", "name": ..., "port": N}`` or ``{"purpose": "mirror",
     "name": ..., "dest": path, "keep_days": d, "backup": b}``. Without ``restricted`` no key is
-    installed (the account's own login is used from then on) but the agent still is.
+    installed (the account's own login is used from then on) but the agent still is. ``runner``
+    runs the set-up's command some other way than a login to ``login`` (``gcloud compute ssh``);
+    the new key is still checked with a plain login to ``login``.
 
     Raises:
         AuthenticationError: the server refused the login.
@@ -284,9 +290,10 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
                "keys": [{**purpose, "id": kid, "days": days,
                          "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
     known_before = _known(login)
-    with _Session(login, password, error, timeout) as session:
-        rc, output = session.run(_setup_command(source), source + json.dumps(request).encode(),
-                                 timeout)
+    with contextlib.ExitStack() as stack:
+        if runner is None:
+            runner = stack.enter_context(_Session(login, password, error, timeout)).run
+        rc, output = runner(_setup_command(source), source + json.dumps(request).encode(), timeout)
         if "CRA-NOPYTHON" in output and not restricted:
             log.warning("%s has no python3: the mirror copies with rsync alone", login.dest.host)
             return Grant(key=None, key_id=kid, agent=False)
@@ -295,7 +302,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
         result = Grant(key=key, key_id=kid, port=found.get("port"), dest=found.get("dest"),
                        command=tuple(found.get("command", ())), expires=found.get("expires"))
         if key is not None:
-            _verify(session, login, key, kid, reply, error)
+            _verify(runner, login, key, kid, reply, error)
             _record(state, login, purpose, result, sha)
     _announce_new_host_key(login, known_before, quiet)
     log.info("set up %s on %s: %s", purpose["purpose"], login.dest.target,
@@ -320,14 +327,13 @@ def _reply(output: str, rc: int, login: Login, error: type[ColabRemoteError]) ->
                 fix="read the output above; the server's shell start-up files must not print")
 
 
-def _verify(session: _Session, login: Login, key: Path, kid: str, reply: dict[str, Any],
+def _verify(runner: Runner, login: Login, key: Path, kid: str, reply: dict[str, Any],
             error: type[ColabRemoteError]) -> None:
     """Log in with the new key alone; when the server does not take it, take the line back."""
     done = _proc.run(login.argv("hello", key=str(key)), timeout=30, check=False, error=error)
     if done.stdout.startswith("colab-remote-agent "):
         return
-    session.run(shlex.join([reply["python"], "-I", "-B", reply["agent"], "revoke", "--id", kid]),
-                b"", 30)
+    runner(shlex.join([reply["python"], "-I", "-B", reply["agent"], "revoke", "--id", kid]), b"", 30)
     raise error(f"{login.dest.host} did not accept the new restricted key",
                 log_tail=(done.stderr or done.stdout).strip(),
                 fix="the server's sshd may read keys from elsewhere (AuthorizedKeysFile) or forbid "

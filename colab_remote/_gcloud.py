@@ -24,6 +24,7 @@ What real gcloud (SDK 528, ``surface/compute/ssh.py``) does with the argv built 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -178,6 +179,68 @@ def external_ip(gcloud: str, instance: str, zone: str | None, project: str | Non
                 + (f" --zone={zone}" if zone else ""),
         )
     return address
+
+
+def instance_id(gcloud: str, instance: str, zone: str | None, project: str | None,
+                env: Mapping[str, str] | None = None, *, timeout: float = 60) -> str:
+    """The instance's numeric id: gcloud records its host key as ``compute.<id>``."""
+    argv = [gcloud, "compute", "instances", "describe", check_instance(instance)]
+    if zone is not None:
+        argv.append(f"--zone={check_zone(zone)}")
+    if project is not None:
+        argv.append(f"--project={check_project(project)}")
+    argv += ["--format=value(id)", "--quiet"]
+    done = _proc.run(argv, timeout=timeout, env=env, error=GcloudError,
+                     what=f"gcloud could not describe instance {instance}",
+                     fix=f"check the instance name, zone and project; {_LOGIN_FIX} if not logged in")
+    return done.stdout.strip()
+
+
+def recorded_host_keys(home: str, ident: str) -> list[str]:
+    """The VM's host keys as gcloud recorded (or pinned) them: ``type base64`` each."""
+    path = os.path.join(home, ".ssh", "google_compute_known_hosts")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 3 and f"compute.{ident}" in words[0].split(","):
+            found.append(f"{words[1]} {words[2]}")
+    return found
+
+
+class SetupRunner:
+    """Runs the set-up's command on the VM through ``gcloud compute ssh`` (its own key, once).
+
+    gcloud pushes its key into the project's metadata on the first run and then polls with its own
+    ssh until the key works; that poll would swallow stdin, so :meth:`prepare` runs a no-op first
+    and the set-up command (with its stdin) comes second, when there is nothing left to poll.
+    """
+
+    def __init__(self, gcloud: str, dest: Destination, zone: str | None, project: str | None,
+                 port: int, timeout: float = 120) -> None:
+        self.gcloud, self.dest, self.zone, self.project = gcloud, dest, zone, project
+        self.port, self.timeout = port, timeout
+
+    def _argv(self, command: str) -> list[str]:
+        flags = ["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5"]
+        if self.port != 22:
+            flags = ["-p", str(self.port), *flags]
+        return gcloud_ssh_argv(self.gcloud, self.dest, zone=self.zone, project=self.project,
+                               ssh_flags=flags, command=["-T", command])
+
+    def prepare(self) -> None:
+        rc, output = _proc.run_bytes(self._argv("true"), b"", timeout=self.timeout)
+        if rc != 0:
+            raise GcloudError(f"gcloud compute ssh {self.dest.target} failed (exit {rc})",
+                              log_tail=output,
+                              fix=f"{_LOGIN_FIX}; check the instance, zone, project and its firewall")
+
+    def __call__(self, command: str, data: bytes, timeout: float) -> tuple[int, str]:
+        return _proc.run_bytes(self._argv(command), data, timeout=max(timeout, self.timeout))
 
 
 # --- gcloud config set -------------------------------------------------------------------------

@@ -93,7 +93,8 @@ class Supervisor:
         self.run_dir = run_dir
         self.config = config
         self.secret = secret
-        self.dest = _ssh.Destination(config["user"], config["host"])
+        # a restricted tunnel to a Compute Engine VM logs in with plain ssh to its address
+        self.dest = _ssh.Destination(config["user"], config.get("connect_host") or config["host"])
         self.ssh = config["ssh"]
         self.control_dir = Path(config["control_dir"])
         self.reconnect = bool(config.get("reconnect", True))
@@ -230,7 +231,7 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             control_path.unlink()
         options = self.config["options"]
-        if self.config.get("via") == "gcloud":
+        if self.config.get("via") == "gcloud" and not self.restricted:
             from . import _gcloud
 
             # gcloud's own key-propagation probe (ssh ... -- :) gets --ssh-flag but not what

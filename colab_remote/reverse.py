@@ -411,28 +411,54 @@ def reverse_forward(
         "has_secret": False, "restricted": False,
         "control_dir": str(_control_dir(run_dir)),
     }
+    purpose = {"purpose": "tunnel", "port": remote_port,
+               "name": "tunnel-" + _access.short_hash(f"{dest}:{port}:{remote_port}:{via}")}
+    secret = password
     if via == "gcloud":
         from . import _gcloud
 
         gcloud = _gcloud.find_gcloud()
         public = _gcloud.external_ip(gcloud, dest.host, zone, project)
-        config.update(gcloud=gcloud, zone=zone, project=project, public_host=public,
-                      probe_host=public, has_secret=password is not None,
-                      options=_ssh.tunnel_options(known_hosts=None, pinned=False,
-                                                  identity_file=key_path, password=False))
-        secret = password
+        config.update(gcloud=gcloud, zone=zone, project=project, public_host=public, probe_host=public)
+        if restricted and key_path is None:
+            # gcloud (and its own key) for the set-up only; then plain ssh to the VM's address
+            # with a restricted key, checked against the host key gcloud recorded for the VM
+            runner = _gcloud.SetupRunner(gcloud, dest, zone, project, port)
+            runner.prepare()
+            ident = _gcloud.instance_id(gcloud, dest.host, zone, project)
+            recorded = _gcloud.recorded_host_keys(os.path.expanduser("~"), ident)
+            if not recorded:
+                raise TunnelError(f"gcloud recorded no host key for {dest.host} (compute.{ident})",
+                                  fix="connect once with gcloud compute ssh, or pass restricted=False")
+            known_hosts = run_dir / "known_hosts.pinned"
+            _proc.write_private(known_hosts, "".join(
+                _ssh.known_hosts_line(public, port, line) + "\n" for line in recorded))
+            login = _access.Login(ssh=ssh, dest=_ssh.Destination(dest.user, public), port=port,
+                                  known_hosts=known_hosts, pinned=True)
+            granted = _access.grant(state, login, purpose, password=None, days=key_days,
+                                    error=TunnelError, quiet=True, runner=runner)
+            assert granted.key is not None and granted.port is not None
+            config.update(restricted=True, connect_host=public, remote_port=granted.port,
+                          key_id=granted.key_id, key_expires=granted.expires,
+                          options=_ssh.tunnel_options(known_hosts=known_hosts, pinned=True,
+                                                      identity_file=str(granted.key), password=False))
+            secret = None
+        else:
+            if not quiet:
+                print(_access.unrestricted_warning(dest, "tunnel", key_path or "gcloud's own"),
+                      flush=True)
+            config.update(has_secret=password is not None,
+                          options=_ssh.tunnel_options(known_hosts=None, pinned=False,
+                                                      identity_file=key_path, password=False))
     else:
         known_hosts = state / "known_hosts"
         if host_key is not None:
             known_hosts = run_dir / "known_hosts.pinned"
             pinned = _access.pinned_known_hosts(dest.host, port, host_key, TunnelError)
             _proc.write_private(known_hosts, pinned + "\n")
-        secret = password
         if restricted and key_path is None:
             login = _access.Login(ssh=ssh, dest=dest, port=port, known_hosts=known_hosts,
                                   pinned=host_key is not None)
-            purpose = {"purpose": "tunnel", "port": remote_port,
-                       "name": "tunnel-" + _access.short_hash(f"{dest}:{port}:{remote_port}")}
             granted = _access.grant(state, login, purpose, password=password, days=key_days,
                                     error=TunnelError, quiet=quiet)
             assert granted.key is not None and granted.port is not None

@@ -273,7 +273,7 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
 def _jump_command(ssh: str, tunnel: Any, options: dict[str, Any]) -> str:
     """ProxyCommand text for the jump to the server (what ``ssh -J`` runs, with our options)."""
     config = tunnel.config
-    if config.get("via") == "gcloud":
+    if config.get("via") == "gcloud" and not config.get("restricted"):
         from . import _gcloud
 
         dest = _ssh.Destination(config["user"], config["host"])
@@ -282,8 +282,9 @@ def _jump_command(ssh: str, tunnel: Any, options: dict[str, Any]) -> str:
                                        ssh_flags=_ssh.ssh_option_argv(options),
                                        command=["-W", "localhost:%p"])
     else:
+        host = config.get("connect_host") or config["host"]
         argv = [ssh, "-W", "localhost:%p", "-p", str(config["port"]), *_ssh.ssh_option_argv(options),
-                _ssh.Destination(config["user"], config["host"]).target]
+                _ssh.Destination(config["user"], host).target]
     # ssh hands ProxyCommand to a shell: quote every word (no user text gets interpreted).
     return " ".join(a if "%p" in a else shlex.quote(a) for a in argv)
 

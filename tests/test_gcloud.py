@@ -283,6 +283,12 @@ def test_tunnel_through_gcloud_heals(fake_gcloud, server, make_user, tmp_path: P
             assert tunnel.alive, tunnel.logs()
             assert tunnel.remote_port == remote_port
             assert "127.0.0.1" in tunnel.connection_string  # the VM's natIP, not its name
+            # gcloud (and its project-wide key) for the set-up only: the supervisor runs plain ssh
+            # with a key that can keep this forward up and nothing else
+            assert tunnel.config["restricted"] and "a key for this tunnel only" in tunnel.access()
+            assert os.path.basename(_proc.cmdline(tunnel.ssh_pid or 0)[0]) == "ssh"
+            lines = (server.user.home / ".ssh" / "authorized_keys").read_text()
+            assert f'permitlisten="localhost:{remote_port}"' in lines and "colab-remote:" in lines
             assert ssh_run(remote_port, runtime_user.name, runtime_user.password, "echo via-gcloud",
                            known_hosts=known_hosts, jump=jump) == "via-gcloud"
 
@@ -308,3 +314,23 @@ def test_tunnel_through_gcloud_heals(fake_gcloud, server, make_user, tmp_path: P
                            known_hosts=known_hosts, jump=jump) == "back"
     finally:
         sshd.stop()
+
+
+@needs_root
+@needs_sshd
+@needs_gcloud
+def test_tunnel_through_gcloud_unrestricted_keeps_gclouds_own_login(fake_gcloud, server,  # noqa: F811
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    reverse = pytest.importorskip("colab_remote.reverse")
+    g = fake_gcloud
+    for name, value in g.env.items():
+        monkeypatch.setenv(name, value)
+    with reverse.reverse_forward(g.destination, via="gcloud", zone=g.zone, project=g.project,
+                                 port=server.port, remote_port=_proc.free_port(), local_port=server.port,
+                                 state_dir=tmp_path / "rt", restricted=False, quiet=True) as tunnel:
+        assert tunnel.alive and not tunnel.config["restricted"], tunnel.logs()
+        assert "gcloud" in " ".join(_proc.cmdline(tunnel.ssh_pid or 0))  # every login through gcloud
+        assert "unrestricted" in tunnel.access()
+        ak = server.user.home / ".ssh" / "authorized_keys"
+        assert "colab-remote:" not in ak.read_text()
