@@ -160,6 +160,9 @@ def main() -> None:
                         help="silent breaks measured for autossh too (up to 90 s each)")
     parser.add_argument("--outage", type=float, default=30.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument("--access", choices=["restricted", "key"], default="restricted",
+                        help="ours logs in with the restricted key its set-up installs (the default "
+                             "product path), or with the user's own key as given")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 outage, 1 autossh silent round")
     args = parser.parse_args()
     if args.quick:
@@ -191,8 +194,9 @@ def main() -> None:
                                       identity_file=str(key), password=False)
 
         def ours(port: int, remote_port: int) -> Tunnel:
-            tunnel = reverse_forward(dest.target, port=port, remote_port=remote_port,
-                                     identity_file=key, state_dir=state, quiet=True)
+            login = {"identity_file": key} if args.access == "key" else {"password": server_user.password}
+            tunnel = reverse_forward(dest.target, port=port, remote_port=remote_port, state_dir=state,
+                                     quiet=True, **login)
             cleanup.append(tunnel.stop)
             return tunnel
 
@@ -386,6 +390,8 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print()
+    how = "the restricted key of its set-up" if args.access == "restricted" else "the key as given"
+    print(f"ours logs in with: {how}")
     print(f"reverse tunnel on 127.0.0.1, {time.monotonic() - started:.0f} s; times are medians "
           "(n = values measured)")
     cases = list(results["ours"])

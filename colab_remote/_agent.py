@@ -1055,7 +1055,13 @@ def _own_folder(path: str, mode: int = 0o700) -> int:
         os.mkdir(path, mode)
     except FileExistsError:
         pass
-    fd = os.open(path, O_DIR)
+    try:
+        fd = os.open(path, O_DIR)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PermissionError("%s is a link or not a folder: refused (nothing is written "
+                                  "through a link)" % path) from None
+        raise
     st = os.fstat(fd)
     if st.st_uid != os.getuid():
         os.close(fd)
@@ -1109,6 +1115,11 @@ class AuthorizedKeys:
             fd = os.open("authorized_keys", O_READ, dir_fd=self.ssh)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise PermissionError("~/.ssh/authorized_keys is a link: refused (nothing is "
+                                      "written through a link)") from None
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():

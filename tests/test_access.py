@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -443,3 +444,38 @@ def test_a_rerun_in_the_same_runtime_needs_no_password(tmp_path: Path, server) -
     finally:
         m.stop()
         tunnel.stop()
+
+
+@pytest.mark.parametrize("link", ["ssh_dir", "authorized_keys"])
+def test_setup_refuses_a_linked_ssh_folder_or_authorized_keys(tmp_path: Path, make_user, link) -> None:
+    """The set-up runs as the server account: it never writes through a link it finds there."""
+    python = "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip("no system python3")
+    user = make_user()
+    elsewhere = Path(f"/tmp/crt-elsewhere-{os.urandom(4).hex()}")
+    elsewhere.mkdir(mode=0o700)
+    os.chown(elsewhere, user.uid, user.gid)
+    try:
+        if link == "ssh_dir":
+            (user.home / ".ssh").symlink_to(elsewhere)
+        else:
+            user.write(".ssh/.keep", "")
+            user.write("other_file", "untouched\n")
+            (user.home / ".ssh" / "authorized_keys").symlink_to(user.home / "other_file")
+        source, sha = _access.agent_source()
+        user.write("agent.py", source.decode(), 0o644)
+        request = {"source": source.decode(), "sha": sha, "restricted": True, "keys": [
+            {"id": "rid.tunnel-1", "purpose": "tunnel", "port": 20022, "days": 1,
+             "pubkey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk4pGZ5p0S0mR0nGJ0nYF0s3pF1t3nQ7XhGq2xJj8lI x"}]}
+        done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
+                               python, "-I", "-B", str(user.home / "agent.py"), "setup"],
+                              input=json.dumps(request), capture_output=True, text=True, timeout=30,
+                              env={"HOME": str(user.home), "PATH": "/usr/bin:/bin"}, cwd=user.home)
+        reply = json.loads(done.stdout.split("CRA-SETUP ", 1)[1])
+        assert not reply["ok"] and "is a link" in reply["error"] and "refused" in reply["error"], reply
+        assert list(elsewhere.iterdir()) == []
+        if link == "authorized_keys":
+            assert (user.home / "other_file").read_text() == "untouched\n"
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
