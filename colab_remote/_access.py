@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import shlex
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _agent, _proc, _ssh
+from ._master import LoginFailed, Master
 from .errors import AuthenticationError, ColabRemoteError
 
 log = logging.getLogger(__name__)
@@ -149,89 +149,63 @@ class Grant:
 
 
 class _Session:
-    """One login to the server (a ControlMaster: the password is typed once), for the set-up."""
+    """One login to the server (a :class:`Master`: the password is typed once), for the set-up."""
 
     def __init__(self, login: Login, password: str | None, error: type[ColabRemoteError],
                  timeout: float) -> None:
         self.login, self.password, self.error, self.timeout = login, password, error, timeout
         self.folder = Path(tempfile.mkdtemp(prefix="crs-"))  # 0700, ours alone
-        self.control = self.folder / "cm"
-        self.child: Any = None
+        self.master: Master | None = None
 
     def __enter__(self) -> _Session:
+        control = self.folder / "cm"
         options = self.login.options(password=self.password is not None)
-        options.update(ControlMaster="yes", ControlPath=str(self.control), ControlPersist="no")
+        options.update(ControlMaster="yes", ControlPath=str(control), ControlPersist="no")
         argv = [self.login.ssh, "-N", "-T", *_ssh.ssh_option_argv(options), "-p", str(self.login.port),
                 self.login.dest.target]
+        self.master = Master(argv, control, self.password)
         try:
-            self.child = _proc.spawn_pty(argv, env=dict(os.environ, LC_ALL="C"))
-            self._wait_logged_in()
+            self.master.start().wait(self.timeout)
+        except LoginFailed as e:
+            self.__exit__()
+            raise self._failure(e) from None
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _wait_logged_in(self) -> None:
-        import pexpect
-
-        responder = _ssh.Responder(self.password)
-        seen, line = "", ""
-        deadline = time.monotonic() + self.timeout
-        while not (self.control.exists() and self.child.isalive()):
-            if time.monotonic() > deadline:
-                raise self.error(f"no SSH login to {self.login.dest.target} port {self.login.port} "
-                                 f"within {self.timeout:g} s", log_tail=seen[-2000:],
-                                 fix="check the host, the port and that the server is up")
-            try:
-                chunk = self.child.read_nonblocking(4096, timeout=0.05)
-            except pexpect.TIMEOUT:
-                continue
-            except (pexpect.EOF, OSError):
-                break
-            seen += chunk.replace("\r", "")
-            line = (line + chunk.replace("\r", "")).rsplit("\n", 1)[-1]
-            kind = _ssh.prompt_kind(line)
-            if kind is None:
-                continue
-            reply, failure = responder.answer(kind)
-            line = ""
-            if failure is not None:
-                raise self._failure(failure[0], failure[1], seen)
-            if reply is not None:
-                self.child.sendline(reply)
-        if not self.control.exists():
-            kind = _ssh.classify(seen)
-            raise self._failure(kind, seen.strip().splitlines()[-1] if seen.strip() else
-                                "ssh ended before logging in", seen)
-
-    def _failure(self, kind: str, what: str, seen: str) -> ColabRemoteError:
-        target = f"{self.login.dest.target} (port {self.login.port})"
-        if kind == "auth":
-            return AuthenticationError(f"{target} refused the login: {what}", log_tail=seen[-2000:],
+    def _failure(self, e: LoginFailed) -> ColabRemoteError:
+        login, tail = self.login, e.output[-2000:]
+        target = f"{login.dest.target} (port {login.port})"
+        if e.kind == "auth":
+            return AuthenticationError(f"{target} refused the login: {e.message}", log_tail=tail,
                                        fix="check the user and password= (or identity_file=)")
-        if kind == "hostkey":
-            return self.error(f"the host key of {self.login.dest.host} does not match: {what}",
-                              log_tail=seen[-2000:],
+        if e.kind == "hostkey":
+            return self.error(f"the host key of {login.dest.host} does not match: {e.message}",
+                              log_tail=tail,
                               fix="check the server's fingerprint (ssh-keygen -lf "
                                   "/etc/ssh/ssh_host_ed25519_key.pub on the server); if it really "
-                                  f"changed, remove its line from {self.login.known_hosts}")
-        if kind in ("down", "resolve"):
-            return self.error(f"could not reach {self.login.dest.host} port {self.login.port}: {what}",
-                              log_tail=seen[-2000:],
+                                  f"changed, remove its line from {login.known_hosts}")
+        if e.kind in ("down", "resolve"):
+            return self.error(f"could not reach {login.dest.host} port {login.port}: {e.message}",
+                              log_tail=tail,
                               fix="check the host name, the port (port=) and that the server's sshd runs")
-        return self.error(f"could not log in to {target}: {what}", log_tail=seen[-2000:],
+        if e.kind == "timeout":
+            return self.error(f"no SSH login to {target} within {self.timeout:g} s", log_tail=tail,
+                              fix="check the host, the port and that the server is up")
+        return self.error(f"could not log in to {target}: {e.message}", log_tail=tail,
                           fix="check the host name, the port and that the server's sshd runs")
 
     def run(self, command: str, data: bytes, timeout: float) -> tuple[int, str]:
         """Run ``command`` (text for the account's shell) with ``data`` on stdin."""
-        argv = [self.login.ssh, "-S", str(self.control), "-T", "-o", "BatchMode=yes",
-                "-o", "ProxyCommand=false", "-o", "ControlMaster=no", self.login.dest.target, command]
-        return _proc.run_bytes(argv, data, timeout=timeout)
+        assert self.master is not None
+        return _proc.run_bytes(self.master.mux(command, options=["-o", "ControlMaster=no"]), data,
+                               timeout=timeout)
 
     def __exit__(self, *exc: object) -> None:
-        if self.child is not None:
-            _proc.end_pty(self.child)
-            self.child = None
+        if self.master is not None:
+            self.master.end()
+            self.master = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,16 +395,17 @@ def master_argv(ssh: str, dest: Destination, *, port: int, control_path: Path,
     return [ssh, *master_flags(control_path, options), "-p", str(port), dest.target]
 
 
-def mux_argv(ssh: str, control_path: Path, *args: str) -> list[str]:
+def mux_argv(ssh: str, control_path: Path, *args: str, options: Sequence[str] = ()) -> list[str]:
     """A client of a running master: ``ssh -S ctl -O forward -R ...`` or ``ssh -S ctl -T x cmd``.
 
     The host argument is required by ssh's syntax but unused: the master is already connected.
+    ``options`` (``["-o", "K=V", ...]``) go before it.
     """
     if args and args[0] == "-O":
         return [ssh, "-S", str(control_path), *args, "colab-remote-mux"]
     # ProxyCommand=false: should the master be gone, fail instead of dialling "colab-remote-mux".
     return [ssh, "-S", str(control_path), "-T", "-o", "BatchMode=yes", "-o", "ProxyCommand=false",
-            "colab-remote-mux", *args]
+            *options, "colab-remote-mux", *args]
 
 
 # The remote sshd process that serves one connection is the parent of any command run on it.

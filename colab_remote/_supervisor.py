@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import re
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _proc, _ssh
+from ._daemon import Backoff, Config, State, StatusFile
+from ._master import Master
 
 log = logging.getLogger("colab_remote.tunnel")
 
@@ -50,6 +52,36 @@ _SESSION = re.compile(r"colab-remote-session (\d+)")
 _ALLOCATED = re.compile(r"^\s*(\d+)\s*$", re.M)
 
 
+@dataclasses.dataclass(frozen=True)
+class TunnelConfig(Config):
+    """What the supervisor needs (written by :func:`reverse_forward`; no secret in it)."""
+
+    destination: str = ""
+    user: str = ""
+    host: str = ""
+    port: int = 22
+    remote_port: int = 20022
+    local_port: int = 22
+    login_user: str = "root"
+    via: str = "ssh"
+    ssh: str = "ssh"
+    reconnect: bool = True
+    start_timeout: float = 30.0
+    has_secret: bool = False
+    restricted: bool = False
+    control_dir: str = ""
+    options: dict[str, str | int] = dataclasses.field(default_factory=dict)
+    reclaim: list[int] = dataclasses.field(default_factory=list)
+    connect_host: str | None = None   # a restricted tunnel to a Compute Engine VM: its address
+    public_host: str | None = None    # the server as the laptop reaches it (a VM's external IP)
+    probe_host: str | None = None     # where to probe while the server is down
+    gcloud: str | None = None
+    zone: str | None = None
+    project: str | None = None
+    key_id: str | None = None
+    key_expires: float | None = None
+
+
 class Fatal(Exception):
     """A failure that retrying will not fix before the user acts (only before the first forward)."""
 
@@ -59,59 +91,46 @@ class Fatal(Exception):
 
 
 class Conn:
-    """One ssh ControlMaster connection to the server."""
+    """One of the supervisor's connections: a :class:`Master`, and what the supervisor knows of it."""
 
-    def __init__(self, number: int, child: Any, control_path: Path, secret: str | None) -> None:
+    def __init__(self, number: int, master: Master) -> None:
         self.number = number
-        self.child = child
-        self.control_path = control_path
-        self.started = time.monotonic()
+        self.master = master
         self.ready_at: float | None = None
         self.session_pid: int | None = None
         self.pid_query: Any = None
-        self.partial = ""
-        self.lines: list[str] = []
-        self.responder = _ssh.Responder(secret)
-        self.failure: tuple[str, str] | None = None
         self.active = False
         self.lines_at_ready = 0
 
     @property
     def pid(self) -> int:
-        return int(self.child.pid)
+        return self.master.pid
 
     @property
     def ready(self) -> bool:
         return self.ready_at is not None
 
-    def output(self) -> str:
-        return "\n".join([*self.lines[-15:], self.partial]).strip()
-
 
 class Supervisor:
-    def __init__(self, run_dir: Path, config: dict[str, Any], secret: str | None) -> None:
-        self.run_dir = run_dir
+    def __init__(self, config: TunnelConfig, secret: str | None) -> None:
+        self.run_dir = Path(config.run_dir)
         self.config = config
         self.secret = secret
         # a restricted tunnel to a Compute Engine VM logs in with plain ssh to its address
-        self.dest = _ssh.Destination(config["user"], config.get("connect_host") or config["host"])
-        self.ssh = config["ssh"]
-        self.control_dir = Path(config["control_dir"])
-        self.reconnect = bool(config.get("reconnect", True))
-        self.restricted = bool(config.get("restricted", False))
-        self.requested_port = int(config["remote_port"])
+        self.dest = _ssh.Destination(config.user, config.connect_host or config.host)
+        self.control_dir = Path(config.control_dir)
+        self.requested_port = config.remote_port
         self.remote_port = self.requested_port
-        self.local_port = int(config["local_port"])
         self.conns: list[Conn] = []
         self.active: Conn | None = None
         self.counter = 0
         self.restarts = 0
-        self.state = "starting"
+        self.state = State.STARTING
         self.since = time.time()
         self.last_error = ""
         self.error_kind = ""
-        self.orphans: list[int] = [int(p) for p in config.get("reclaim", [])]
-        self.failures = 0
+        self.orphans: list[int] = [int(p) for p in config.reclaim]
+        self.backoff = Backoff(0.5, BACKOFF_CAP)
         self.next_try = 0.0
         self.server_down = False
         self.next_probe = 0.0
@@ -119,8 +138,7 @@ class Supervisor:
         self.up_once = False
         self.stopping = False
         self.started = time.monotonic()
-        self.start_timeout = float(config.get("start_timeout", 30))
-        self.written: dict[str, Any] = {}
+        self.status_file = StatusFile(self.run_dir / "status.json")
         self.addresses: list[Any] | None = None
         self.env = dict(os.environ, LC_ALL="C")
         self.env.pop("SSH_ASKPASS", None)
@@ -133,7 +151,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self.control_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log.info("supervising %s -R %s (pid %d)", self.dest,
-                 _ssh.reverse_spec(self.requested_port, self.local_port), os.getpid())
+                 _ssh.reverse_spec(self.requested_port, self.config.local_port), os.getpid())
         code = 0
         try:
             while not self.stopping:
@@ -145,23 +163,23 @@ class Supervisor:
                 if self.active is None:
                     self._restore()
                 self._keep_standby()
-                if not self.up_once and time.monotonic() - self.started > self.start_timeout:
-                    raise Fatal("timeout", f"no forward within {self.start_timeout:g} s: "
+                if not self.up_once and time.monotonic() - self.started > self.config.start_timeout:
+                    raise Fatal("timeout", f"no forward within {self.config.start_timeout:g} s: "
                                 + (self.last_error or "the server did not answer"))
                 self._write_status()
         except Fatal as e:
             log.error("%s", e)
-            self.state, self.error_kind, self.last_error = "failed", e.kind, str(e)
+            self.state, self.error_kind, self.last_error = State.FAILED, e.kind, str(e)
             self.since = time.time()
             code = 1
         except Exception as e:  # a bug of ours: leave nothing running and say why
             log.exception("supervisor failed")
-            self.state, self.error_kind, self.last_error = "failed", "other", f"supervisor failed: {e!r}"
+            self.state, self.error_kind, self.last_error = State.FAILED, "other", f"supervisor failed: {e!r}"
             self.since = time.time()
             code = 2
         self._shutdown()
         if code == 0:
-            self.state, self.since = "stopped", time.time()
+            self.state, self.since = State.STOPPED, time.time()
         self._write_status()
         return code
 
@@ -169,85 +187,41 @@ class Supervisor:
         self.stopping = True
 
     def _io(self, timeout: float) -> None:
-        fds = {}
-        for conn in self.conns:
-            fd = conn.child.child_fd
-            if fd is not None and fd >= 0:
-                fds[fd] = conn
+        """Wait for output of any connection (a dying ssh wakes this at once), then read it all."""
+        fds = {c.master.fd: c for c in self.conns if c.master.alive}
         if not fds:
             time.sleep(timeout)
             return
-        try:
-            readable, _, _ = select.select(list(fds), [], [], timeout)
-        except (InterruptedError, OSError, ValueError):
-            return
-        for fd in readable:
-            self._read(fds[fd])
-
-    def _read(self, conn: Conn) -> None:
-        import pexpect
-
-        while True:
-            try:
-                data = conn.child.read_nonblocking(4096, timeout=0)
-            except (pexpect.TIMEOUT, pexpect.EOF, OSError, ValueError):
-                return
-            if not data:
-                return
-            self._feed(conn, data)
-
-    def _feed(self, conn: Conn, data: str) -> None:
-        text = conn.partial + data.replace("\r", "")
-        *complete, conn.partial = text.split("\n")
-        for line in complete:
-            if line.strip():
-                log.info("[ssh %d] %s", conn.number, line.strip())
-                conn.lines = [*conn.lines[-30:], line.strip()]
-        prompt = conn.partial
-        if not prompt.strip():
-            return
-        kind = _ssh.prompt_kind(prompt)
-        if kind is None:
-            return
-        reply, failure = conn.responder.answer(kind)
-        shown = {"new_passphrase": " (empty)", "continue": " Y", "host_key": " no"}.get(kind, "")
-        log.info("[ssh %d] %s%s", conn.number, prompt.strip(), shown)
-        conn.partial = ""
-        if failure is not None:
-            conn.failure = failure
-        if reply is not None:
-            conn.child.sendline(reply)
-        elif failure is not None:
-            self._end(conn)
-
-    def _end(self, conn: Conn) -> None:
-        _proc.end_pty(conn.child, timeout=1)
+        with contextlib.suppress(InterruptedError, OSError, ValueError):
+            select.select(list(fds), [], [], timeout)
+        for conn in self.conns:
+            conn.master.pump()
 
     # --- connections ---------------------------------------------------------------------------
 
     def _dial(self) -> None:
         self.counter += 1
         control_path = self.control_dir / f"c{self.counter}"
-        with contextlib.suppress(FileNotFoundError):
-            control_path.unlink()
-        options = self.config["options"]
-        if self.config.get("via") == "gcloud" and not self.restricted:
+        options = self.config.options
+        port = self.config.port
+        if self.config.via == "gcloud" and not self.config.restricted:
             from . import _gcloud
 
             # gcloud's own key-propagation probe (ssh ... -- :) gets --ssh-flag but not what
             # follows "--": the ControlMaster and -N belong to the real connection only.
-            port = int(self.config["port"])
-            argv = _gcloud.gcloud_ssh_argv(self.config["gcloud"], self.dest,
-                                           zone=self.config.get("zone"),
-                                           project=self.config.get("project"),
+            assert self.config.gcloud is not None
+            argv = _gcloud.gcloud_ssh_argv(self.config.gcloud, self.dest, zone=self.config.zone,
+                                           project=self.config.project,
                                            ssh_flags=[*(["-p", str(port)] if port != 22 else []),
                                                       *_ssh.ssh_option_argv(options)],
                                            command=_ssh.master_flags(control_path, {}))
         else:
-            argv = _ssh.master_argv(self.ssh, self.dest, port=int(self.config["port"]),
-                                    control_path=control_path, options=options)
-        child = _proc.spawn_pty(argv, env=self.env)
-        conn = Conn(self.counter, child, control_path, self.secret)
+            argv = _ssh.master_argv(self.config.ssh, self.dest, port=port, control_path=control_path,
+                                    options=options)
+        number = self.counter
+        master = Master(argv, control_path, self.secret, ssh=self.config.ssh, env=self.env,
+                        on_line=lambda line: log.info("[ssh %d] %s", number, line))
+        conn = Conn(number, master.start())
         self.conns.append(conn)
         log.info("[ssh %d] dialling %s (pid %d)", conn.number, self.dest, conn.pid)
 
@@ -262,34 +236,29 @@ class Supervisor:
         self.next_probe = now + PROBE_INTERVAL
         if self.addresses is None:
             with contextlib.suppress(OSError):
-                self.addresses = socket.getaddrinfo(self.config.get("probe_host") or self.dest.host,
-                                                    int(self.config["port"]),
-                                                    type=socket.SOCK_STREAM)
+                self.addresses = socket.getaddrinfo(self.config.probe_host or self.dest.host,
+                                                    self.config.port, type=socket.SOCK_STREAM)
         if self.addresses and _proc.tcp_answers(self.addresses, timeout=0.25):
-            log.info("the server answers on port %s again", self.config["port"])
+            log.info("the server answers on port %s again", self.config.port)
             self.server_down = False
             return True
         return False
 
     def _reap(self) -> None:
         for conn in list(self.conns):
-            if conn.child.isalive():
+            master = conn.master
+            if master.alive:
                 continue
             if conn.active:
                 self.lost_at = time.monotonic()
-            self._read(conn)
-            if conn.partial.strip():
-                conn.lines.append(conn.partial.strip())
-                log.info("[ssh %d] %s", conn.number, conn.partial.strip())
-                conn.partial = ""
-            with contextlib.suppress(Exception):
-                conn.child.close(force=True)
-            status = conn.child.exitstatus
-            how = f"exit status {status}" if status is not None else \
-                f"signal {conn.child.signalstatus}"
+            master.pump()
+            if master.partial.strip():
+                master.lines.append(master.partial.strip())
+                log.info("[ssh %d] %s", conn.number, master.partial.strip())
+                master.partial = ""
+            master.end(timeout=0)
+            how = master.exit_text
             self.conns.remove(conn)
-            with contextlib.suppress(FileNotFoundError):
-                conn.control_path.unlink()
             if conn.session_pid is not None:
                 self.orphans.append(conn.session_pid)
                 self.orphans = self.orphans[-16:]
@@ -297,12 +266,12 @@ class Supervisor:
                 _proc.finish(conn.pid_query, timeout=0.5)
             if conn.active:
                 self.active = None
-                self.state, self.since = "reconnecting", time.time()
-                said = conn.lines[conn.lines_at_ready:]
+                self.state, self.since = State.RECONNECTING, time.time()
+                said = master.lines[conn.lines_at_ready:]
                 self.last_error = f"ssh (pid {conn.pid}) ended ({how})" + (f": {said[-1]}" if said else "")
                 self.error_kind = "lost"
                 log.warning("forward lost: %s", self.last_error)
-                if not self.reconnect:
+                if not self.config.reconnect:
                     self.stopping = True
             elif conn.ready:
                 log.info("[ssh %d] standby ended (%s)", conn.number, how)
@@ -310,40 +279,40 @@ class Supervisor:
                 self._dial_failed(conn, how)
 
     def _dial_failed(self, conn: Conn, how: str) -> None:
-        output = conn.output()
-        kind, text = conn.failure or ("", "")
-        if not kind:
-            kind = _ssh.classify(output)
-        last = output.splitlines()[-1] if output else how
-        message = f"{text}: {last}" if text else last
-        if kind == "auth" and self.restricted:
+        failed = conn.master.why()
+        kind, message, output = failed.kind, failed.message, failed.output
+        if not output:
+            message = how
+        if kind == "auth" and self.config.restricted:
             message += (" (the tunnel's restricted key: expired or revoked? run reverse_forward() "
                         "again with the password to install a new one)")
         log.warning("[ssh %d] could not connect (%s): %s", conn.number, kind, message)
         self.last_error, self.error_kind = message, kind
         if not self.up_once and kind == "down" and "timed out" not in output:
             raise Fatal(kind, message)  # refused, no route: a wrong host or port, not an outage
-        if kind == "down" and (self.config.get("via") != "gcloud" or self.config.get("probe_host")):
+        if kind == "down" and (self.config.via != "gcloud" or self.config.probe_host):
             self.server_down = True
             self.next_probe = time.monotonic() + PROBE_INTERVAL
             return
         if not self.up_once and kind in ("auth", "hostkey", "resolve"):
             raise Fatal(kind, message)
-        self.failures += 1
-        delay = min(BACKOFF_CAP, 0.25 * 2 ** self.failures)
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        delay = self.backoff.next()
         self.next_try = time.monotonic() + delay
-        log.info("next try in %.1f s (%d failures in a row)", delay, self.failures)
+        log.info("next try in %.1f s (%d failures in a row)", delay, self.backoff.failures)
 
     def _check_ready(self) -> None:
         for conn in self.conns:
-            if not conn.ready and os.path.exists(conn.control_path):
+            if not conn.ready and conn.master.ready:
                 # ssh creates the control socket only once it is logged in
                 conn.ready_at = time.monotonic()
-                conn.lines_at_ready = len(conn.lines)
-                log.info("[ssh %d] logged in after %.3f s", conn.number, conn.ready_at - conn.started)
+                conn.lines_at_ready = len(conn.master.lines)
+                log.info("[ssh %d] logged in after %.3f s", conn.number,
+                         conn.ready_at - conn.master.started)
                 conn.pid_query = _proc.start(
-                    _ssh.mux_argv(self.ssh, conn.control_path,
-                                  _ssh.session_pid_command(self.restricted)), env=self.env)
+                    conn.master.mux(_ssh.session_pid_command(self.config.restricted)), env=self.env)
             if conn.pid_query is not None:
                 done = _proc.finish(conn.pid_query)
                 if done is None and time.monotonic() - (conn.ready_at or 0) > QUERY_TIMEOUT:
@@ -359,10 +328,10 @@ class Supervisor:
                                  (done[2] or done[1]).strip()[-200:])
 
     def _keep_standby(self) -> None:
-        if not self.reconnect and self.up_once:
+        if not self.config.reconnect and self.up_once:
             return
         spare = [c for c in self.conns if not c.active]
-        if self.active is not None and not self.reconnect:
+        if self.active is not None and not self.config.reconnect:
             return
         if not spare and self._may_dial():
             self._dial()
@@ -370,20 +339,19 @@ class Supervisor:
     def _restore(self) -> None:
         if time.monotonic() < self.next_try:
             return
-        ready = [c for c in self.conns if c.ready and not c.active and c.child.isalive()]
+        ready = [c for c in self.conns if c.ready and not c.active and c.master.alive]
         if ready:
             self._promote(ready[0])
 
     # --- the forward ---------------------------------------------------------------------------
 
     def _mux(self, conn: Conn, *args: str, timeout: float = 5) -> tuple[int, str, str]:
-        done = _proc.finish(_proc.start(_ssh.mux_argv(self.ssh, conn.control_path, *args),
-                                        env=self.env), timeout=timeout)
+        done = _proc.finish(_proc.start(conn.master.mux(*args), env=self.env), timeout=timeout)
         assert done is not None
         return done
 
     def _promote(self, conn: Conn) -> None:
-        spec = _ssh.reverse_spec(self.remote_port, self.local_port)
+        spec = _ssh.reverse_spec(self.remote_port, self.config.local_port)
         deadline = time.monotonic() + FORWARD_RETRY
         reclaimed = False
         while True:
@@ -391,7 +359,7 @@ class Supervisor:
             if rc == 0:
                 break
             text = (err or out).strip()
-            if "forward" not in text or not conn.child.isalive():
+            if "forward" not in text or not conn.master.alive:
                 log.warning("[ssh %d] could not add the forward: %s", conn.number, text)
                 return  # the master is gone: _reap deals with it
             if self.orphans and not reclaimed:
@@ -403,10 +371,8 @@ class Supervisor:
                 self.last_error, self.error_kind = message, "busy"
                 if not self.up_once:
                     raise Fatal("busy", message)
-                self.failures += 1
-                delay = min(BACKOFF_CAP, 0.25 * 2 ** self.failures)
-                self.next_try = time.monotonic() + delay
-                log.warning("%s; next try in %.1f s", message, delay)
+                log.warning("%s", message)
+                self._retry_later()
                 return
             time.sleep(0.005)
         if self.remote_port == 0:
@@ -416,23 +382,24 @@ class Supervisor:
                 log.info("the server allocated port %d", self.remote_port)
         conn.active = True
         self.active = conn
-        self.failures = 0
+        self.backoff.reset()
         self.orphans = []
         self.up_once = True
-        self.state, self.since = "up", time.time()
+        self.state, self.since = State.UP, time.time()
         if self.lost_at is not None:
             self.restarts += 1
             log.info("forward back on port %d %.3f s after it was lost (restart %d)",
                      self.remote_port, time.monotonic() - self.lost_at, self.restarts)
             self.lost_at = None
         else:
-            log.info("forward up: server port %d -> localhost:%d", self.remote_port, self.local_port)
+            log.info("forward up: server port %d -> localhost:%d", self.remote_port,
+                     self.config.local_port)
         self._write_status()
 
     def _reclaim(self, conn: Conn) -> None:
         """End our own dead sessions that the server still keeps (they hold the port)."""
         log.info("[ssh %d] reclaiming the port from our dead sessions %s", conn.number, self.orphans)
-        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans, self.restricted),
+        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans, self.config.restricted),
                                  timeout=QUERY_TIMEOUT)
         if rc != 0:
             log.warning("[ssh %d] reclaim failed (exit %d): %s", conn.number, rc, (err or out).strip())
@@ -441,8 +408,8 @@ class Supervisor:
 
     def _write_status(self) -> None:
         standby = next((c for c in self.conns if not c.active), None)
-        status = {
-            "state": self.state,
+        self.status_file.write({
+            "state": self.state.value,
             "pid": os.getpid(),
             "ssh_pid": self.active.pid if self.active else None,
             "standby_pid": standby.pid if standby else None,
@@ -455,19 +422,14 @@ class Supervisor:
             "since": self.since,
             "sessions": [c.session_pid for c in self.conns if c.session_pid] + self.orphans,
             "ssh_pids": [c.pid for c in self.conns],
-        }
-        if status != self.written:
-            _proc.write_private(self.run_dir / "status.json", json.dumps(status, indent=1))
-            self.written = status
+        })
 
     def _shutdown(self) -> None:
         for conn in self.conns:
             with contextlib.suppress(ProcessLookupError, OSError):
-                conn.child.kill(signal.SIGTERM)
+                conn.master.child.kill(signal.SIGTERM)
         for conn in self.conns:
-            _proc.end_pty(conn.child, timeout=2)
-            with contextlib.suppress(FileNotFoundError):
-                conn.control_path.unlink()
+            conn.master.end(timeout=2)
             if conn.pid_query is not None:
                 _proc.finish(conn.pid_query, timeout=0.5)
         self.conns = []
@@ -483,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
-    config = json.loads((args.run_dir / "config.json").read_text())
-    secret = _proc.receive_secret() if config.get("has_secret") else None
-    return Supervisor(args.run_dir, config, secret).run()
+    config = TunnelConfig.load(args.run_dir)
+    secret = _proc.receive_secret() if config.has_secret else None
+    return Supervisor(config, secret).run()
 
 
 if __name__ == "__main__":

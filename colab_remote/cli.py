@@ -107,7 +107,7 @@ def _cmd_tunnel(args: argparse.Namespace) -> int:
         stopped = 0
         for tunnel in find_tunnels(args.state_dir):
             if args.remote_port is None or args.remote_port in (tunnel.remote_port,
-                                                                tunnel.config["remote_port"]):
+                                                                tunnel.config.remote_port):
                 stopped += int(tunnel.alive)
                 tunnel.stop()
         print(f"stopped {stopped} tunnel{'' if stopped == 1 else 's'}")

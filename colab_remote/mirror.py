@@ -7,7 +7,7 @@ files the mirror overwrites or deletes (only what it saw deleted while watching)
 (``restore=True`` resumes from the server instead), and every file is written under a temporary
 name and renamed into place.
 
-The work happens in a detached process (see ``_mirror_worker``) that outlives the cell and a
+The work happens in a detached process (see :mod:`colab_remote._mirror`) that outlives the cell and a
 kernel restart; :class:`Mirror` is its handle, and :func:`find_mirrors` finds it again from a fresh
 process.
 """
@@ -15,13 +15,11 @@ process.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
 import shlex
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -30,6 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from . import _access, _html, _proc, _ssh, _sync
+from ._daemon import Handle, State, StatusFile
+from ._mirror.channel import ShellChannel
+from ._mirror.config import MirrorConfig
+from ._mirror.control import query
+from ._mirror.link import ConnectionLost, Link
+from ._mirror.plan import scan_local
+from ._progress import Bar
 from .errors import AuthenticationError, MirrorError
 from .server import announce, state_path
 
@@ -37,85 +42,10 @@ __all__ = ["Mirror", "find_mirrors", "mirror", "push", "stop_mirrors"]
 
 log = logging.getLogger(__name__)
 
-# A bar appears only for a sync still running this long (none flashes for an up-to-date tree).
-PROGRESS_AFTER = 0.5
 SYNC_PHASES = ("restoring", "first push")
 
 
-class _Bar:
-    """A tqdm bar (a widget in notebooks, text on stderr elsewhere) for one rsync at a time.
-
-    Drawn by the process the user called; the numbers come from rsync's ``--info=progress2``
-    (directly for push(), through the mirror process's status file for mirror()).
-    """
-
-    def __init__(self, *, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self.phase: str | None = None
-        self.since = 0.0
-        self.bar: Any = None
-        self.fraction = 0.0
-        self.text = ""
-
-    def show(self, phase: str, fraction: float | None = None, text: str = "") -> None:
-        """Progress of the sync ``phase``; a new phase completes the one before."""
-        if phase != self.phase:
-            self.close(done=True)
-            self.phase, self.since, self.fraction, self.text = phase, time.monotonic(), 0.0, ""
-        if self.quiet:
-            return
-        if fraction is not None:
-            self.fraction, self.text = max(self.fraction, min(fraction, 1.0)), text or self.text
-        if self.bar is None:
-            if time.monotonic() - self.since < PROGRESS_AFTER:
-                return
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                self.quiet = True
-                return
-            # miniters=0: redraw on any change (at most every mininterval), not after "enough" of it
-            self.bar = tqdm(total=100, desc=phase, leave=True, miniters=0,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
-        self._draw(self.fraction * 100)
-
-    def _draw(self, percent: float) -> None:
-        if self.text:
-            self.bar.set_postfix_str(self.text, refresh=False)
-        if percent > self.bar.n:
-            self.bar.update(percent - self.bar.n)  # tqdm limits how often it redraws
-
-    def close(self, *, done: bool) -> None:
-        """End the bar; ``done`` fills it (the sync finished; its last record may not have come)."""
-        if self.bar is not None:
-            if done:
-                self._draw(100.0)
-            self.bar.close()
-        self.bar, self.phase = None, None
-
-
-def _query(sock: Path, command: str, timeout: float) -> dict[str, Any] | None:
-    """One request on the mirror's control socket; None when nobody answers."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(command.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    try:
-        return dict(json.loads(data))
-    except ValueError:
-        return None
-
-
-class Mirror:
+class Mirror(Handle):
     """A running mirror (or the record of one). Start it with :func:`mirror`.
 
     Attributes: ``local_dir``, ``destination``, ``port``, ``pid``, ``run_dir`` (status and log).
@@ -126,51 +56,32 @@ class Mirror:
         ...     m.flush()
     """
 
+    kind = "mirror"
+    log_name = "mirror"
+    config_type = MirrorConfig
+    config: MirrorConfig
+
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.config_path = str(run_dir / "config.json")
+        super().__init__(run_dir)
         # config.json holds the call's values before the process starts (status.json comes later)
-        info = {**self._read("config.json"), **self._info()}
-        pid = info.get("pid") or _proc.read_pid(run_dir / "mirror.pid")
-        self.pid: int | None = int(pid) if pid else None
-        self.local_dir: str = str(info.get("local_dir", ""))
-        self.destination: str = str(info.get("destination", ""))
-        self.port: int = int(info.get("port", 22))
-
-    def _read(self, name: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.run_dir / name).read_text()))
-        except (OSError, ValueError, TypeError):
-            return {}
-
-    def _info(self) -> dict[str, Any]:
-        return self._read("status.json")
+        info = StatusFile.read(self.run_dir / "status.json")
+        self.local_dir: str = self.config.local_dir or str(info.get("local_dir", ""))
+        self.destination: str = self.config.destination or str(info.get("destination", ""))
+        self.port: int = int(info.get("port") or self.config.port)
 
     @property
     def _sock(self) -> Path:
-        return Path(self._info().get("sock_dir") or self.run_dir) / "ctl"
-
-    @property
-    def alive(self) -> bool:
-        """True while the mirror process runs."""
-        return _proc.is_ours(self.pid, self.config_path)
-
-    @property
-    def state(self) -> str:
-        """starting, connecting, restoring, first push, running, retrying, error or stopped."""
-        if not self.alive:
-            state = self._info().get("state", "stopped")
-            return state if state == "error" else "stopped"
-        return str(self._info().get("state", "starting"))
+        sock_dir = self.config.sock_dir or self.status().get("sock_dir")
+        return Path(sock_dir or self.run_dir) / "ctl"
 
     @property
     def stats(self) -> dict[str, Any]:
         """files and bytes pushed, pushes, whole-tree passes, last push time, pending changes,
         last error, reconnects (live from the process; from its status file once it stopped)."""
-        live = _query(self._sock, "stats", 2) if self.alive else None
+        live = query(self._sock, "stats", 2) if self.alive else None
         if live is not None:
             return live
-        return dict(self._info().get("stats", {}))
+        return dict(self.status().get("stats") or {})
 
     def flush(self, timeout: float = 60) -> None:
         """Push everything pending now and wait until the server has it.
@@ -184,7 +95,7 @@ class Mirror:
         if not self.alive:
             raise MirrorError("the mirror is not running", log_tail=self.logs(),
                               fix="start it again with mirror(...)")
-        reply = _query(self._sock, f"flush {timeout:g}", timeout + 5)
+        reply = query(self._sock, f"flush {timeout:g}", timeout + 5)
         if reply is None or not reply.get("ok"):
             stats = (reply or {}).get("stats") or {}
             if (reply or {}).get("reason") == "errors":
@@ -197,35 +108,29 @@ class Mirror:
             raise MirrorError(what, log_tail=str(stats.get("last_error") or "") or self.logs(5), fix=fix)
 
     def stop(self, flush: bool = True, timeout: float = 30) -> None:
-        """Stop the mirror (after pushing what is pending, with ``flush``). Safe to call twice."""
-        info = self._info()
+        """Stop the mirror (after pushing what is pending, with ``flush``). Safe to call twice.
+
+        Its ssh ControlMaster runs in a session of its own: it is stopped too, also when the
+        mirror process itself was killed.
+        """
+        status = self.status()
         if self.alive:
             if flush:
                 with contextlib.suppress(MirrorError):
                     self.flush(timeout)
-            _query(self._sock, "stop 0", 2)
+            query(self._sock, "stop 0", 2)
             _proc.wait_until(lambda: not self.alive, 5, interval=0.02)
-            master = info.get("master_pid")
-            marker = f"ControlPath={Path(info.get('sock_dir') or self.run_dir) / 'cm'}"
-            also = [master] if master and _proc.is_ours(master, marker) else []
-            _proc.stop(self.pid, marker=self.config_path, timeout=5, also=also)
-        sock_dir = info.get("sock_dir")
-        if sock_dir and Path(sock_dir) != self.run_dir:
+        self._stop_process()
+        sock_dir = Path(self.config.sock_dir or status.get("sock_dir") or self.run_dir)
+        master = status.get("master_pid")
+        if isinstance(master, int):
+            _proc.stop(master, marker=f"ControlPath={sock_dir / 'cm'}", timeout=2)
+        if sock_dir != self.run_dir:
             for name in ("ctl", "cm"):
                 with contextlib.suppress(OSError):
-                    (Path(sock_dir) / name).unlink()
+                    (sock_dir / name).unlink()
             with contextlib.suppress(OSError):
-                Path(sock_dir).rmdir()
-
-    def logs(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the mirror's log."""
-        return _proc.tail(self.run_dir / "mirror.log", lines)
-
-    def __enter__(self) -> Mirror:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+                sock_dir.rmdir()
 
     def _summary(self) -> tuple[str, dict[str, Any]]:
         stats = self.stats
@@ -247,7 +152,7 @@ class Mirror:
                 ("last push", time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"),
                 ("last error", str(s.get("last_error") or "none")),
                 ("trash", f"deleted and overwritten files: {_sync.TRASH}/ on the server")]
-        return _html.card("mirror", state, rows)
+        return _html.card("mirror", State.of(state), rows)
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -444,15 +349,14 @@ def mirror(
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=keep_days, restricted=restricted, key_days=key_days,
                                    quiet=quiet)
-    pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror_worker",
-                                cfg["config_path"]], run_dir=run_dir, name="mirror", secret=secret)
+    pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror", "--run-dir",
+                                str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
-    handle.pid = pid
     status = run_dir / "status.json"
-    bar = _Bar(quiet=quiet)
+    bar = Bar(quiet=quiet)
 
     def settled() -> bool:
-        info = handle._info()
+        info = StatusFile.read(status)
         state = info.get("state")
         progress = info.get("progress") or {}
         alive = _proc.pid_alive(pid)
@@ -463,15 +367,15 @@ def mirror(
             bar.show(state, progress.get("fraction") if mine else None,
                      progress.get("text", "") if mine else "")
         elif bar.phase is not None:
-            bar.close(done=alive and state not in ("error", "stopped"))
-        return state in ("running", "error", "stopped", "retrying") or not alive
+            bar.close(done=alive and state not in ("failed", "stopped"))
+        return state in ("up", "failed", "stopped", "reconnecting") or not alive
 
     try:
         _proc.wait_until(settled, timeout, interval=0.02)
     finally:
         bar.close(done=False)
-    info = handle._info()
-    if info.get("state") == "error" or not _proc.pid_alive(pid):
+    info = StatusFile.read(status)
+    if info.get("state") == "failed" or not _proc.pid_alive(pid):
         handle.stop(flush=False)
         detail = info.get("error_detail") or {}
         if detail:
@@ -488,14 +392,14 @@ def mirror(
 
 
 def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: bool,
-            **flags: Any) -> tuple[dict[str, Any], Path, str | None]:
+            **flags: Any) -> tuple[MirrorConfig, Path, str | None]:
     """Set the server up (one login), write the mirror's config (no secret in it) and stop an
     earlier mirror of the same pair. Returns the config, its run folder, and the secret the
     mirror process needs (only without restrictions: the password)."""
     dest: _ssh.Destination = args["dest"]
     state: Path = args["state"]
     ident = _sync.mirror_id(args["local_dir"], str(dest), args["port"])
-    run_dir = state / "mirror" / ident
+    run_dir = Mirror.folder(state) / ident
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)
     rsync = _proc.require_program("rsync", package="rsync", install=True, error=MirrorError)
@@ -503,12 +407,12 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
     known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
     restricted = restricted and args["identity_file"] is None
     agent = os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0"  # tests: a server without python3
-    cfg = {"id": ident, "local_dir": args["local_dir"], "destination": str(dest), "user": dest.user,
-           "host": dest.host, "path": dest.path, "port": args["port"],
-           "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
-           "exclude": args["exclude"], "run_dir": str(run_dir),
-           "config_path": str(run_dir / "config.json"), "has_password": False, "ssh": ssh,
-           "rsync": rsync, "agent": agent, "restricted": restricted, **flags}
+    cfg: dict[str, Any] = {
+        "id": ident, "local_dir": args["local_dir"], "destination": str(dest), "user": dest.user,
+        "host": dest.host, "path": dest.path, "port": args["port"],
+        "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
+        "exclude": args["exclude"], "ssh": ssh, "rsync": rsync, "agent": agent,
+        "restricted": restricted, **flags}
     secret = args["password"]
     if agent or restricted:
         login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
@@ -526,15 +430,15 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
             cfg["agent_command"] = shlex.join(granted.command)
     if not restricted and not quiet:
         print(_access.unrestricted_warning(dest, "mirror", args["identity_file"]), flush=True)
-    cfg["has_password"] = secret is not None
-    previous = Mirror(run_dir)
-    if previous.alive:
-        previous.stop(flush=True)
+    if (run_dir / "config.json").exists():
+        Mirror(run_dir).stop(flush=True)  # the mirror this call replaces (or what it left running)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / "status.json").unlink()
-    cfg["sock_dir"] = str(_sock_dir(run_dir, ident))  # after the old one removed its own
-    _proc.write_private(run_dir / "config.json", json.dumps(cfg, indent=1))
-    return cfg, run_dir, secret
+    config = MirrorConfig(run_dir=str(run_dir), has_password=secret is not None,
+                          sock_dir=str(_sock_dir(run_dir, ident)),  # after the old one removed its own
+                          **cfg)
+    config.save()
+    return config, run_dir, secret
 
 
 def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port: int = 22,
@@ -546,7 +450,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
 
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
-    from . import _mirror_worker
+    from ._mirror import worker
 
     args = _prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
@@ -558,7 +462,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return _mirror_worker.run(cfg, secret, foreground=True)
+    return worker.run(cfg, secret, foreground=True)
 
 
 def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror]:
@@ -566,13 +470,9 @@ def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror
 
     Example:
         >>> [m for m in find_mirrors() if m.alive]  # doctest: +SKIP
-        [<Mirror /content/project -> me@server:backup/project running, ...>]
+        [<Mirror /content/project -> me@server:backup/project up, ...>]
     """
-    state = state_path(state_dir)
-    found = []
-    for config in sorted((state / "mirror").glob("*/config.json")):
-        found.append(Mirror(config.parent))
-    return found
+    return Mirror.find(state_path(state_dir))
 
 
 def stop_mirrors(state_dir: str | os.PathLike[str] | None = None, *, flush: bool = True) -> int:
@@ -634,8 +534,6 @@ def push(
         ...      setup="pip install -r requirements.txt")  # doctest: +SKIP
         0
     """
-    from ._mirror_worker import Connection
-
     args = _prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
@@ -651,35 +549,32 @@ def push(
     try:
         sock_dir = _sock_dir(work, work.name[4:])
         known_hosts, pinned = _known_hosts(state, work, dest, port, args["host_key"])
-        cfg = {"user": dest.user, "host": dest.host, "path": dest.path, "port": port,
-               "identity_file": args["identity_file"], "known_hosts": str(known_hosts),
-               "pinned": pinned, "sock_dir": str(sock_dir), "agent": False,
-               "backup": False, "keep_days": 1.0,
-               "ssh": _proc.require_program("ssh", package="openssh-client", install=True,
-                                            error=MirrorError),
-               "rsync": _proc.require_program("rsync", package="rsync", install=True,
-                                              error=MirrorError)}
-        conn = Connection(cfg, args["password"], work / "push.log")
-        conn.open()  # also creates the remote folder
+        cfg = MirrorConfig(
+            run_dir=str(work), user=dest.user, host=dest.host, path=dest.path, port=port,
+            identity_file=args["identity_file"], known_hosts=str(known_hosts), pinned=pinned,
+            sock_dir=str(sock_dir), agent=False, backup=False,
+            ssh=_proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError),
+            rsync=_proc.require_program("rsync", package="rsync", install=True, error=MirrorError))
+        link = Link(cfg, args["password"])
+        link.open()
         try:
-            return _push_over(conn, args["local_dir"], dest, args["exclude"], setup, timeout)
+            ShellChannel(link).open()  # creates the folder there, checks for rsync
+            return _push_over(link, args["local_dir"], dest, args["exclude"], setup, timeout)
         finally:
-            conn.close()
+            link.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if sock_dir != work:
             shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def _push_over(conn: Any, local_dir: str, dest: _ssh.Destination, exclude: list[str],
+def _push_over(link: Link, local_dir: str, dest: _ssh.Destination, exclude: list[str],
                setup: str | None, timeout: float) -> int:
-    from ._mirror_worker import ConnectionLost, scan_local
-
     flt = _sync.MirrorFilter(local_dir, exclude)
     _, entries, size = scan_local(local_dir, flt)  # rsync's own totals grow while it lists
-    argv = _sync.rsync_push_argv(conn.rsync, conn.rsync_e(), local_dir, conn.rsync_dest,
+    argv = _sync.rsync_push_argv(link.cfg.rsync, link.rsync_e(), local_dir, link.rsync_dest,
                                  filters=flt.rsync_args(), backup_dir=None, progress=True)
-    bar = _Bar()
+    bar = Bar()
     reader = _sync.RsyncProgressReader()
 
     def on_output(chunk: bytes) -> None:
@@ -691,7 +586,7 @@ def _push_over(conn: Any, local_dir: str, dest: _ssh.Destination, exclude: list[
 
     ok = False
     try:
-        warning = conn.run_rsync(argv, timeout=timeout, on_output=on_output)
+        warning = link.run_rsync(argv, timeout=timeout, on_output=on_output)
         ok = not warning
     except ConnectionLost as e:
         raise MirrorError(f"copying {local_dir} to {dest} failed", log_tail=str(e),
@@ -705,11 +600,9 @@ def _push_over(conn: Any, local_dir: str, dest: _ssh.Destination, exclude: list[
     if setup is None:
         return 0
     remote = _sync.remote_path(dest.path)
-    rc, output = _proc.run_streamed(conn.mux(f"cd -- {shlex.quote(remote)} && {setup}"),
+    rc, output = _proc.run_streamed(link.mux(f"cd -- {shlex.quote(remote)} && {setup}"),
                                     timeout=timeout)
     if rc != 0:
         raise MirrorError(f"the set-up command failed (exit {rc}): {setup}", log_tail=output,
                           fix="fix the command or the project and push again")
     return 0
-
-

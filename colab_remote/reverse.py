@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
-import json
 import logging
 import os
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _access, _html, _proc, _ssh
+from ._daemon import Handle, State
+from ._supervisor import TunnelConfig
 from .errors import AuthenticationError, ColabRemoteError, TunnelError
 from .server import announce, load_sshd, state_path
 
@@ -36,38 +37,24 @@ VIAS = ("ssh", "gcloud")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9.-]")
 
 
-class Tunnel:
+class Tunnel(Handle):
     """A reverse tunnel kept up by a detached supervisor (see :func:`reverse_forward`).
 
     Everything is read from the supervisor's status file, so a handle made by
     :func:`load_tunnel` in a new kernel sees the same tunnel.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.config: dict[str, Any] = json.loads((run_dir / "config.json").read_text())
-
-    # --- state, read from the supervisor's status file -----------------------------------------
+    kind = "tunnels"
+    log_name = "supervisor"
+    config_type = TunnelConfig
+    config: TunnelConfig
 
     def status(self) -> dict[str, Any]:
         """The supervisor's status: state, pid, ssh_pid, remote_port, restarts, last_error, since."""
-        try:
-            data: dict[str, Any] = json.loads((self.run_dir / "status.json").read_text())
-        except (OSError, ValueError):
-            data = {}
-        pid = _proc.read_pid(self.run_dir / "supervisor.pid")
-        data.setdefault("pid", pid)
-        if not _proc.is_ours(data.get("pid"), str(self.run_dir)):
-            if data.get("state") not in ("failed", "stopped"):
-                data["state"] = "stopped"
-            data["ssh_pid"] = None
-        return data
+        return super().status()
 
-    @property
-    def pid(self) -> int | None:
-        """The supervisor's pid."""
-        pid = self.status().get("pid")
-        return int(pid) if pid is not None else None
+    def _gone(self, status: dict[str, Any]) -> None:
+        status["ssh_pid"] = None
 
     @property
     def ssh_pid(self) -> int | None:
@@ -76,40 +63,26 @@ class Tunnel:
         return int(pid) if pid is not None else None
 
     @property
-    def alive(self) -> bool:
-        """True while the supervisor runs (the forward may be reconnecting: see :attr:`state`)."""
-        return _proc.is_ours(self.status().get("pid"), str(self.run_dir))
-
-    @property
-    def state(self) -> str:
-        """``starting``, ``up``, ``reconnecting``, ``failed`` or ``stopped``."""
-        return str(self.status().get("state", "stopped"))
-
-    @property
     def remote_port(self) -> int:
         """The port on the server (the one it picked when ``remote_port=0`` was asked)."""
-        return int(self.status().get("remote_port") or self.config["remote_port"])
+        return int(self.status().get("remote_port") or self.config.remote_port)
 
     @property
     def restarts(self) -> int:
         """How many times the forward was re-established."""
         return int(self.status().get("restarts", 0))
 
-    @property
-    def last_error(self) -> str:
-        return str(self.status().get("last_error", ""))
-
     # --- what the user types ------------------------------------------------------------------
 
     @property
     def jump(self) -> str:
         """The ``-J`` argument: the server as the user's laptop reaches it."""
-        dest = _ssh.Destination(self.config["user"], self.config.get("public_host") or self.config["host"])
-        return _ssh.jump_spec(dest, int(self.config["port"]))
+        dest = _ssh.Destination(self.config.user, self.config.public_host or self.config.host)
+        return _ssh.jump_spec(dest, self.config.port)
 
     @property
     def login_user(self) -> str:
-        return str(self.config["login_user"])
+        return self.config.login_user
 
     @property
     def connection_string(self) -> str:
@@ -135,11 +108,11 @@ class Tunnel:
 
     def access(self) -> str:
         """What this tunnel logs in to the server with (and so what the runtime holds)."""
-        if self.config.get("restricted"):
-            expires = self.config.get("key_expires")
+        if self.config.restricted:
+            expires = self.config.key_expires
             when = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(float(expires))) if expires else ""
             return f"a key for this tunnel only{when} (no shell, no other port)"
-        if self.config.get("has_secret"):
+        if self.config.has_secret:
             return "your password, in the supervisor's memory (unrestricted)"
         return "your own key or agent (unrestricted)"
 
@@ -162,46 +135,26 @@ class Tunnel:
                 lines.append(f"{alias} {words[0]} {words[1]}")
         return "\n".join(lines) + ("\n" if lines else "")
 
-    def logs(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the supervisor's log (ssh's messages included)."""
-        return _proc.tail(self.run_dir / "supervisor.log", lines)
-
-    # --- stopping ------------------------------------------------------------------------------
-
     def stop(self) -> None:
         """Stop the supervisor and its ssh connections. Safe to call twice."""
-        status = self.status()
-        marker = str(self.run_dir)
-        pid = status.get("pid")
-        ssh_pids = [p for p in status.get("ssh_pids", []) if _proc.is_ours(p, marker)]
-        if _proc.is_ours(pid, marker):
-            _proc.stop(pid, marker=marker, timeout=5, also=ssh_pids)
-        else:
-            for p in ssh_pids:
-                _proc.stop(p, marker=marker, timeout=2)
-
-    def __enter__(self) -> Tunnel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._stop_process(also=self.status().get("ssh_pids", []))
 
     # --- display -------------------------------------------------------------------------------
 
     def _spec(self) -> str:
-        return f"-R {self.remote_port}:localhost:{self.config['local_port']}"
+        return f"-R {self.remote_port}:localhost:{self.config.local_port}"
 
     def __repr__(self) -> str:
         status = self.status()
         restarts = int(status.get("restarts", 0))
-        return (f"<Tunnel {self.config['destination']} {self._spec()} {status.get('state', 'stopped')}, "
+        return (f"<Tunnel {self.config.destination} {self._spec()} {State.of(status.get('state'))}, "
                 f"{restarts} restart{'' if restarts == 1 else 's'}>")
 
     def summary(self) -> str:
         """The tunnel and how to use it, as text."""
         status = self.status()
         lines = [
-            f"tunnel {status.get('state', 'stopped')}: {self.config['destination']} {self._spec()}"
+            f"tunnel {State.of(status.get('state'))}: {self.config.destination} {self._spec()}"
             f" (supervisor pid {status.get('pid')}, {status.get('restarts', 0)} restarts)",
             f"server access: {self.access()}",
             "connect from your laptop with",
@@ -213,13 +166,13 @@ class Tunnel:
         if known:
             lines += ["and this in ~/.ssh/known_hosts (the runtime's host keys: nothing else is accepted):",
                       *("  " + line for line in known.splitlines())]
-        if status.get("last_error") and status.get("state") != "up":
+        if status.get("last_error") and State.of(status.get("state")) is not State.UP:
             lines.append(f"last error: {status['last_error']}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         status = self.status()
-        rows = [("server", str(self.config["destination"])),
+        rows = [("server", self.config.destination),
                 ("forward", self._spec()),
                 ("server access", self.access()),
                 ("restarts", str(status.get("restarts", 0))),
@@ -234,23 +187,12 @@ class Tunnel:
         known = self.known_hosts()
         if known:
             blocks.append(("~/.ssh/known_hosts (the runtime's host keys)", known))
-        return _html.card("reverse tunnel", str(status.get("state", "stopped")), rows, blocks)
-
-
-def _tunnels_dir(state: Path) -> Path:
-    return state / "tunnels"
+        return _html.card("reverse tunnel", State.of(status.get("state")), rows, blocks)
 
 
 def find_tunnels(state_dir: str | os.PathLike[str] | None = None) -> list[Tunnel]:
     """Every tunnel recorded in ``state_dir`` (running or not)."""
-    found = []
-    folder = _tunnels_dir(state_path(state_dir))
-    if folder.is_dir():
-        for run_dir in sorted(folder.iterdir()):
-            if (run_dir / "config.json").is_file():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    found.append(Tunnel(run_dir))
-    return found
+    return Tunnel.find(state_path(state_dir))
 
 
 def load_tunnel(state_dir: str | os.PathLike[str] | None = None, remote_port: int | None = None
@@ -265,7 +207,7 @@ def load_tunnel(state_dir: str | os.PathLike[str] | None = None, remote_port: in
     for tunnel in find_tunnels(state_dir):
         if not tunnel.alive:
             continue
-        if remote_port is None or remote_port in (tunnel.remote_port, tunnel.config["remote_port"]):
+        if remote_port is None or remote_port in (tunnel.remote_port, tunnel.config.remote_port):
             return tunnel
     return None
 
@@ -401,7 +343,7 @@ def reverse_forward(
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = f"{remote_port}-" + ("gcloud-" if via == "gcloud" else "") + \
         _SAFE_NAME.sub("_", dest.host) + f"-{port}"
-    run_dir = _tunnels_dir(state) / name
+    run_dir = Tunnel.folder(state) / name
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     config: dict[str, Any] = {
@@ -475,7 +417,7 @@ def reverse_forward(
     for stale in ("status.json", "supervisor.log"):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / stale).unlink()
-    _proc.write_private(run_dir / "config.json", json.dumps(config, indent=1))
+    TunnelConfig(run_dir=str(run_dir), **config).save()
 
     t0 = time.monotonic()
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._supervisor", "--run-dir",
@@ -528,7 +470,7 @@ def _failure(status: dict[str, Any], tunnel: Tunnel, dest: _ssh.Destination, rem
             f"the host key of {dest.host} does not match: {error}", log_tail=logs,
             fix="check the server's fingerprint (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub "
                 f"on the server); if the key really changed, remove its line from "
-                f"{tunnel.config['options'].get('UserKnownHostsFile', 'the known_hosts file')}")
+                f"{tunnel.config.options.get('UserKnownHostsFile', 'the known_hosts file')}")
     if kind in ("down", "resolve", "timeout"):
         return TunnelError(
             f"could not reach {dest.host} port {port}: {error}", log_tail=logs,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _html, _proc, _ssh
+from ._daemon import State
 from .errors import ColabRemoteError, SshdError
 
 __all__ = ["Sshd", "kernel_environment", "start_sshd"]
@@ -153,7 +154,7 @@ class Sshd:
             rows.append(("password", self.password if show_password else "(hidden: .password)"))
         rows += [(f"host key {kind}", fp) for kind, fp in self.fingerprints.items()]
         hint = f"ssh -J you@your-server -p 20022 {self.user}@localhost"
-        return _html.card("sshd", self._state(), rows,
+        return _html.card("sshd", State.of(self._state()), rows,
                           [("next: reverse_forward(\"you@your-server\"), then", hint)])
 
 

@@ -68,10 +68,7 @@ def _why(handle: Any) -> str:
     """``: <first line of its error>`` for a failed tunnel or mirror, else ''."""
     if isinstance(handle, Sshd):
         return ""
-    if hasattr(handle, "last_error"):
-        error = handle.last_error if handle.state == "failed" else ""
-    else:
-        error = str(handle._info().get("error") or "") if handle.state == "error" else ""
+    error = handle.last_error if handle.state == "failed" else ""
     first = error.strip().splitlines()[0] if error.strip() else ""
     return f": {first[:160]}" if first else ""
 
@@ -82,7 +79,7 @@ def _name(handle: Any) -> str:
         host = handle.listen_address or "*"
         return f"sshd {handle.user}@{f'[{host}]' if ':' in host else host}:{handle.port}"
     if hasattr(handle, "ssh_config"):
-        return f"tunnel {handle.config['destination']} {handle._spec()}"
+        return f"tunnel {handle.config.destination} {handle._spec()}"
     return f"mirror {handle.local_dir} -> {handle.destination}"
 
 
@@ -239,7 +236,7 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
         known = Path(tmp) / "known_hosts"
         keys = sorted((sshd.run_dir / "host_keys").glob("*.pub"))
         known.write_text("".join(f"colab-runtime {' '.join(k.read_text().split()[:2])}\n" for k in keys))
-        options = {k: v for k, v in tunnel.config.get("options", {}).items()
+        options = {k: v for k, v in tunnel.config.options.items()
                    if k not in ("ExitOnForwardFailure", "PermitLocalCommand", "BatchMode")}
         jump = _jump_command(ssh, tunnel, options)
         argv = [ssh, "-p", str(tunnel.remote_port), "-o", f"ProxyCommand={jump}",
@@ -255,7 +252,7 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
         argv += [f"{sshd.user}@localhost", command]
         # Prompts come in order: the server's (when it wants a password), then the runtime's. A
         # restricted tunnel's own key opens the jump (it may reach the forwarded port and no other).
-        if tunnel.config.get("restricted"):
+        if tunnel.config.restricted:
             server_password = None
         answers = [p for p in (server_password, password) if p is not None]
         try:
@@ -273,18 +270,18 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
 def _jump_command(ssh: str, tunnel: Any, options: dict[str, Any]) -> str:
     """ProxyCommand text for the jump to the server (what ``ssh -J`` runs, with our options)."""
     config = tunnel.config
-    if config.get("via") == "gcloud" and not config.get("restricted"):
+    if config.via == "gcloud" and not config.restricted:
         from . import _gcloud
 
-        dest = _ssh.Destination(config["user"], config["host"])
-        argv = _gcloud.gcloud_ssh_argv(config["gcloud"], dest, zone=config.get("zone"),
-                                       project=config.get("project"),
+        dest = _ssh.Destination(config.user, config.host)
+        argv = _gcloud.gcloud_ssh_argv(config.gcloud, dest, zone=config.zone,
+                                       project=config.project,
                                        ssh_flags=_ssh.ssh_option_argv(options),
                                        command=["-W", "localhost:%p"])
     else:
-        host = config.get("connect_host") or config["host"]
-        argv = [ssh, "-W", "localhost:%p", "-p", str(config["port"]), *_ssh.ssh_option_argv(options),
-                _ssh.Destination(config["user"], host).target]
+        host = config.connect_host or config.host
+        argv = [ssh, "-W", "localhost:%p", "-p", str(config.port), *_ssh.ssh_option_argv(options),
+                _ssh.Destination(config.user, host).target]
     # ssh hands ProxyCommand to a shell: quote every word (no user text gets interpreted).
     return " ".join(a if "%p" in a else shlex.quote(a) for a in argv)
 

@@ -346,7 +346,7 @@ def test_expired_and_revoked_keys_stop_working_and_runtimes_keep_their_own(tmp_p
             if os.path.basename((_proc.cmdline(pid) or [""])[0]) == "ssh":
                 os.kill(pid, signal.SIGKILL)
         (local1 / "later.txt").write_text("a change after the revocation")
-        wait_for(lambda: m1.state == "retrying" and "key" in (m1.stats.get("last_error") or ""), 30,
+        wait_for(lambda: m1.state == "reconnecting" and "key" in (m1.stats.get("last_error") or ""), 30,
                  "the revoked mirror to fail its login")
         assert m1.stats.get("reconnects", 0) == 0
         assert "restricted key" in (m1.stats.get("last_error") or "") or "refused" in (

@@ -137,7 +137,7 @@ def test_filter_patterns_anchored_and_by_name() -> None:
 
 
 def test_push_reads_files_not_links(tmp_path: Path) -> None:
-    from colab_remote._mirror_worker import _read_file
+    from colab_remote._mirror.plan import read_file as _read_file
 
     (tmp_path / "f").write_bytes(b"grown since the lstat")
     assert _read_file(str(tmp_path / "f"), 5) == b"grown since the lstat"
@@ -209,7 +209,7 @@ def test_create_edit_delete_rename_nested_symlinks_trash(tmp_path: Path, server)
     (local / "src" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0pyc")
     m = start(tmp_path, server, local)
     try:
-        assert m.alive and m.state == "running"
+        assert m.alive and m.state == "up"
         assert converged(local, server)
         assert not (server_root(server) / "src" / "__pycache__").exists()  # default exclude
 
@@ -315,7 +315,7 @@ def test_server_down_mid_edits_then_back(tmp_path: Path, server) -> None:
         (local / "a.txt").write_text("a1")
         (local / "sub").mkdir()
         (local / "sub" / "x.txt").write_text("x")
-        wait_for(lambda: m.stats.get("state") == "retrying", 20, "the mirror notices the outage")
+        wait_for(lambda: m.stats.get("state") == "reconnecting", 20, "the mirror notices the outage")
         with pytest.raises(MirrorError):
             m.flush(1)
         assert m.stats["pending"] > 0
@@ -448,7 +448,7 @@ def test_found_and_stopped_from_a_fresh_process(tmp_path: Path, server) -> None:
             "print(stop_mirrors(sys.argv[1]))\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state")], capture_output=True,
                          text=True, timeout=60)
-    assert out.stdout.split() == ["1", "running", "1"], out.stderr
+    assert out.stdout.split() == ["1", "up", "1"], out.stderr
     assert not m.alive and not _proc.pid_alive(master)
 
     def server_side() -> list[int]:  # the agent and its sshd session, run as the server's user
@@ -793,9 +793,9 @@ def test_rsync_progress_while_rsync_still_lists() -> None:
 
 
 def test_no_bar_flashes_for_a_quick_sync(capsys) -> None:
-    mirror_module = importlib.import_module("colab_remote.mirror")  # the package's mirror is the function
+    from colab_remote._progress import Bar
 
-    bar = mirror_module._Bar()
+    bar = Bar()
     bar.show("first push", 0.5, "1 MB")
     bar.show("first push", 1.0, "2 MB")
     bar.close(done=True)
@@ -804,10 +804,8 @@ def test_no_bar_flashes_for_a_quick_sync(capsys) -> None:
 
 def test_first_sync_and_push_show_a_progress_bar(tmp_path: Path, server, capsys,
                                                  monkeypatch) -> None:
-    mirror_module = importlib.import_module("colab_remote.mirror")  # the package's mirror is the function
-
     # a bar appears only for a sync still running after PROGRESS_AFTER; this machine is fast
-    monkeypatch.setattr(mirror_module, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(importlib.import_module("colab_remote._progress"), "PROGRESS_AFTER", 0.0)
     local = tmp_path / "project"
     for d in range(20):
         (local / f"d{d}").mkdir(parents=True)

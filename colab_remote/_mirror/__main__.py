@@ -1,0 +1,7 @@
+"""``python -m colab_remote._mirror --run-dir DIR``: the detached mirror process."""
+
+import sys
+
+from .worker import main
+
+sys.exit(main())

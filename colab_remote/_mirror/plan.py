@@ -1,0 +1,327 @@
+"""What a batch of changes means: the ops to send, read from the folder as they are listed.
+
+The watcher says *which* paths changed; a :class:`Plan` looks at each of them now (the folder is
+the truth, not the event) and yields the agent's ops in order: a folder before its files, a new
+folder's whole content (files may have landed before its watch existed), deletes for what is gone.
+Files too big for one record, and every file when the server has no agent, are listed apart
+(:attr:`Plan.big`) for the channel to stream. Each file's (size, mtime, mode, digest) is noted in
+:attr:`Plan.sending`; a file the agent already acknowledged with the same four is not sent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from .. import _agent, _sync
+
+# One op for the agent: (op, path relative to the root, mode, mtime in ns, data or link target)
+Op = tuple[bytes, str, int, int, bytes | None]
+Digest = tuple[int, int, int, bytes]  # size, mtime in ns, mode, blake2b-128 of the content
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+
+
+class Entry(NamedTuple):
+    """One entry of the server copy, as the agent lists it."""
+
+    mode: int      # with the type bits
+    size: int
+    mtime_ns: int
+    target: bytes  # a link's target
+
+
+def join(rel: str | None, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=_agent.DIGEST_SIZE).digest()
+
+
+def read_file(path: str, size: int, dir_fd: int | None = None) -> bytes:
+    """A file's bytes, one read when it still has ``size`` of them; OSError when it is gone or now
+    a link (NONBLOCK: a FIFO put there meanwhile never blocks us)."""
+    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) <= size:  # a short read of a regular file: its end
+            return data
+        chunks = [data]
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+class _Folders:
+    """The open descriptor of the folder being looked at (one at a time: the paths come sorted)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.rel: str | None = None
+        self.fd = -1
+
+    def open(self, rel: str) -> int:
+        if rel != self.rel:
+            self.close()
+            # a folder swapped for a link meanwhile is not followed (its parents: under_link)
+            self.fd = os.open(os.path.join(self.root, rel), _DIR_FLAGS | os.O_NOFOLLOW) if rel \
+                else os.open(self.root, _DIR_FLAGS)
+            self.rel = rel
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.rel = -1, None
+
+
+class Plan:
+    """The ops for one batch (iterate it once), and what iterating it found.
+
+    ``big``: files for the channel to stream (big ones; every file without ``inline``);
+    ``deletes``: paths deleted; ``sending``: the digest of each file op, for :attr:`Planner.sent`
+    once the agent has acknowledged the batch.
+    """
+
+    def __init__(self, planner: Planner, paths: set[str], added: set[str] | None = None,
+                 deleted: set[str] | None = None) -> None:
+        self.planner, self.paths = planner, paths
+        self.added, self.deleted = added or set(), deleted or set()
+        self.big: list[str] = []
+        self.deletes: list[str] = []
+        self.sending: dict[str, Digest] = {}
+        self._seen: set[str] = set()
+        self._linked: dict[str, bool] = {}  # folder -> is a link
+        self._inside: dict[str, bool] = {}  # folder -> it or a folder above it is a link
+
+    def __iter__(self) -> Iterator[Op]:
+        p = self.planner
+        folders = _Folders(p.root)
+        try:
+            for rel in sorted(self.paths):
+                if rel in self._seen or self._under_link(rel):
+                    continue
+                folder, _, name = rel.rpartition("/")
+                try:
+                    fd = folders.open(folder)
+                    st = os.lstat(name, dir_fd=fd)
+                except OSError:
+                    if rel in self.deleted and p.delete:
+                        self.deletes.append(rel)
+                        yield (_agent.OP_DELETE, rel, 0, 0, None)
+                    continue
+                self._seen.add(rel)
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if is_dir and rel in self.deleted and p.delete:
+                    self.deletes.append(rel)  # replaced: send it whole again
+                    yield (_agent.OP_DELETE, rel, 0, 0, None)
+                op = self._entry(rel, fd, name, st)
+                if op is not None:
+                    yield op
+                if is_dir and (rel in self.added or rel in self.deleted):
+                    yield from self._walk(rel, folders)
+        finally:
+            folders.close()
+
+    def _under_link(self, rel: str) -> bool:
+        folder = rel.rpartition("/")[0]
+        if not folder:
+            return False
+        found = self._inside.get(folder)  # one look-up per file; the walk up once per folder
+        if found is None:
+            found, cur = False, ""
+            for part in folder.split("/"):
+                cur = join(cur, part)
+                if cur not in self._linked:
+                    self._linked[cur] = os.path.islink(os.path.join(self.planner.root, cur))
+                if self._linked[cur]:
+                    found = True
+                    break
+            self._inside[folder] = found
+        return found
+
+    def _entry(self, rel: str, fd: int, name: str, st: os.stat_result) -> Op | None:
+        p = self.planner
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size >= _sync.BIG_FILE or not p.inline:
+                self.big.append(rel)
+                return None
+            try:  # mode and mtime from the lstat: a change since then has its own event
+                data = read_file(name, st.st_size, fd)
+            except OSError:
+                return None  # gone again (or no longer a file): its event follows
+            mode = stat.S_IMODE(st.st_mode)
+            key = (len(data), st.st_mtime_ns, mode, digest(data))
+            if p.sent.get(rel) == key:
+                return None  # the server has exactly this already (its content, not a guess)
+            self.sending[rel] = key
+            return (_agent.OP_PUT, rel, mode, st.st_mtime_ns, data)
+        if stat.S_ISDIR(st.st_mode):
+            return (_agent.OP_MKDIR, rel, stat.S_IMODE(st.st_mode), 0, None)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(name, dir_fd=fd)
+            except OSError:
+                return None
+            return (_agent.OP_LINK, rel, 0, 0, os.fsencode(target))
+        return None  # sockets, FIFOs, devices: not mirrored (as rsync -rlpt)
+
+    def _walk(self, top: str, folders: _Folders) -> Iterator[Op]:
+        """Everything in a new folder: files may have landed before its watch existed."""
+        p = self.planner
+        stack = [top]
+        while stack:
+            frel = stack.pop()
+            p.watch(os.path.join(p.root, frel), frel)  # watched before it is listed: nothing falls in between
+            try:
+                fd = folders.open(frel)
+                names = os.listdir(fd)
+            except OSError:
+                continue
+            for name in names:
+                rel = f"{frel}/{name}"
+                if rel in self._seen or p.flt.excluded(rel):
+                    continue
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except OSError:
+                    continue
+                self._seen.add(rel)
+                op = self._entry(rel, fd, name, st)
+                if op is not None:
+                    yield op
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(rel)
+
+
+SENT_MAX = 100_000  # files remembered as acknowledged (about 10 MB); then forgotten at once
+
+
+class Planner:
+    """Makes :class:`Plan` values for one mirrored folder, and remembers what the agent has.
+
+    ``inline``: small files go as whole records (the agent); without, every file is big (rsync).
+    ``watch(path, rel)``: called for each new folder before it is listed (the inotify doorbell).
+    """
+
+    def __init__(self, root: str, flt: _sync.MirrorFilter, *, delete: bool, inline: bool = True,
+                 watch: Callable[[str, str], object] | None = None) -> None:
+        self.root, self.flt, self.delete, self.inline = root, flt, delete, inline
+        self.watch: Callable[[str, str], object] = watch or (lambda path, rel: None)
+        # rel -> digest of what the agent acknowledged: a file sent by the listing of a new folder
+        # whose own event comes later is read again but not resent
+        self.sent: dict[str, Digest] = {}
+
+    def plan(self, paths: set[str], added: set[str] | None = None,
+             deleted: set[str] | None = None) -> Plan:
+        return Plan(self, paths, added, deleted)
+
+    def forget(self, rel: str, *, folder: bool = False) -> None:
+        """``rel`` changed on the server side of our knowledge (deleted, replaced)."""
+        if folder and self.sent.pop(rel, None) is None:
+            self.sent.clear()  # a folder: whatever was under it is gone too
+        else:
+            self.sent.pop(rel, None)
+
+    def acknowledged(self, plan: Plan, ok: bool) -> None:
+        """The agent answered ``plan``'s batch: what it sent is now on the server (unless errors)."""
+        if not ok:
+            self.sent.clear()  # what the server refused must be sent again
+            return
+        if len(self.sent) + len(plan.sending) > SENT_MAX:
+            self.sent.clear()
+        self.sent.update(plan.sending)
+
+
+def under_link(root: str, rel: str) -> bool:
+    """True when a folder above ``rel`` is a link here (restore never writes through one)."""
+    folder = rel.rpartition("/")[0]
+    cur = root
+    for part in folder.split("/") if folder else []:
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            return True
+    return False
+
+
+def same_time(here: int, there: int) -> bool:
+    """Equal mtimes; a server whose file system keeps whole seconds only counts as equal too."""
+    return here == there or (there % 10**9 == 0 and here // 10**9 == there // 10**9)
+
+
+def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
+    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
+    target), and the bytes of those files. What exists only on the server is not listed."""
+    paths: set[str] = set()
+    nbytes = 0
+    todo = [("", root)]
+    while todo:
+        rel, folder = todo.pop()
+        try:
+            listing = os.scandir(folder)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                r = join(rel, entry.name)
+                if flt.excluded(r):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                there = server.get(r)
+                mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append((r, entry.path))
+                    if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
+                        paths.add(r)
+                elif stat.S_ISLNK(st.st_mode):
+                    if there is None or not stat.S_ISLNK(there.mode) or \
+                            there.target != os.fsencode(os.readlink(entry.path)):
+                        paths.add(r)
+                elif stat.S_ISREG(st.st_mode):
+                    if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
+                            or not same_time(st.st_mtime_ns, there.mtime_ns) \
+                            or stat.S_IMODE(there.mode) != mode:
+                        paths.add(r)
+                        nbytes += st.st_size
+    return paths, nbytes
+
+
+def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:
+    """``(files, entries, bytes)`` of the mirrored tree: files and links (what the server's count
+    compares with), everything rsync lists (folders and the top one too), and the files' size."""
+    files = size = 0
+    entries = 1
+    todo = [("", root)]
+    while todo:
+        rel, folder = todo.pop()
+        try:
+            listing = os.scandir(folder)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                r = join(rel, entry.name)
+                if flt.excluded(r):
+                    continue
+                entries += 1
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((r, entry.path))
+                        continue
+                    files += 1
+                    if entry.is_file(follow_symlinks=False):
+                        size += entry.stat(follow_symlinks=False).st_size
+    return files, entries, size

@@ -1,0 +1,477 @@
+"""The mirror loop: changes in, pushes out, through outages and restarts.
+
+It merges changes while a push is in flight, keeps them through outages (reconnecting with a
+backoff), ends a burst with a whole-tree pass, refuses to start from an empty folder while the
+server copy is not, and answers ``stats``/``flush``/``stop`` on its control socket. The pieces it
+holds: a :class:`Link` and a :class:`Channel` (the server), a :class:`Watcher` (the folder), a
+:class:`Planner` (what changes mean), a :class:`Reporter` (its status file) and a
+:class:`ControlServer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _proc, _sync
+from .._daemon import Backoff, State
+from ..errors import AuthenticationError, ColabRemoteError, MirrorError
+from .channel import Channel, Sent, open_channel
+from .config import MirrorConfig
+from .control import ControlServer
+from .link import ConnectionLost, Link
+from .plan import Entry, Planner, scan_local
+from .report import Progress, Reporter
+from .watch import Watcher
+
+log = logging.getLogger("colab_remote.mirror")
+
+BURST_PATHS = 200           # pushes this big together are a burst: a whole-tree pass follows once quiet
+BURST_QUIET = 0.3           # seconds without events before that pass
+FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
+RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-tree pass this much later
+PRUNE_EVERY = 6 * 3600.0
+CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
+
+
+class Worker:
+    """One mirror (see the module docstring)."""
+
+    def __init__(self, cfg: MirrorConfig, password: str | None) -> None:
+        self.cfg = cfg
+        self.root = cfg.local_dir
+        self.flt = _sync.MirrorFilter(self.root, cfg.exclude)
+        self.link = Link(cfg, password)
+        self.channel: Channel | None = None
+        self.planner = Planner(self.root, self.flt, delete=cfg.delete, inline=cfg.agent,
+                               watch=self._watch_folder)
+        self.cond = threading.Condition()
+        self.pending: set[str] = set()
+        self.added: set[str] = set()
+        self.deleted: set[str] = set()
+        self.events = 0
+        self.in_flight = False
+        self.pushed_events = 0
+        self.stop_asked = False
+        self.stop_flush_until = 0.0
+        self.full_due: float | None = None
+        self.last_full = 0.0
+        self.last_prune = time.monotonic()
+        self.changed_since_full = False
+        self.run_paths = 0          # paths pushed since the last quiet spell (see push())
+        self.last_push_end = 0.0
+        self.stats: dict[str, Any] = {"files": 0, "bytes": 0, "pushes": 0, "full_passes": 0,
+                                      "deleted": 0, "last_push": None, "last_error": None,
+                                      "reconnects": 0}
+        self.watcher: Watcher | None = None
+        self.connected = False
+        self.error_count = 0
+        self.report = Reporter(Path(cfg.run_dir), {
+            "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
+            "sock_dir": cfg.sock_dir}, self.snapshot)
+        self.control = ControlServer(Path(cfg.sock_dir) / "ctl", self._answer)
+
+    # -- status --------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self.report.state
+
+    def set_state(self, state: State, error: str | None = None) -> None:
+        if error is not None:
+            self.stats["last_error"] = error
+            self.report.error = error
+        self.report.master_pid = self.link.pid
+        self.report.set_state(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.cond:
+            pending = len(self.pending) + (1 if self.full_due is not None else 0)
+        return {**self.stats, "pending": pending, "state": self.report.state.value,
+                "connected": self.connected, "in_flight": self.in_flight}
+
+    # -- events --------------------------------------------------------------------------------
+    def deliver(self, changes: list[tuple[int, str]]) -> None:
+        with self.cond:
+            for change, rel in changes:
+                self.pending.add(rel)
+                if change == CHANGE_ADDED:
+                    self.added.add(rel)
+                elif change == CHANGE_DELETED:
+                    self.deleted.add(rel)
+            self.events += 1
+            self.changed_since_full = True
+            self.cond.notify_all()
+
+    def events_lost(self) -> None:
+        """Changes may have gone unreported: a whole-tree pass soon (at most one a second)."""
+        with self.cond:
+            due = max(time.monotonic(), self.last_full + 1.0)
+            self.full_due = due if self.full_due is None else min(self.full_due, due)
+            self.changed_since_full = True
+            self.cond.notify_all()
+
+    def _watch_folder(self, path: str, rel: str) -> None:
+        if self.watcher is not None:
+            self.watcher.bell.add(path, rel)
+
+    # -- the control socket --------------------------------------------------------------------
+    def _answer(self, words: list[str]) -> dict[str, Any]:
+        if words[0] == "stats":
+            return self.snapshot()
+        if words[0] == "flush":
+            reason = self.flush(float(words[1]) if len(words) > 1 else 60.0)
+            return {"ok": not reason, "reason": reason, "stats": self.snapshot()}
+        if words[0] == "stop":
+            self.request_stop(float(words[1]) if len(words) > 1 else 0.0)
+            return {"ok": True}
+        return {"error": f"unknown command {words[0]!r}"}
+
+    def flush(self, timeout: float) -> str:
+        """Wait until everything changed before the call is on the server: '' when it is,
+        "timeout", or "errors" (the server refused some of it)."""
+        deadline = time.monotonic() + timeout
+        errors_before = self.error_count
+        if self.watcher is not None and not self.watcher.sync(min(timeout, 10)):
+            return "timeout"
+        with self.cond:
+            target = self.events
+            if self.full_due is not None:
+                self.full_due = time.monotonic()
+            self.cond.notify_all()
+            done = self.cond.wait_for(
+                lambda: self.pushed_events >= target and not self.pending and not self.in_flight
+                and self.full_due is None and self.connected,
+                max(0.0, deadline - time.monotonic()))
+        if not done:
+            return "timeout"
+        return "" if self.error_count == errors_before else "errors"
+
+    def request_stop(self, flush_timeout: float) -> None:
+        with self.cond:
+            self.stop_asked = True
+            self.stop_flush_until = time.monotonic() + flush_timeout
+            self.cond.notify_all()
+
+    # -- pushing -------------------------------------------------------------------------------
+    def push(self, paths: set[str], added: set[str] | None = None, deleted: set[str] | None = None,
+             *, whole: bool = False, progress: Progress | None = None) -> Sent:
+        """Send what changed at ``paths`` (``added``/``deleted``: what the events said).
+
+        ``whole``: part of a whole-tree pass (not counted towards a burst; the pass reports
+        errors).
+        """
+        assert self.channel is not None
+        t0 = time.monotonic()
+        sent = self.channel.send(self.planner.plan(paths, added, deleted), progress)
+        took = time.monotonic() - t0
+        if took > 0.2:
+            log.info("pushed %d files (%d ops, %d big) in %.3f s", sent.files, sent.ops, sent.big, took)
+        s = self.stats
+        s["files"] += sent.files
+        s["bytes"] += sent.nbytes
+        s["deleted"] += sent.deletes
+        s["pushes"] += 1
+        s["last_push"] = time.time()
+        if progress is not None:
+            progress.done()
+        if not whole:
+            self._errors(sent)
+            # a burst: pushes with no quiet spell between them that carried BURST_PATHS paths
+            quiet = t0 - self.last_push_end >= BURST_QUIET
+            self.run_paths = len(paths) + (0 if quiet else self.run_paths)
+            self.last_push_end = time.monotonic()
+            if self.run_paths >= BURST_PATHS:
+                self.full_due = self.last_push_end + BURST_QUIET
+        self.report.dirty = True
+        return sent
+
+    def _errors(self, sent: Sent) -> None:
+        if not sent.errors:
+            return
+        self.error_count += 1
+        self.stats["last_error"] = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
+        log.warning("server errors: %s", self.stats["last_error"])
+        # what failed (a full disk, say) is sent again by a whole-tree pass a little later
+        retry = time.monotonic() + RETRY_AFTER_ERROR
+        self.full_due = retry if self.full_due is None else min(self.full_due, retry)
+
+    def whole_pass(self, phase: str | None = None, estimate: tuple[int, int] = (0, 0),
+                   listing: dict[str, Entry] | None = None) -> None:
+        """Send whatever differs from the server copy, never deleting there (``phase``: a name
+        for the progress in the status file, measured against ``estimate``: entries, bytes)."""
+        assert self.channel is not None
+        t0 = time.monotonic()
+        progress = self.report.phase(phase, *estimate) if phase else None
+        sent = self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
+                                       self.root, self.flt, listing, progress)
+        self._errors(sent)
+        self.stats["full_passes"] += 1
+        self.last_full = time.monotonic()
+        log.info("whole-tree pass in %.3f s", self.last_full - t0)
+
+    def prune(self) -> None:
+        assert self.channel is not None
+        self.last_prune = time.monotonic()
+        self.channel.prune()
+
+    # -- the connection ------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Log in and start the channel (the set-up found out which one)."""
+        self.link.open()
+        self.channel = open_channel(self.link)
+        self.connected = True
+
+    def disconnect(self) -> None:
+        self.connected = False
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.link.close()
+
+    def reconnect(self) -> None:
+        """Wait for the server (cheap port probes, backoff) and log in again."""
+        self.disconnect()
+        self.planner.sent.clear()  # the server may have changed meanwhile
+        self.set_state(State.RECONNECTING)
+        backoff = Backoff(0.2, 5.0)
+        while not self.stop_asked or time.monotonic() < self.stop_flush_until:
+            if _proc.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
+                try:
+                    self.connect()  # the new agent clears what a killed one left half-built
+                    self.stats["reconnects"] += 1
+                    self.full_due = time.monotonic()
+                    self.set_state(State.UP)
+                    log.info("reconnected")
+                    return
+                except (ColabRemoteError, ConnectionLost) as e:
+                    what = e.what if isinstance(e, ColabRemoteError) else str(e)
+                    self.stats["last_error"] = what
+                    log.warning("reconnect failed: %s", what)
+                    self.disconnect()
+                    if isinstance(e, AuthenticationError):
+                        # a changed password: keep trying, but slowly (no lockouts, no log spam)
+                        backoff = Backoff(30.0, 60.0)
+            with self.cond:
+                self.cond.wait(backoff.next())
+        raise ConnectionLost("stopped while the server was away")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _next(self) -> tuple[str, set[str], set[str], set[str], int] | None:
+        """Wait for the next thing to do (under the lock): ("push", paths, added, deleted,
+        events), ("full", ...), ("prune", ...); None to stop."""
+        while True:
+            now = time.monotonic()
+            if self.stop_asked and (not self.pending and self.full_due is None
+                                    or now >= self.stop_flush_until):
+                return None
+            if self.pending:
+                paths, added, deleted = self.pending, self.added, self.deleted
+                self.pending, self.added, self.deleted = set(), set(), set()
+                self.in_flight = True
+                return "push", paths, added, deleted, self.events
+            if self.full_due is not None and now >= self.full_due or (
+                    self.changed_since_full and now - self.last_full > FULL_PASS_EVERY):
+                self.full_due, self.changed_since_full = None, False
+                self.in_flight = True
+                return "full", set(), set(), set(), self.events
+            if now - self.last_prune > PRUNE_EVERY:
+                self.in_flight = True
+                return "prune", set(), set(), set(), self.events
+            if self.watcher is not None and (self.watcher.error is not None
+                                             or not self.watcher.is_alive()):
+                # notify failed (the folder vanished, say): watch again, then a whole pass covers
+                # whatever happened meanwhile
+                self.stats["last_error"] = f"watching {self.root} failed: {self.watcher.error}"
+                log.warning("%s; watching again", self.stats["last_error"])
+                self.watcher = None
+                if os.path.isdir(self.root):
+                    self._start_watcher()
+                    self.full_due = now + 1
+                continue
+            wait = 30.0 if self.full_due is None else self.full_due - now
+            if self.report.dirty:
+                wait = min(wait, 1.0)
+            self.in_flight = False
+            self.cond.notify_all()
+            self.report.write()
+            self.cond.wait(max(0.001, wait))
+
+    def loop(self) -> None:
+        while True:
+            with self.cond:
+                job = self._next()
+            if job is None:
+                return
+            kind, paths, added, deleted, target = job
+            try:
+                if kind == "full":
+                    self.whole_pass()
+                elif kind == "prune":
+                    self.prune()
+                else:
+                    self.push(paths, added, deleted)
+            except (ConnectionLost, OSError) as e:
+                log.warning("push failed (%s); keeping %d changes", e, len(paths))
+                with self.cond:
+                    self.pending |= paths
+                    self.added |= added
+                    self.deleted |= deleted
+                    if kind == "full":
+                        self.full_due = time.monotonic()
+                self.stats["last_error"] = f"server unreachable: {e}"
+                try:
+                    self.reconnect()
+                except ConnectionLost:
+                    return
+                continue
+            with self.cond:
+                self.pushed_events = max(self.pushed_events, target)
+                if not self.pending:
+                    self.in_flight = False
+                self.cond.notify_all()
+            self.report.write()
+
+    # -- start ---------------------------------------------------------------------------------
+    def _start_watcher(self) -> None:
+        self.watcher = Watcher(self.root, self.flt, self.deliver, self.events_lost)
+        self.watcher.start()
+
+    def start(self) -> None:
+        """Connect, check or restore, start watching, first push. Raises on failure."""
+        self.set_state(State.CONNECTING)
+        self.connect()
+        self.report.master_pid = self.link.pid
+        self.report.write(force=True)
+        assert self.channel is not None
+        root = Path(self.root)
+        listing = self.channel.listing()
+        server_files = self.channel.count(listing)
+        local_files, entries, size = scan_local(self.root, self.flt) if root.is_dir() else (0, 1, 0)
+        log.info("server copy: %d files; local: %d files", server_files, local_files)
+        if self.cfg.restore:
+            root.mkdir(parents=True, exist_ok=True)
+            if server_files:
+                self.set_state(State.RESTORING)
+                try:
+                    self.channel.restore(self.root, self.flt, listing,
+                                         self.report.phase("restoring", 0, 0))
+                except ConnectionLost as e:
+                    raise MirrorError("restoring from the server failed", log_tail=str(e),
+                                      fix="check the connection and try again") from e
+                _, entries, size = scan_local(self.root, self.flt)  # for the first push's bar
+        elif server_files and local_files * 2 < server_files:
+            why = ("is missing" if not root.exists() else "is empty" if local_files == 0
+                   else f"holds {local_files} files, fewer than half of the server copy's")
+            raise MirrorError(
+                f"refusing to mirror: {self.root} {why}, while the server copy "
+                f"{self.cfg.destination} holds {server_files} files",
+                fix=f"to resume from the server copy, use mirror({self.root!r}, "
+                    f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        self._start_watcher()
+        assert self.watcher is not None
+        if not self.watcher.ready.wait(600) or self.watcher.error is not None:
+            raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
+                              fix="check the folder exists and is readable; raise "
+                                  "fs.inotify.max_user_watches for very large trees")
+        self.set_state(State.FIRST_PUSH)
+        self.prune()
+        try:
+            self.whole_pass("first push", (entries, size), listing)
+        except ConnectionLost as e:
+            raise MirrorError("the first push failed", log_tail=str(e),
+                              fix="check the connection and the server's disk") from e
+        self.changed_since_full = False
+        self.set_state(State.UP)  # with the first push's last progress, for the bar
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.control.close()
+        self.disconnect()
+        if Path(self.cfg.sock_dir) != Path(self.cfg.run_dir):  # a short folder in /tmp of our own
+            with contextlib.suppress(OSError):
+                Path(self.cfg.sock_dir).rmdir()
+
+
+def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False) -> int:
+    """Run one mirror until stopped (SIGTERM, SIGINT, or ``stop`` on the control socket).
+
+    In the foreground a failure to start is raised (the CLI prints it); detached it goes into the
+    status file for :func:`colab_remote.mirror` to raise.
+    """
+    worker = Worker(cfg, password)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Never block in a handler: a helper thread takes the lock and wakes the loop.
+        threading.Thread(target=worker.request_stop,
+                         args=(cfg.stop_flush if foreground else 2.0,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    bar = None
+    logs: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if foreground:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from .._progress import Bar
+
+        bar = Bar()
+        worker.report.on_progress = bar.show
+        logs = logging_redirect_tqdm()  # log lines above the bar, not through it
+    try:
+        worker.control.start()
+        try:
+            with logs:
+                worker.start()
+            if bar is not None:
+                bar.close(done=True)
+        except ColabRemoteError as e:
+            worker.report.error_detail = {"type": type(e).__name__, "what": e.what,
+                                          "log_tail": e.log_tail, "fix": e.fix}
+            worker.set_state(State.FAILED, str(e))
+            if foreground:
+                raise
+            log.error("%s", e)
+            return 1
+        except Exception as e:
+            log.exception("the mirror failed to start")
+            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
+            return 1
+        if foreground:
+            print(f"mirroring {cfg.local_dir} -> {cfg.destination} (Ctrl-C stops)", flush=True)
+        try:
+            worker.loop()
+        except Exception as e:
+            log.exception("the mirror failed")
+            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
+            return 1
+        worker.set_state(State.STOPPED)
+        return 0
+    finally:
+        if bar is not None:
+            bar.close(done=False)
+        worker.shutdown()
+        if worker.state is not State.FAILED:
+            worker.report.state = State.STOPPED
+        worker.report.write(force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m colab_remote._mirror")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    cfg = MirrorConfig.load(args.run_dir)
+    password = _proc.receive_secret() if cfg.has_password else None
+    return run(cfg, password)
