@@ -217,15 +217,20 @@ def test_the_laptop_checks_the_runtimes_key_from_the_first_login(tmp_path, serve
         def login() -> tuple[int | None, str]:
             child = pexpect.spawn("ssh", ["-F", str(home / "config"), "-o", "PubkeyAuthentication=no",
                                           "colab", "id -un"], encoding="utf-8", timeout=20)
+            said = ""
             try:
                 for pw in (server.user.password, runtime.login.password):
-                    if child.expect(["assword:", pexpect.EOF]) == 1:
+                    at = child.expect(["assword:", pexpect.EOF])
+                    said += child.before or ""
+                    if at == 1:
                         break
                     child.sendline(pw)
-                child.expect(pexpect.EOF)
+                else:
+                    child.expect(pexpect.EOF)
+                    said += child.before or ""
             finally:
                 child.close(force=True)
-            return child.exitstatus, child.before or ""
+            return child.exitstatus, said
 
         (home / "known_hosts").write_text(tunnel.known_hosts("colab") + server_line + "\n")
         code, out = login()
