@@ -85,6 +85,11 @@ def stop_all(state_dir: str | os.PathLike[str] | None = None) -> int:
     if sshd is not None and sshd.alive:
         sshd.stop()
         count += 1
+    elif sshd is None:
+        # Started, but start_sshd() was interrupted before it recorded info.json: the pid file
+        # (written by the launcher) and the config path still say which process is ours.
+        run_dir = state / "sshd"
+        count += _proc.stop(_proc.read_pid(run_dir / "sshd.pid"), marker=str(run_dir / "sshd_config"))
     return count
 
 
@@ -210,9 +215,7 @@ def _one_off_key(sshd: Sshd, folder: Path) -> Path:
 
 
 def _forget_one_off_key(sshd: Sshd, key: Path) -> None:
+    from .server import _remove_authorized_key
+
     blob = Path(str(key) + ".pub").read_text().split()[1]
-    path = Path(pwd.getpwnam(sshd.user).pw_dir) / ".ssh" / "authorized_keys"
-    lines = [line for line in path.read_text().splitlines() if blob not in line]
-    _proc.write_private(path, "\n".join(lines) + ("\n" if lines else ""))
-    account = pwd.getpwnam(sshd.user)
-    os.chown(path, account.pw_uid, account.pw_gid)
+    _remove_authorized_key(pwd.getpwnam(sshd.user), blob)
