@@ -110,10 +110,10 @@ def test_readme_demo_command(tmp_path) -> None:
     assert "demo: every check passed" in done.stdout
 
 
-def test_demo_needs_root_message() -> None:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    done = subprocess.run([*nobody, sys.executable, "-m", "colab_remote", "demo", "--check"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "needs root" in done.stderr
+def test_demo_needs_root_message(as_nobody) -> None:
+    nobody, env = as_nobody
+    done = subprocess.run([*nobody, "-m", "colab_remote", "demo", "--check"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert done.returncode == 1 and "needs root" in done.stderr, done.stderr
 
 

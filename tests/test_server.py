@@ -458,16 +458,17 @@ def test_config_text_is_ours_and_complete(tmp_path) -> None:
     assert server.with_environment(env, {"C": "1"}).count("SetEnv") == 1  # sshd reads only the first
 
 
-def test_install_errors_are_clear() -> None:
+def test_install_errors_are_clear(as_nobody) -> None:
     script = ("from colab_remote import _proc, InstallError\n"
               "try:\n    _proc.apt_install(['openssh-server'], progress=False)\n"
               "except InstallError as e:\n    print(e)\n")
     no_apt = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PATH": "/nonexistent"})
     assert "has no apt-get" in no_apt.stdout
-    not_root = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                               sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "needs root" in not_root.stdout and "sudo apt-get install" in not_root.stdout
+    nobody, env = as_nobody
+    not_root = subprocess.run([*nobody, "-c", script], capture_output=True, text=True, timeout=60,
+                              env=env, cwd="/")
+    assert "needs root" in not_root.stdout and "sudo apt-get install" in not_root.stdout, not_root.stderr
 
 
 def test_apt_install_runs_real_apt_get(capfd) -> None:
