@@ -66,7 +66,8 @@ def _start(tmp_path: Path, user, port: int, **kw) -> Sshd:
 # --- ~user: links to files outside the home ----------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["ssh_dir", "authorized_keys", "hard_link", "profile", "bash_profile"])
+@pytest.mark.parametrize("case", ["ssh_dir", "authorized_keys", "hard_link", "profile", "bash_profile",
+                                  "bash_login"])
 def test_start_sshd_refuses_links_in_the_home(tmp_path, make_user, free_port, client_key, case) -> None:
     user = make_user()
     target = _outside(tmp_path)
@@ -85,7 +86,7 @@ def test_start_sshd_refuses_links_in_the_home(tmp_path, make_user, free_port, cl
         (user.home / ".profile").unlink()
         os.symlink(target, user.home / ".profile")
     else:
-        os.symlink(target, user.home / ".bash_profile")
+        os.symlink(target, user.home / f".{case}")
     before = _snapshot(target)
     why = "hard links" if case == "hard_link" else "symbolic link"
     with pytest.raises(SshdError, match=why) as raised:
@@ -121,7 +122,10 @@ def test_self_check_one_off_key_refuses_links(tmp_path, make_user) -> None:
 def test_a_real_home_still_works(tmp_path, make_user, free_port, client_key) -> None:
     """The careful writes still do their job: ~/.ssh made 0700, keys added 0600, both the user's."""
     user = make_user()
+    # What an earlier version wrote (PermitUserEnvironment): removed; the user's own file is not.
+    old_env = user.write(".ssh/environment", server._OLD_ENV_HEADER + "\nTOKEN=abc\n", 0o600)
     with _start(tmp_path, user, free_port, authorized_keys=Path(str(client_key) + ".pub")):
+        assert not old_env.exists()
         out = ssh_run(free_port, user.name, None, "echo key-ok", known_hosts=tmp_path / "kh",
                       identity=client_key)
         assert out.endswith("key-ok")
