@@ -20,8 +20,13 @@ import secrets
 import stat
 from collections.abc import Iterator
 
+from ._sshd_config import PATH_VARIABLE
 from .errors import SshdError
 
+PROFILE_BEGIN = "# >>> colab-remote: the notebook kernel's environment in SSH login shells >>>"
+PROFILE_END = "# <<< colab-remote <<<"
+# Earlier versions wrote the environment to ~/.ssh/environment (PermitUserEnvironment): removed.
+OLD_ENV_HEADER = "# Written by colab_remote.start_sshd(): the notebook kernel's environment."
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -176,3 +181,67 @@ def remove(account: pwd.struct_passwd, relpath: str, *, if_starts_with: str) -> 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=folder)
     return True
+
+
+# --- what start_sshd and self_check write -------------------------------------------------------
+
+
+def add_authorized_keys(account: pwd.struct_passwd, keys: list[str]) -> None:
+    """Add keys to ~/.ssh/authorized_keys: existing lines kept, no duplicates, 0600.
+
+    Written as root without following links (see the top of this module).
+    """
+    existing = (read(account, ".ssh/authorized_keys") or "").splitlines()
+    lines = list(existing)
+    have = {key_identity(line) for line in existing}
+    for key in keys:
+        if key_identity(key) not in have:
+            have.add(key_identity(key))
+            lines.append(key)
+    write(account, ".ssh/authorized_keys", "\n".join(lines).strip("\n") + "\n", 0o600)
+
+
+def remove_authorized_key(account: pwd.struct_passwd, blob: str) -> None:
+    """Remove every line holding the key ``blob`` from ~/.ssh/authorized_keys (no links followed)."""
+    text = read(account, ".ssh/authorized_keys")
+    if text is None:
+        return
+    lines = [line for line in text.splitlines() if blob not in line]
+    write(account, ".ssh/authorized_keys", "\n".join(lines) + ("\n" if lines else ""), 0o600)
+
+
+def key_identity(line: str) -> str:
+    words = line.split()
+    for i, w in enumerate(words[:-1]):
+        if w.startswith(("ssh-", "ecdsa-", "sk-")):
+            return words[i + 1]
+    return line
+
+
+def write_login_profile(account: pwd.struct_passwd) -> None:
+    """A marked block in the user's profile that puts the kernel's PATH back in login shells.
+
+    sshd gives every session the kernel's environment (SetEnv in its root-owned config); a login
+    shell then runs /etc/profile, which resets PATH. The block restores it from
+    ``COLAB_REMOTE_PATH``, which sshd itself set. Written as root without following links.
+    """
+    with contextlib.suppress(SshdError):  # a tidy-up only: never through a link
+        remove(account, ".ssh/environment", if_starts_with=OLD_ENV_HEADER)
+    block = "\n".join([
+        PROFILE_BEGIN,
+        f'if [ -n "${{SSH_CONNECTION-}}" ] && [ -n "${{{PATH_VARIABLE}-}}" ]; then',
+        f'  PATH="${PATH_VARIABLE}"; export PATH',
+        "fi",
+        PROFILE_END,
+    ]) + "\n"
+    names = [".profile"] + [n for n in (".bash_profile", ".bash_login")
+                            if read(account, n) is not None]
+    for name in names:
+        old = read(account, name) or ""
+        start, end = old.find(PROFILE_BEGIN), old.find(PROFILE_END)
+        if start != -1 and end != -1:
+            new = old[:start] + block + old[end + len(PROFILE_END):].lstrip("\n")
+        else:
+            new = old + ("\n" if old and not old.endswith("\n") else "") + block
+        if new != old:
+            write(account, name, new, None if old else 0o644)

@@ -22,7 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _home, _html, _proc, _ssh
+from . import _home, _host_keys, _html, _proc, _ssh
+from ._home import PROFILE_BEGIN, PROFILE_END  # noqa: F401  (re-exported)
+from ._sshd_config import (
+    PATH_VARIABLE,
+    banner_host,
+    checked_config,
+    listen_addresses,
+    sshd_config,
+    with_environment,
+)
 from .errors import ColabRemoteError, SshdError
 
 __all__ = ["Sshd", "kernel_environment", "refresh_environment", "start_sshd"]
@@ -33,16 +42,6 @@ PASSWORD_ALPHABET = string.ascii_letters + string.digits
 PASSWORD_LENGTH = 20  # 20 * log2(62) ~ 119 bits
 MIN_PASSWORD_LENGTH = 12  # a password the caller chooses
 NVIDIA_LIBS = "/usr/lib64-nvidia"
-HOST_KEY_TYPES = ("ed25519", "rsa")
-PROFILE_BEGIN = "# >>> colab-remote: the notebook kernel's environment in SSH login shells >>>"
-PROFILE_END = "# <<< colab-remote <<<"
-# sshd sets this (SetEnv, in its root-owned config) to the kernel's PATH; the profile block puts
-# it back after /etc/profile has reset PATH in a login shell.
-PATH_VARIABLE = "COLAB_REMOTE_PATH"
-ENV_MARKER = "# The notebook kernel's environment for every session (start_sshd, refresh_environment):"
-SECRET_PREFIX = "colab-secret:"
-# Earlier versions wrote the environment to ~/.ssh/environment (PermitUserEnvironment): removed.
-_OLD_ENV_HEADER = "# Written by colab_remote.start_sshd(): the notebook kernel's environment."
 
 # Variables of the kernel that must not follow the user into an SSH session: they describe the
 # kernel process itself (its home, terminal, Jupyter plumbing), not the machine.
@@ -300,7 +299,7 @@ def start_sshd(
         _ssh.check_host(listen_address)
     env = _session_environment(environment)
     state = state_path(state_dir)
-    secret_name, key_store = _host_key_source(host_keys)
+    secret_name, key_store = _host_keys.host_key_source(host_keys)
     if os.geteuid() != 0:
         raise SshdError("start_sshd needs root (it creates users, sets passwords and runs sshd)",
                         fix="run the notebook or command as root (Colab runtimes are)")
@@ -340,13 +339,13 @@ def start_sshd(
             # Root only (0600 in a 0700 folder): a re-run of the cell keeps the password.
             _proc.write_private(run_dir / "password", password + "\n")
     if keys:
-        _add_authorized_keys(account, keys)
-    _write_login_profile(account)
+        _home.add_authorized_keys(account, keys)
+    _home.write_login_profile(account)
 
     if secret_name is not None:
-        key_paths = _host_keys_from_secret(run_dir / "host_keys", secret_name, keygen)
+        key_paths = _host_keys.from_secret(run_dir / "host_keys", secret_name, keygen)
     else:
-        key_paths = _host_keys(run_dir / "host_keys", key_store, keygen)
+        key_paths = _host_keys.from_folder(run_dir / "host_keys", key_store, keygen)
         if key_store is not None:
             notice = (f"note: host_keys={str(key_store)!r} keeps this runtime's private host keys "
                       "in plain text there (on Google Drive file modes mean nothing: whoever can "
@@ -367,13 +366,13 @@ def start_sshd(
                        listen_addresses=addresses)
     text = with_environment(text, env)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # no systemd on Colab creates it
-    text = _checked_config(sshd_bin, config_path, text)
+    text = checked_config(sshd_bin, config_path, text)
 
     pid = _proc.spawn_detached([sshd_bin, "-D", "-e", "-f", str(config_path)], run_dir=run_dir,
                                name="sshd")
-    banner_host = _banner_host(addresses)
+    answer_at = banner_host(addresses)
     up = _proc.wait_until(lambda: not _proc.pid_alive(pid) or
-                          _proc.ssh_banner(banner_host, port, 0.5) is not None, timeout=10)
+                          _proc.ssh_banner(answer_at, port, 0.5) is not None, timeout=10)
     if not up or not _proc.pid_alive(pid):
         _proc.stop(pid, marker=str(config_path))
         raise SshdError(f"sshd did not answer on port {port}",
@@ -381,7 +380,8 @@ def start_sshd(
                         fix=f"check the log above; the config is {config_path}")
     log.info("sshd up on port %d in %.3f s", port, time.monotonic() - t0)
 
-    source = f"{SECRET_PREFIX}{secret_name}" if secret_name else (str(key_store) if key_store else None)
+    source = (f"{_host_keys.SECRET_PREFIX}{secret_name}" if secret_name
+              else str(key_store) if key_store else None)
     handle = Sshd(user=user, port=port, password=password, pid=pid, fingerprints=fingerprints,
                   state_dir=state, listen_address=listen_address, listen_addresses=addresses,
                   password_origin=origin, host_keys=source)
@@ -436,7 +436,7 @@ def refresh_environment(sshd: Sshd | None = None, *, state_dir: str | os.PathLik
     argv = _proc.cmdline(handle.pid)
     sshd_bin = argv[0] if argv and os.path.isabs(argv[0]) else _proc.find_program("sshd") or "sshd"
     text = with_environment(handle.config_path.read_text(), env)
-    _checked_config(sshd_bin, handle.config_path, text)
+    checked_config(sshd_bin, handle.config_path, text)
     log_size = handle.log_path.stat().st_size if handle.log_path.exists() else 0
     _proc.send_signal(handle.pid, signal.SIGHUP)  # sshd re-executes itself with the new config
 
@@ -444,12 +444,12 @@ def refresh_environment(sshd: Sshd | None = None, *, state_dir: str | os.PathLik
         with contextlib.suppress(OSError), handle.log_path.open("rb") as f:
             f.seek(log_size)
             if b"Server listening on" in f.read():
-                return _proc.ssh_banner(_banner_host(handle.listen_addresses), handle.port,
+                return _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
                                         0.5) is not None
         return not _proc.pid_alive(handle.pid)
 
     _proc.wait_until(listening_again, timeout=10)
-    if not handle.alive or _proc.ssh_banner(_banner_host(handle.listen_addresses), handle.port,
+    if not handle.alive or _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
                                             1) is None:
         raise SshdError("sshd did not come back after reading its new config",
                         log_tail=_proc.tail(handle.log_path),
@@ -472,76 +472,6 @@ def load_sshd(state_dir: str | os.PathLike[str] | None = None) -> Sshd | None:
                 fingerprints=info.get("fingerprints", {}), state_dir=state,
                 listen_address=old_address,
                 listen_addresses=info.get("listen_addresses") or ([old_address] if old_address else []))
-
-
-def listen_addresses(listen_address: str | None) -> list[str]:
-    """Where sshd listens: 127.0.0.1 and ::1 (the tunnel's way in), plus ``listen_address``.
-
-    ::1 is left out on a machine where it cannot be bound (no IPv6). ``"0.0.0.0"`` takes the place
-    of 127.0.0.1 and ``"::"`` that of ::1 (sshd binds IPv6 sockets v6-only).
-    """
-    loopback = ["127.0.0.1", *(["::1"] if _proc.can_bind("::1") else [])]
-    if listen_address == "0.0.0.0":
-        return ["0.0.0.0", *loopback[1:]]
-    if listen_address == "::":
-        return ["127.0.0.1", "::"]
-    return list(dict.fromkeys([*loopback, *([listen_address] if listen_address else [])]))
-
-
-def _banner_host(addresses: list[str]) -> str:
-    if not addresses or "127.0.0.1" in addresses or "0.0.0.0" in addresses:
-        return "127.0.0.1"
-    return "::1" if "::" in addresses else addresses[0]
-
-
-def sshd_config(*, port: int, user: str, password_login: bool, host_keys: list[Path],
-                pid_file: Path, gateway_ports: bool, listen_address: str | None,
-                listen_addresses: list[str] | None = None) -> str:
-    """The text of our own sshd config (the system's /etc/ssh/sshd_config is never touched).
-
-    The session environment is added by :func:`with_environment`.
-    """
-    sftp = _proc.find_program("sftp-server") or next(
-        (p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
-         if os.path.exists(p)), "internal-sftp")
-    addresses = listen_addresses if listen_addresses is not None else [
-        *([listen_address] if listen_address else [])]
-    lines = [
-        "# Written by colab_remote.start_sshd(); rewritten on every call. Do not edit.",
-        f"Port {port}",
-        *[f"ListenAddress {address}" for address in addresses],
-        *[f"HostKey {_config_word(p)}" for p in host_keys],
-        f"PidFile {_config_word(pid_file)}",
-        f"AllowUsers {user}",
-        f"PermitRootLogin {'yes' if password_login else 'prohibit-password'}",
-        f"PasswordAuthentication {'yes' if password_login else 'no'}",
-        "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes",
-        "AuthorizedKeysFile .ssh/authorized_keys",
-        "PermitEmptyPasswords no",
-        # Containers (Colab's among them) have no working pam_loginuid; sshd checks the
-        # shadow password itself.
-        "UsePAM no",
-        # The kernel's environment comes from SetEnv below (this root-owned file), never from
-        # files or key options the user can write (~/.ssh/environment, environment="...").
-        "PermitUserEnvironment no",
-        "ClientAliveInterval 30",
-        "ClientAliveCountMax 3",
-        "TCPKeepAlive yes",
-        "AllowTcpForwarding yes",
-        "AllowAgentForwarding no",
-        f"GatewayPorts {'yes' if gateway_ports else 'no'}",
-        "X11Forwarding no",
-        "PrintMotd no",
-        "UseDNS no",
-        # Every login through the tunnel comes from the loopback: never penalise it (OpenSSH
-        # 9.8+; dropped for older sshd, which has no penalties).
-        "PerSourcePenaltyExemptList 127.0.0.1/32,::1/128",
-        "MaxStartups 100:30:200",
-        "LoginGraceTime 60",
-        f"Subsystem sftp {sftp}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _session_environment(environment: Mapping[str, str] | None) -> dict[str, str]:
@@ -576,111 +506,6 @@ def _session_environment(environment: Mapping[str, str] | None) -> dict[str, str
     if "PATH" in carried:
         carried[PATH_VARIABLE] = carried["PATH"]
     return carried
-
-
-def _setenv_word(name: str, value: str) -> str:
-    """``NAME=value`` as one word of sshd's config (OpenSSH >= 8.7 ``argv_split``).
-
-    Inside double quotes only a backslash before a quote or a backslash escapes it; space, tab,
-    ``'``, ``#`` and ``$`` are plain characters, and sshd expands nothing in SetEnv.
-    """
-    return '"' + f"{name}={value}".replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def with_environment(text: str, env: Mapping[str, str]) -> str:
-    """``text`` (our sshd config) with its SetEnv line replaced by one carrying ``env``.
-
-    sshd uses only the first SetEnv line of a config, so every variable goes on one line.
-    """
-    head = text.split(ENV_MARKER, 1)[0].rstrip("\n") + "\n"
-    if not env:
-        return head
-    words = " ".join(_setenv_word(k, v) for k, v in sorted(env.items()))
-    return f"{head}{ENV_MARKER}\nSetEnv {words}\n"
-
-
-def _config_word(value: object) -> str:
-    """A path as one sshd_config word (double-quoted when it holds spaces)."""
-    text = str(value)
-    if '"' in text or "\n" in text or "\\" in text:
-        raise ValueError(f"state_dir paths must not contain '\"', '\\' or newlines: {text!r}")
-    return f'"{text}"' if any(c.isspace() for c in text) else text
-
-
-_UNSUPPORTED: set[str] = set()
-# What an older sshd may not know, and what we do without it.
-_DROPPABLE = {
-    "PerSourcePenaltyExemptList": "",  # before 9.8 there are no penalties to exempt from
-    "SetEnv": "this sshd is older than OpenSSH 7.8: SSH sessions do not get the notebook's "
-              "environment",
-}
-
-
-def _checked_config(sshd_bin: str, path: Path, text: str) -> str:
-    """Check the config with ``sshd -t`` and put it in place; drop options this sshd is too old for.
-
-    The SetEnv values are read back with ``sshd -T``: a variable sshd would read differently
-    from the kernel's value (an older sshd's quoting) is left out rather than carried wrong.
-    """
-    for keyword in _UNSUPPORTED:
-        text = re.sub(rf"(?m)^{keyword} .*\n", "", text)
-    candidate = path.with_name(f".{path.name}.new")
-    try:
-        for _ in range(6):
-            _proc.write_private(candidate, text)
-            done = _proc.run([sshd_bin, "-t", "-f", str(candidate)], error=SshdError, check=False)
-            if done.returncode == 0:
-                wrong = _misread_variables(sshd_bin, candidate, text)
-                if not wrong:
-                    os.replace(candidate, path)
-                    return text
-                log.warning("sshd would not read these variables as they are; SSH sessions do "
-                            "not get them: %s", ", ".join(sorted(wrong)))
-                text = with_environment(text, {k: v for k, v in _intended(text).items()
-                                               if k not in wrong})
-                continue
-            output = done.stdout + done.stderr
-            bad = re.search(r"Bad configuration option: (\w+)|Unsupported option (\w+)", output)
-            keyword = (bad.group(1) or bad.group(2)) if bad else ""
-            if keyword not in _DROPPABLE:
-                raise SshdError("sshd rejected the configuration (sshd -t)", log_tail=output,
-                                fix=f"check {candidate}; report this as a colab-remote bug")
-            if _DROPPABLE[keyword]:
-                log.warning("%s", _DROPPABLE[keyword])
-            _UNSUPPORTED.add(keyword)
-            text = re.sub(rf"(?m)^{keyword} .*\n", "", text)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            candidate.unlink()
-    raise SshdError("sshd rejected the configuration (sshd -t)", fix=f"check {path}")
-
-
-
-def _intended(text: str) -> dict[str, str]:
-    """The variables our SetEnv line in ``text`` was written from (see :func:`with_environment`)."""
-    line = next((ln for ln in text.splitlines() if ln.startswith("SetEnv ")), "")
-    env: dict[str, str] = {}
-    for word in re.findall(r'"((?:[^"\\]|\\.)*)"', line[len("SetEnv "):]):
-        item = re.sub(r"\\(.)", r"\1", word)
-        name, _, value = item.partition("=")
-        env[name] = value
-    return env
-
-
-def _misread_variables(sshd_bin: str, config: Path, text: str) -> set[str]:
-    """Names whose value ``sshd -T`` reports differently from what we meant to carry."""
-    intended = _intended(text)
-    if not intended:
-        return set()
-    done = _proc.run([sshd_bin, "-T", "-f", str(config)], error=SshdError, check=False)
-    if done.returncode != 0:
-        return set()  # -T needs more than -t on some systems; -t passed, keep the values
-    seen: dict[str, str] = {}
-    for line in done.stdout.split("\n"):
-        if line.lower().startswith("setenv "):
-            name, _, value = line[len("setenv "):].partition("=")
-            seen.setdefault(name, value)
-    return {name for name, value in intended.items() if seen.get(name) != value}
 
 
 def _kept_password(run_dir: Path) -> str | None:
@@ -740,169 +565,3 @@ def _sbin(name: str) -> str:
     return _proc.find_program(name) or name
 
 
-def _add_authorized_keys(account: pwd.struct_passwd, keys: list[str]) -> None:
-    """Add keys to ~/.ssh/authorized_keys: existing lines kept, no duplicates, 0600.
-
-    Written as root without following links (see :mod:`._home`).
-    """
-    existing = (_home.read(account, ".ssh/authorized_keys") or "").splitlines()
-    lines = list(existing)
-    have = {_key_identity(line) for line in existing}
-    for key in keys:
-        if _key_identity(key) not in have:
-            have.add(_key_identity(key))
-            lines.append(key)
-    _home.write(account, ".ssh/authorized_keys", "\n".join(lines).strip("\n") + "\n", 0o600)
-
-
-def _remove_authorized_key(account: pwd.struct_passwd, blob: str) -> None:
-    """Remove every line holding the key ``blob`` from ~/.ssh/authorized_keys (no links followed)."""
-    text = _home.read(account, ".ssh/authorized_keys")
-    if text is None:
-        return
-    lines = [line for line in text.splitlines() if blob not in line]
-    _home.write(account, ".ssh/authorized_keys", "\n".join(lines) + ("\n" if lines else ""), 0o600)
-
-
-def _key_identity(line: str) -> str:
-    words = line.split()
-    for i, w in enumerate(words[:-1]):
-        if w.startswith(("ssh-", "ecdsa-", "sk-")):
-            return words[i + 1]
-    return line
-
-
-def _write_login_profile(account: pwd.struct_passwd) -> None:
-    """A marked block in the user's profile that puts the kernel's PATH back in login shells.
-
-    sshd gives every session the kernel's environment (SetEnv in its root-owned config); a login
-    shell then runs /etc/profile, which resets PATH. The block restores it from
-    ``COLAB_REMOTE_PATH``, which sshd itself set. Written as root without following links.
-    """
-    with contextlib.suppress(SshdError):  # a tidy-up only: never through a link
-        _home.remove(account, ".ssh/environment", if_starts_with=_OLD_ENV_HEADER)
-    block = "\n".join([
-        PROFILE_BEGIN,
-        f'if [ -n "${{SSH_CONNECTION-}}" ] && [ -n "${{{PATH_VARIABLE}-}}" ]; then',
-        f'  PATH="${PATH_VARIABLE}"; export PATH',
-        "fi",
-        PROFILE_END,
-    ]) + "\n"
-    names = [".profile"] + [n for n in (".bash_profile", ".bash_login")
-                            if _home.read(account, n) is not None]
-    for name in names:
-        old = _home.read(account, name) or ""
-        start, end = old.find(PROFILE_BEGIN), old.find(PROFILE_END)
-        if start != -1 and end != -1:
-            new = old[:start] + block + old[end + len(PROFILE_END):].lstrip("\n")
-        else:
-            new = old + ("\n" if old and not old.endswith("\n") else "") + block
-        if new != old:
-            _home.write(account, name, new, None if old else 0o644)
-
-
-def _host_key_source(host_keys: object) -> tuple[str | None, Path | None]:
-    """``(secret name, None)`` for ``"colab-secret:NAME"``, ``(None, folder)`` for a folder."""
-    if host_keys is None:
-        return None, None
-    if not isinstance(host_keys, (str, os.PathLike)):
-        raise TypeError(f"host_keys must be a folder or 'colab-secret:NAME', got {host_keys!r}")
-    if isinstance(host_keys, str) and host_keys.startswith(SECRET_PREFIX):
-        name = host_keys[len(SECRET_PREFIX):]
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ValueError(f"host_keys={host_keys!r}: a Colab secret name is letters, digits "
-                             "and '_', e.g. 'colab-secret:SSH_HOST_KEY'")
-        return name, None
-    store = Path(host_keys).expanduser()
-    if store.exists() and not store.is_dir():
-        raise ValueError(f"host_keys {store} exists and is not a folder")
-    return None, store
-
-
-_PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(.*?)-----END \1PRIVATE KEY-----",
-                          re.DOTALL)
-_KEY_KINDS = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa", "ecdsa-sha2-nistp256": "ecdsa",
-              "ecdsa-sha2-nistp384": "ecdsa", "ecdsa-sha2-nistp521": "ecdsa"}
-
-
-def _host_keys_from_secret(live: Path, name: str, keygen: str) -> list[Path]:
-    """Host keys from the Colab secret ``name`` (private key text), written to ``live`` (0600)."""
-    fix = (f"make a key once on your laptop: ssh-keygen -t ed25519 -N '' -C colab-host -f colab_host_key; "
-           f"paste the text of colab_host_key into a Colab secret named {name} (key icon in the "
-           "left sidebar) and give this notebook access to it")
-    try:
-        from google.colab import userdata
-    except ImportError as e:
-        raise SshdError(f"host_keys='{SECRET_PREFIX}{name}' reads Colab Secrets, and this is not a "
-                        "Colab runtime (no google.colab.userdata)",
-                        fix="pass a folder as host_keys=, or leave it out") from e
-    try:
-        text = userdata.get(name)
-    except Exception as e:  # SecretNotFoundError, NotebookAccessError, TimeoutException, ...
-        raise SshdError(f"could not read the Colab secret {name}: {type(e).__name__}: {e}",
-                        fix=fix) from e
-    blocks = _PRIVATE_KEY.findall(text or "")
-    if not blocks:
-        raise SshdError(f"the Colab secret {name} holds no private key "
-                        "(-----BEGIN OPENSSH PRIVATE KEY----- ...)", fix=fix)
-    live.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for label, body in blocks:
-        # Secrets pasted into a form may lose their line breaks: rebuild the PEM lines.
-        words = "".join(body.split())
-        pem = "\n".join([f"-----BEGIN {label}PRIVATE KEY-----",
-                         *[words[i:i + 70] for i in range(0, len(words), 70)],
-                         f"-----END {label}PRIVATE KEY-----"]) + "\n"
-        scratch = live / "from_secret"
-        _proc.write_private(scratch, pem)
-        try:
-            done = _proc.run([keygen, "-y", "-P", "", "-f", str(scratch)], error=SshdError,
-                             check=False)
-            pub = done.stdout.strip()
-            kind = _KEY_KINDS.get(pub.split()[0] if pub else "")
-            if done.returncode != 0 or kind is None:
-                raise SshdError(f"the Colab secret {name} holds a key ssh-keygen cannot use as a "
-                                "host key (a passphrase? a key type other than ed25519, ecdsa or rsa?)",
-                                log_tail=done.stderr, fix=fix)
-            key = live / f"ssh_host_{kind}_key"
-            if key in paths:
-                raise SshdError(f"the Colab secret {name} holds two {kind} keys", fix=fix)
-            os.replace(scratch, key)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                scratch.unlink()
-        _proc.write_private(Path(f"{key}.pub"), f"{' '.join(pub.split()[:2])} colab-remote-{kind}\n",
-                            0o644)
-        paths.append(key)
-    return paths
-
-
-def _host_keys(live: Path, store: Path | None, keygen: str) -> list[Path]:
-    """Host keys in ``live`` (0600): taken from ``store`` when it has them, generated once otherwise,
-    and saved back to ``store`` so the next runtime presents the same fingerprints."""
-    live.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for kind in HOST_KEY_TYPES:
-        name = f"ssh_host_{kind}_key"
-        key = live / name
-        if store is not None and (store / name).is_file() and (store / f"{name}.pub").is_file():
-            for suffix in ("", ".pub"):
-                src, dst = store / (name + suffix), live / (name + suffix)
-                if not dst.exists() or dst.read_bytes() != src.read_bytes():
-                    _proc.write_private(dst, src.read_text(), 0o600 if not suffix else 0o644)
-        if not key.exists() or not Path(str(key) + ".pub").exists():
-            with contextlib.suppress(FileNotFoundError):
-                key.unlink()
-            bits = ["-b", "3072"] if kind == "rsa" else []
-            _proc.run([keygen, "-q", "-t", kind, *bits, "-N", "", "-C", f"colab-remote-{kind}",
-                       "-f", str(key)], error=SshdError, what=f"generating the {kind} host key failed")
-        key.chmod(0o600)
-        if store is not None:
-            for suffix in ("", ".pub"):
-                src, dst = live / (name + suffix), store / (name + suffix)
-                if not dst.exists() or dst.read_bytes() != src.read_bytes():
-                    _proc.write_private(dst, src.read_text(), 0o600 if not suffix else 0o644)
-        paths.append(key)
-    return paths

@@ -207,15 +207,16 @@ def _one_off_key(sshd: Sshd, folder: Path) -> Path:
     key = folder / "check_key"
     _proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "colab-remote-self-check",
                "-f", str(key)], what="making a one-off key for the self-check failed")
-    from .server import _add_authorized_keys, _ensure_user
+    from ._home import add_authorized_keys
+    from .server import _ensure_user
 
     line = 'from="127.0.0.1,::1" ' + Path(str(key) + ".pub").read_text().strip()
-    _add_authorized_keys(_ensure_user(sshd.user, locked_ok=True), [line])
+    add_authorized_keys(_ensure_user(sshd.user, locked_ok=True), [line])
     return key
 
 
 def _forget_one_off_key(sshd: Sshd, key: Path) -> None:
-    from .server import _remove_authorized_key
+    from ._home import remove_authorized_key
 
     blob = Path(str(key) + ".pub").read_text().split()[1]
-    _remove_authorized_key(pwd.getpwnam(sshd.user), blob)
+    remove_authorized_key(pwd.getpwnam(sshd.user), blob)

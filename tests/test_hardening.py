@@ -20,7 +20,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import SshdError, _proc, reverse, server, start_sshd
+from colab_remote import SshdError, _home, _proc, reverse, server, start_sshd
 from colab_remote.mirror import _sock_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
@@ -123,7 +123,7 @@ def test_a_real_home_still_works(tmp_path, make_user, free_port, client_key) -> 
     """The careful writes still do their job: ~/.ssh made 0700, keys added 0600, both the user's."""
     user = make_user()
     # What an earlier version wrote (PermitUserEnvironment): removed; the user's own file is not.
-    old_env = user.write(".ssh/environment", server._OLD_ENV_HEADER + "\nTOKEN=abc\n", 0o600)
+    old_env = user.write(".ssh/environment", _home.OLD_ENV_HEADER + "\nTOKEN=abc\n", 0o600)
     with _start(tmp_path, user, free_port, authorized_keys=Path(str(client_key) + ".pub")):
         assert not old_env.exists()
         out = ssh_run(free_port, user.name, None, "echo key-ok", known_hosts=tmp_path / "kh",
