@@ -123,9 +123,16 @@ def run_demo(*, check: bool = False, timeout: float | None = None, base_dir: str
     if os.geteuid() != 0:
         raise InstallError("the demo needs root (it creates throwaway accounts)",
                            fix="run: sudo colab-remote demo")
-    for program, package in (("sshd", "openssh-server"), ("ssh", "openssh-client"), ("rsync", "rsync")):
-        _proc.require_program(program, package=package, install=True, error=InstallError)
+    with _Signals() as signals:
+        # Signals are handled from here on: an apt-get stopped by one still removes its
+        # policy-rc.d, and everything made below is removed again.
+        for program, package in (("sshd", "openssh-server"), ("ssh", "openssh-client"),
+                                 ("rsync", "rsync")):
+            _proc.require_program(program, package=package, install=True, error=InstallError)
+        return _run(signals, check=check, timeout=timeout, base_dir=base_dir)
 
+
+def _run(signals: _Signals, *, check: bool, timeout: float | None, base_dir: str | None) -> int:
     from .mirror import mirror
     from .reverse import reverse_forward
     from .server import start_sshd
@@ -137,92 +144,91 @@ def run_demo(*, check: bool = False, timeout: float | None = None, base_dir: str
     base: Path | None = None
     failures = 0
     proved = False
-    with _Signals() as signals:
-        try:
-            with _signals_held():
-                base = Path(tempfile.mkdtemp(prefix="colab-remote-demo-", dir=base_dir))
-            runtime_state, server_state = base / "runtime", base / "server"
-            _say(f"throwaway accounts: {runtime_user} {server_user} (expire {_expiry_date()}); "
-                 f"folder: {base}")
+    try:
+        with _signals_held():
+            base = Path(tempfile.mkdtemp(prefix="colab-remote-demo-", dir=base_dir))
+        runtime_state, server_state = base / "runtime", base / "server"
+        _say(f"throwaway accounts: {runtime_user} {server_user} (expire {_expiry_date()}); "
+             f"folder: {base}")
 
-            _step("1. the runtime's SSH server: start_sshd()")
-            _make_account(runtime_user, made_users)
-            sshd = start_sshd(_proc.free_port(), user=runtime_user, state_dir=runtime_state,
-                              environment=MINIMAL_ENVIRONMENT)
+        _step("1. the runtime's SSH server: start_sshd()")
+        _make_account(runtime_user, made_users)
+        sshd = start_sshd(_proc.free_port(), user=runtime_user, state_dir=runtime_state,
+                          environment=MINIMAL_ENVIRONMENT)
 
-            _step("2. a stand-in for your server: another sshd on 127.0.0.1 with a throwaway account")
-            _make_account(server_user, made_users)
-            server = start_sshd(_proc.free_port(), user=server_user, state_dir=server_state,
-                                environment=MINIMAL_ENVIRONMENT, quiet=True)
-            server_port = server.port
-            server_password = server.password
-            assert server_password is not None
-            _say(f"server: {server_user}@127.0.0.1 port {server_port} (password set, not shown)")
+        _step("2. a stand-in for your server: another sshd on 127.0.0.1 with a throwaway account")
+        _make_account(server_user, made_users)
+        server = start_sshd(_proc.free_port(), user=server_user, state_dir=server_state,
+                            environment=MINIMAL_ENVIRONMENT, quiet=True)
+        server_port = server.port
+        server_password = server.password
+        assert server_password is not None
+        _say(f"server: {server_user}@127.0.0.1 port {server_port} (password set, not shown)")
 
-            _step("3. the reverse tunnel: reverse_forward()")
-            tunnel = reverse_forward(f"{server_user}@127.0.0.1", port=server_port,
-                                     password=server_password, remote_port=_proc.free_port(),
-                                     state_dir=runtime_state, quiet=True)
-            _say(f"tunnel up: {tunnel!r}")
+        _step("3. the reverse tunnel: reverse_forward()")
+        tunnel = reverse_forward(f"{server_user}@127.0.0.1", port=server_port,
+                                 password=server_password, remote_port=_proc.free_port(),
+                                 state_dir=runtime_state, quiet=True)
+        _say(f"tunnel up: {tunnel!r}")
 
-            _step("4. the mirror of a project folder: mirror()")
-            project = base / "project"
-            project.mkdir()
-            (project / "README.txt").write_text("a demo project\n")
-            backup = mirror(str(project), f"{server_user}@127.0.0.1:backup/demo", port=server_port,
-                            password=server_password, state_dir=runtime_state)
+        _step("4. the mirror of a project folder: mirror()")
+        project = base / "project"
+        project.mkdir()
+        (project / "README.txt").write_text("a demo project\n")
+        backup = mirror(str(project), f"{server_user}@127.0.0.1:backup/demo", port=server_port,
+                        password=server_password, state_dir=runtime_state)
 
-            _step("5. proof: log in through the server and the tunnel, run a command")
-            result = self_check(sshd, tunnel, server_password=server_password)
-            failures += not result.ok
+        _step("5. proof: log in through the server and the tunnel, run a command")
+        result = self_check(sshd, tunnel, server_password=server_password)
+        failures += not result.ok
 
-            _step("6. proof: a file written in the runtime arrives on the server")
-            note = project / "notes" / "hello.txt"
-            note.parent.mkdir()
-            text = f"written at {time.strftime('%H:%M:%S')}\n"
-            t0 = time.monotonic()
-            note.write_text(text)
-            copy = Path(pwd.getpwnam(server_user).pw_dir) / "backup" / "demo" / "notes" / "hello.txt"
-            arrived = _proc.wait_until(lambda: copy.is_file() and copy.read_text() == text, 30, 0.002)
-            if arrived:
-                _say(f"OK: {copy} arrived {1000 * (time.monotonic() - t0):.0f} ms after the write")
-            else:
-                failures += 1
-                _say(f"FAILED: {copy} did not arrive within 30 s\n{backup.logs(10)}")
-            proved = True
-
-            _step("how you would connect")
-            _say(f"  {tunnel.connection_string}")
-            _say(f"  (server password: {server_password}; runtime password: {sshd.password}; "
-                 "both throwaway)")
-            _say("For `ssh colab-demo` or VS Code Remote-SSH on this machine while the demo runs, "
-                 "add this block to ~/.ssh/config:\n" + tunnel.ssh_config(alias="colab-demo"))
-
-            if not check:
-                _say("\nEverything is running. Try the ssh command above in another terminal."
-                     + (f" Stopping in {timeout:g} s." if timeout else " Ctrl-C stops and cleans up."))
-                _wait(timeout)
-            _say("\n" + ("demo: every check passed" if not failures
-                         else f"demo: {failures} check(s) FAILED"))
-        except ColabRemoteError as e:
+        _step("6. proof: a file written in the runtime arrives on the server")
+        note = project / "notes" / "hello.txt"
+        note.parent.mkdir()
+        text = f"written at {time.strftime('%H:%M:%S')}\n"
+        t0 = time.monotonic()
+        note.write_text(text)
+        copy = Path(pwd.getpwnam(server_user).pw_dir) / "backup" / "demo" / "notes" / "hello.txt"
+        arrived = _proc.wait_until(lambda: copy.is_file() and copy.read_text() == text, 30, 0.002)
+        if arrived:
+            _say(f"OK: {copy} arrived {1000 * (time.monotonic() - t0):.0f} ms after the write")
+        else:
             failures += 1
-            _say(f"\ndemo FAILED: {type(e).__name__}: {e}")
-        except _Interrupted:
-            name = signal.Signals(signals.received or signal.SIGINT).name
-            _say(f"\ndemo: stopped by {name}" + ("" if proved else " before the checks finished"))
-            failures += not proved
-        finally:
-            signals.cleaning = True
-            _step("cleaning up: processes, throwaway accounts, folders")
-            if base is not None:
-                for state in (base / "runtime", base / "server"):
-                    with contextlib.suppress(Exception):
-                        stop_all(state)
-            for user in made_users:
-                _remove_account(user)
-            if base is not None:
-                shutil.rmtree(base, ignore_errors=True)
-            _say("done")
+            _say(f"FAILED: {copy} did not arrive within 30 s\n{backup.logs(10)}")
+        proved = True
+
+        _step("how you would connect")
+        _say(f"  {tunnel.connection_string}")
+        _say(f"  (server password: {server_password}; runtime password: {sshd.password}; "
+             "both throwaway)")
+        _say("For `ssh colab-demo` or VS Code Remote-SSH on this machine while the demo runs, "
+             "add this block to ~/.ssh/config:\n" + tunnel.ssh_config(alias="colab-demo"))
+
+        if not check:
+            _say("\nEverything is running. Try the ssh command above in another terminal."
+                 + (f" Stopping in {timeout:g} s." if timeout else " Ctrl-C stops and cleans up."))
+            _wait(timeout)
+        _say("\n" + ("demo: every check passed" if not failures
+                     else f"demo: {failures} check(s) FAILED"))
+    except ColabRemoteError as e:
+        failures += 1
+        _say(f"\ndemo FAILED: {type(e).__name__}: {e}")
+    except _Interrupted:
+        name = signal.Signals(signals.received or signal.SIGINT).name
+        _say(f"\ndemo: stopped by {name}" + ("" if proved else " before the checks finished"))
+        failures += not proved
+    finally:
+        signals.cleaning = True
+        _step("cleaning up: processes, throwaway accounts, folders")
+        if base is not None:
+            for state in (base / "runtime", base / "server"):
+                with contextlib.suppress(Exception):
+                    stop_all(state)
+        for user in made_users:
+            _remove_account(user)
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+        _say("done")
     return 1 if failures else 0
 
 
