@@ -456,3 +456,15 @@ def test_loopback_is_exempt_from_penalties_where_sshd_has_them(tmp_path, make_us
         checked = subprocess.run([_proc.find_program("sshd") or "sshd", "-t", "-f", str(sshd.config_path)],
                                  capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.skipif(_sshd_version() < (9, 8), reason="sshd has no per-source penalties (OpenSSH < 9.8)")
+def test_failed_logins_from_the_loopback_are_not_penalised(tmp_path, make_user, free_port) -> None:
+    """Every tunnelled login comes from the loopback: a few wrong passwords must not lock it out."""
+    user = make_user()
+    with _start(tmp_path, user, free_port):
+        for _ in range(5):  # authfail is 5 s of penalty each; 15 s blocks a source by default
+            with pytest.raises(AssertionError, match="exited 255"):
+                ssh_run(free_port, user.name, "wrong-" + user.password, "true", known_hosts=tmp_path / "kh")
+        out = ssh_run(free_port, user.name, user.password, "echo still-welcome", known_hosts=tmp_path / "kh")
+        assert out.endswith("still-welcome")
