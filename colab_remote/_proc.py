@@ -239,27 +239,46 @@ def spawn_detached(argv: Sequence[str], *, run_dir: Path, name: str, secret: str
     write_private(launcher, "\n".join(lines) + "\n", 0o700)
     command = f"setsid /bin/sh {launcher} </dev/null >/dev/null 2>&1 &"
     shell = in_ipython()
-    if shell is not None and hasattr(shell, "system_raw"):
-        shell.system_raw(command)
-    else:
-        subprocess.run(["/bin/sh", "-c", command], timeout=timeout, check=True)
-    deadline = time.monotonic() + timeout
-    pid = None
-    while time.monotonic() < deadline:
-        pid = read_pid(pid_path)
-        if pid is not None:
-            break
-        time.sleep(0.005)
-    if pid is None:
-        raise ColabRemoteError(f"{name} did not start within {timeout:g} s", log_tail=tail(log_path),
-                               fix=f"run {shlex.join(argv)} by hand to see why")
-    if fifo is not None:
-        try:
-            _hand_over(fifo, secret or "", pid, deadline=time.monotonic() + timeout)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                fifo.unlink()
+    try:
+        if shell is not None and hasattr(shell, "system_raw"):
+            shell.system_raw(command)
+        else:
+            subprocess.run(["/bin/sh", "-c", command], timeout=timeout, check=True)
+        deadline = time.monotonic() + timeout
+        pid = None
+        while time.monotonic() < deadline:
+            pid = read_pid(pid_path)
+            if pid is not None:
+                break
+            time.sleep(0.005)
+        if pid is None:
+            raise ColabRemoteError(f"{name} did not start within {timeout:g} s",
+                                   log_tail=tail(log_path),
+                                   fix=f"run {shlex.join(argv)} by hand to see why")
+        if fifo is not None:
+            try:
+                _hand_over(fifo, secret or "", pid, deadline=time.monotonic() + timeout)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    fifo.unlink()
+    except BaseException:
+        # Given up (an error, a signal, Ctrl-C) after the launch: the child may still be on its
+        # way up, with no pid file yet for anyone to find it by. Stop it here.
+        _abandon(pid_path, [str(run_dir), str(launcher)], wait=5)
+        raise
     return pid
+
+
+def _abandon(pid_path: Path, markers: list[str], *, wait: float) -> None:
+    """Stop the child a launch recorded in ``pid_path`` (waiting up to ``wait`` s for the record)."""
+    deadline = time.monotonic() + wait
+    pid = read_pid(pid_path)
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pid = read_pid(pid_path)
+    for marker in markers:
+        if stop(pid, marker=marker, timeout=2):
+            return
 
 
 def _hand_over(fifo: Path, secret: str, pid: int, *, deadline: float) -> None:

@@ -15,12 +15,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pexpect
 import pytest
 
-from colab_remote import SshdError, _home, _proc, reverse, server, start_sshd
+from colab_remote import ColabRemoteError, SshdError, _home, _proc, reverse, server, start_sshd
 from colab_remote.mirror import _sock_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
@@ -29,6 +30,7 @@ from .conftest import needs_root, needs_sshd, ssh_run
 
 pytestmark = [needs_root, needs_sshd]
 SECRET = "TOP SECRET: root's own data\n"
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]  # + a marker argument
 
 
 def _outside(tmp_path: Path) -> Path:
@@ -225,7 +227,8 @@ def test_detached_launch_leaves_no_folder_behind(tmp_path, shared_tmp) -> None:
     run_dir = tmp_path / "state $x" / "run"
     pids = []
     for _ in range(3):
-        pids.append(_proc.spawn_detached(["sleep", "30", str(tmp_path)], run_dir=run_dir, name="sleeper"))
+        pids.append(_proc.spawn_detached(SLEEPER + [str(tmp_path)], run_dir=run_dir, name="sleeper"))
+        assert _proc.is_ours(pids[-1], str(tmp_path))
         _proc.stop(pids[-1], marker=str(tmp_path))
     assert [p.name for p in shared_tmp.iterdir()] == [f"colab_remote-{os.geteuid()}"]
     launchers = list((shared_tmp / f"colab_remote-{os.geteuid()}").iterdir())
@@ -468,3 +471,16 @@ def test_failed_logins_from_the_loopback_are_not_penalised(tmp_path, make_user, 
                 ssh_run(free_port, user.name, "wrong-" + user.password, "true", known_hosts=tmp_path / "kh")
         out = ssh_run(free_port, user.name, user.password, "echo still-welcome", known_hosts=tmp_path / "kh")
         assert out.endswith("still-welcome")
+
+
+def test_a_launch_given_up_leaves_no_child(tmp_path, monkeypatch) -> None:
+    """A launch abandoned before the child recorded its pid (a slow machine, a signal) stops it."""
+    real = _proc.read_pid
+    slow_until = time.monotonic() + 0.5  # the child's pid file shows up "late"
+    monkeypatch.setattr(_proc, "read_pid", lambda path: None if time.monotonic() < slow_until else real(path))
+    with pytest.raises(ColabRemoteError, match="did not start"):
+        _proc.spawn_detached(SLEEPER + [str(tmp_path)], run_dir=tmp_path / "run", name="sleeper",
+                             timeout=0.2)
+    monkeypatch.undo()
+    pid = _proc.read_pid(tmp_path / "run" / "sleeper.pid")
+    assert pid is not None and not _proc.pid_alive(pid)
