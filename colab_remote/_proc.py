@@ -264,21 +264,26 @@ def spawn_detached(argv: Sequence[str], *, run_dir: Path, name: str, secret: str
     except BaseException:
         # Given up (an error, a signal, Ctrl-C) after the launch: the child may still be on its
         # way up, with no pid file yet for anyone to find it by. Stop it here.
-        _abandon(pid_path, [str(run_dir), str(launcher)], wait=5)
+        _abandon(pid_path, argv, markers=(str(run_dir), str(launcher)), wait=5)
         raise
     return pid
 
 
-def _abandon(pid_path: Path, markers: list[str], *, wait: float) -> None:
-    """Stop the child a launch recorded in ``pid_path`` (waiting up to ``wait`` s for the record)."""
+def _abandon(pid_path: Path, argv: Sequence[str], *, markers: Sequence[str], wait: float) -> None:
+    """Stop the child a launch recorded in ``pid_path`` (waiting up to ``wait`` s for the record).
+
+    It is ours when it still runs the launcher or already ``argv`` (or names our run folder).
+    """
     deadline = time.monotonic() + wait
     pid = read_pid(pid_path)
     while pid is None and time.monotonic() < deadline:
         time.sleep(0.01)
         pid = read_pid(pid_path)
-    for marker in markers:
-        if stop(pid, marker=marker, timeout=2):
-            return
+    if pid is None:
+        return
+    now = cmdline(pid)
+    if now and (now == list(argv) or any(m in a for a in now for m in markers)):
+        stop(pid, marker=now[-1], timeout=2)
 
 
 def _hand_over(fifo: Path, secret: str, pid: int, *, deadline: float) -> None:
