@@ -37,7 +37,9 @@ MINIMAL_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    # A reader that went away (``colab-remote demo | head``) must not stop the clean-up.
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 def _step(text: str) -> None:
@@ -225,7 +227,8 @@ def _run(signals: _Signals, *, check: bool, timeout: float | None, base_dir: str
                 with contextlib.suppress(Exception):
                     stop_all(state)
         for user in made_users:
-            _remove_account(user)
+            with contextlib.suppress(Exception):
+                _remove_account(user)
         if base is not None:
             shutil.rmtree(base, ignore_errors=True)
         _say("done")

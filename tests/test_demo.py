@@ -110,6 +110,16 @@ def test_signals_while_running_clean_up(tmp_path, sig) -> None:
     demo.assert_nothing_left()
 
 
+def test_output_closed_midway_still_cleans_up(tmp_path) -> None:
+    """`colab-remote demo | head`: the reader goes away; the demo still removes everything."""
+    demo = Demo(tmp_path, "--check")
+    demo.wait_for("== 3.")
+    assert demo.proc.stdout is not None
+    demo.proc.stdout.close()
+    assert demo.proc.wait(120) in (0, 1)
+    demo.assert_nothing_left()
+
+
 def test_throwaway_accounts_expire_and_get_a_minimal_environment(tmp_path) -> None:
     demo = Demo(tmp_path, "--timeout", "120", env={"CI_SECRET_TOKEN": "do-not-leak-1234"})
     demo.wait_for("Everything is running")
