@@ -313,6 +313,25 @@ def start_sshd(
     state.chmod(0o700)
     config_path = run_dir / "sshd_config"
 
+    # Host keys first: a missing Colab secret must not cost the running sshd.
+    if secret_name is not None:
+        key_paths = _host_keys.from_secret(run_dir / "host_keys", secret_name, keygen)
+    else:
+        key_paths = _host_keys.from_folder(run_dir / "host_keys", key_store, keygen)
+        if key_store is not None:
+            notice = (f"note: host_keys={str(key_store)!r} keeps this runtime's private host keys "
+                      "in plain text there (on Google Drive file modes mean nothing: whoever can "
+                      "read that folder can pose as this runtime); safer: "
+                      "host_keys='colab-secret:NAME' (see the README)")
+            log.warning("%s", notice)
+            if not quiet:
+                print(notice, flush=True)
+    fingerprints = {}
+    for path in key_paths:
+        pub = Path(str(path) + ".pub").read_text()
+        fingerprints[path.name.removeprefix("ssh_host_").removesuffix("_key").upper()] = \
+            _ssh.fingerprint(pub)
+
     # A second call replaces the first: one daemon, one config. Open sessions stay up.
     previous = _proc.read_pid(run_dir / "sshd.pid")
     _proc.stop(previous, marker=str(config_path))
@@ -341,24 +360,6 @@ def start_sshd(
     if keys:
         _home.add_authorized_keys(account, keys)
     _home.write_login_profile(account)
-
-    if secret_name is not None:
-        key_paths = _host_keys.from_secret(run_dir / "host_keys", secret_name, keygen)
-    else:
-        key_paths = _host_keys.from_folder(run_dir / "host_keys", key_store, keygen)
-        if key_store is not None:
-            notice = (f"note: host_keys={str(key_store)!r} keeps this runtime's private host keys "
-                      "in plain text there (on Google Drive file modes mean nothing: whoever can "
-                      "read that folder can pose as this runtime); safer: "
-                      "host_keys='colab-secret:NAME' (see the README)")
-            log.warning("%s", notice)
-            if not quiet:
-                print(notice, flush=True)
-    fingerprints = {}
-    for path in key_paths:
-        pub = Path(str(path) + ".pub").read_text()
-        fingerprints[path.name.removeprefix("ssh_host_").removesuffix("_key").upper()] = \
-            _ssh.fingerprint(pub)
 
     text = sshd_config(port=port, user=user, password_login=password is not None,
                        host_keys=key_paths, pid_file=run_dir / "sshd.pid",

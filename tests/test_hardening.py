@@ -371,12 +371,17 @@ def test_host_keys_secret_errors_say_what_to_do(tmp_path, make_user, colab, free
     with pytest.raises(SshdError, match="not a Colab runtime"):
         _start(tmp_path, user, free_port, host_keys="colab-secret:SSH_HOST_KEY")
     colab({"NOT_A_KEY": "hello"})
-    with pytest.raises(SshdError, match="ssh-keygen -t ed25519") as missing:
-        _start(tmp_path, user, free_port, host_keys="colab-secret:SSH_HOST_KEY")
-    assert "SecretNotFoundError" in str(missing.value)
-    with pytest.raises(SshdError, match="holds no private key"):
-        _start(tmp_path, user, free_port, host_keys="colab-secret:NOT_A_KEY")
-    assert _proc.ssh_banner("127.0.0.1", free_port, 0.3) is None
+    running = _start(tmp_path, user, free_port)
+    try:
+        with pytest.raises(SshdError, match="ssh-keygen -t ed25519") as missing:
+            _start(tmp_path, user, free_port, host_keys="colab-secret:SSH_HOST_KEY")
+        assert "SecretNotFoundError" in str(missing.value)
+        with pytest.raises(SshdError, match="holds no private key"):
+            _start(tmp_path, user, free_port, host_keys="colab-secret:NOT_A_KEY")
+        # A re-run that fails on its host keys leaves the running sshd alone.
+        assert running.alive and _proc.ssh_banner("127.0.0.1", free_port, 1) is not None
+    finally:
+        running.stop()
 
 
 def test_host_keys_folder_says_it_is_plain_text(tmp_path, make_user, free_port, capsys) -> None:
