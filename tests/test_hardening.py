@@ -489,3 +489,37 @@ def test_a_launch_given_up_leaves_no_child(tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     pid = _proc.read_pid(tmp_path / "run" / "sleeper.pid")
     assert pid is not None and not _proc.pid_alive(pid)
+
+
+def test_sftp_sessions_get_the_environment(tmp_path, make_user, free_port, monkeypatch) -> None:
+    """SetEnv reaches subsystems too: the sftp-server of a session runs with the kernel's variables."""
+    monkeypatch.setenv("COLAB_GPU", "sftp-sees-it")
+    user = make_user()
+    with _start(tmp_path, user, free_port) as sshd:
+        child = pexpect.spawn("sftp", ["-P", str(free_port), "-o", f"UserKnownHostsFile={tmp_path}/kh",
+                                       "-o", "StrictHostKeyChecking=accept-new",
+                                       "-o", "PubkeyAuthentication=no", f"{user.name}@127.0.0.1"],
+                              encoding="utf-8", timeout=20)
+        try:
+            child.expect("assword:")
+            child.sendline(user.password)
+            child.expect("sftp>")
+            servers: list[int] = []
+
+            def find() -> bool:
+                todo = list(_proc.children(sshd.pid))
+                while todo:
+                    pid = todo.pop()
+                    if any("sftp-server" in a for a in _proc.cmdline(pid)):
+                        servers.append(pid)
+                    todo += _proc.children(pid)
+                return bool(servers)
+
+            assert _proc.wait_until(find, 5)
+            environ = Path(f"/proc/{servers[0]}/environ").read_bytes().split(b"\0")
+            assert b"COLAB_GPU=sftp-sees-it" in environ
+            assert f"PATH={os.environ['PATH']}".encode() in environ
+            child.sendline("bye")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close(force=True)
