@@ -17,7 +17,7 @@ from .errors import (
 )
 from .mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
 from .reverse import Tunnel, find_tunnels, load_tunnel, reverse_forward, stop_tunnels
-from .server import Sshd, kernel_environment, start_sshd
+from .server import Sshd, kernel_environment, refresh_environment, start_sshd
 from .status import CheckResult, Status, revoke, self_check, status, stop_all
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "load_tunnel",
     "mirror",
     "push",
+    "refresh_environment",
     "reverse_forward",
     "revoke",
     "self_check",

@@ -19,6 +19,13 @@ What real gcloud (SDK 528, ``surface/compute/ssh.py``) does with the argv built 
   =True`` demands a pinned or recorded key every time.
 * gcloud's own ssh options come first on ssh's command line and ssh keeps the first value of an
   option, so ``--ssh-flag`` cannot override ``UserKnownHostsFile``/``StrictHostKeyChecking``.
+* The key it pushes has no passphrase and lands in the *project's* metadata (a login on every VM
+  of the project that accepts project keys); gcloud uses the instance's metadata instead only
+  when the VM sets ``block-project-ssh-keys`` (or project metadata cannot be written). There is
+  no flag to choose. ``--ssh-key-expiration`` makes the entry expire (gcloud writes
+  ``google-ssh {"userName":...,"expireOn":...}``; the guest agent drops it then): we pass the
+  end of tomorrow (UTC), the same value all day, so a reconnection finds the entry unchanged and
+  writes no metadata (``--ssh-key-expire-after`` would be a new entry on every run).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 from . import _proc
@@ -97,9 +105,16 @@ def find_gcloud() -> str:
 # --- gcloud compute ssh ------------------------------------------------------------------------
 
 
+def key_expiration(now: float | None = None) -> str:
+    """When gcloud's key stops working: midnight UTC at the end of tomorrow (24 to 48 h away)."""
+    day = int((time.time() if now is None else now) // 86400) + 2
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(day * 86400))
+
+
 def gcloud_ssh_argv(gcloud: str, dest: Destination, *, zone: str | None, project: str | None,
                     ssh_flags: list[str], command: list[str],
-                    strict_host_key_checking: bool = False) -> list[str]:
+                    strict_host_key_checking: bool = False,
+                    key_expires: str | None = None) -> list[str]:
     """``gcloud compute ssh USER@INSTANCE ...`` as an argv list that never prompts.
 
     Args:
@@ -111,6 +126,8 @@ def gcloud_ssh_argv(gcloud: str, dest: Destination, *, zone: str | None, project
         command: what follows ``--``: more ssh options (``-N``, ``-R ...``) and a remote command.
         strict_host_key_checking: require a pinned or recorded host key (gcloud's
             ``--strict-host-key-checking=yes``) instead of gcloud's trust on first use.
+        key_expires: when the key gcloud puts into metadata expires, ``YYYY-MM-DDTHH:MM:SSZ``
+            (default :func:`key_expiration`: the end of tomorrow, UTC).
 
     Example:
         >>> from colab_remote._ssh import Destination
@@ -135,6 +152,10 @@ def gcloud_ssh_argv(gcloud: str, dest: Destination, *, zone: str | None, project
     # --quiet: no yes/no prompt for creating ~/.ssh, an empty passphrase for the new key, and
     # no prompt anywhere else: a detached gcloud has no terminal to answer one.
     argv.append("--quiet")
+    expires = key_expiration() if key_expires is None else key_expires
+    if not isinstance(expires, str) or not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires):
+        raise ValueError(f"key_expires must look like 2030-01-31T00:00:00Z, got {expires!r}")
+    argv.append(f"--ssh-key-expiration={expires}")
     if strict_host_key_checking:
         argv.append("--strict-host-key-checking=yes")
     argv += [f"--ssh-flag={flag}" for flag in flags]

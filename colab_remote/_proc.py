@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -83,7 +84,7 @@ def apt_install(packages: Sequence[str], *, timeout: float = 900, progress: bool
             fix=f"run as root, or: sudo apt-get install -y {' '.join(packages)}",
         )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    log_file = Path(tempfile.gettempdir()) / "colab_remote-apt.log"
+    log_file = private_dir(f"colab_remote-{os.geteuid()}") / "apt.log"
     quiet = ["-q", "-o", "Dpkg::Use-Pty=0", "-o", "APT::Status-Fd=1"]
     install = [apt, "install", "-y", "--no-install-recommends", *quiet,
                "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
@@ -97,7 +98,8 @@ def apt_install(packages: Sequence[str], *, timeout: float = 900, progress: bool
         policy.write_text("#!/bin/sh\n# colab_remote: no service starts during apt-get install\nexit 101\n")
         policy.chmod(0o755)
     try:
-        with log_file.open("w") as out:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as out:
             for step, argv in (("update", [apt, "update", *quiet]), ("install", install)):
                 rc = _run_with_status(argv, out, env, deadline, f"apt-get {step}", progress)
                 if rc != 0 and step == "install":
@@ -213,17 +215,18 @@ def spawn_detached(argv: Sequence[str], *, run_dir: Path, name: str, secret: str
     whose path the child finds in ``COLAB_REMOTE_SECRET_FIFO`` (see :func:`receive_secret`).
     """
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    launch_dir = run_dir if _INERT_PATH.fullmatch(str(run_dir)) else Path(
-        tempfile.mkdtemp(prefix="colab_remote-"))
     pid_path = run_dir / f"{name}.pid"
     log_path = run_dir / f"{name}.log"
-    launcher = launch_dir / f"{name}.launch.sh"
+    launcher = run_dir / f"{name}.launch.sh"
+    if not _INERT_PATH.fullmatch(str(run_dir)):
+        tag = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+        launcher = private_dir(f"colab_remote-{os.geteuid()}") / f"{name}-{tag}.launch.sh"
     with contextlib.suppress(FileNotFoundError):
         pid_path.unlink()
     fifo: Path | None = None
     lines = ["#!/bin/sh", f"# written by colab_remote to start {name} detached",
              f"echo $$ > {shlex.quote(str(pid_path))}.tmp && mv -f {shlex.quote(str(pid_path))}.tmp "
-             f"{shlex.quote(str(pid_path))}"]
+             f"{shlex.quote(str(pid_path))} || exit 1"]  # no pid file, no start: nobody could stop it
     extra = dict(env or {})
     if secret is not None:
         fifo = run_dir / f"{name}.secret"
@@ -233,31 +236,54 @@ def spawn_detached(argv: Sequence[str], *, run_dir: Path, name: str, secret: str
         extra[SECRET_FIFO_ENV] = str(fifo)
     lines += [f"export {k}={shlex.quote(v)}" for k, v in extra.items()]
     lines.append(f"exec {shlex.join(argv)} </dev/null >>{shlex.quote(str(log_path))} 2>&1")
-    launcher.write_text("\n".join(lines) + "\n")
-    launcher.chmod(0o700)
+    write_private(launcher, "\n".join(lines) + "\n", 0o700)
     command = f"setsid /bin/sh {launcher} </dev/null >/dev/null 2>&1 &"
     shell = in_ipython()
-    if shell is not None and hasattr(shell, "system_raw"):
-        shell.system_raw(command)
-    else:
-        subprocess.run(["/bin/sh", "-c", command], timeout=timeout, check=True)
-    deadline = time.monotonic() + timeout
-    pid = None
-    while time.monotonic() < deadline:
-        pid = read_pid(pid_path)
-        if pid is not None:
-            break
-        time.sleep(0.005)
-    if pid is None:
-        raise ColabRemoteError(f"{name} did not start within {timeout:g} s", log_tail=tail(log_path),
-                               fix=f"run {shlex.join(argv)} by hand to see why")
-    if fifo is not None:
-        try:
-            _hand_over(fifo, secret or "", pid, deadline=time.monotonic() + timeout)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                fifo.unlink()
+    try:
+        if shell is not None and hasattr(shell, "system_raw"):
+            shell.system_raw(command)
+        else:
+            subprocess.run(["/bin/sh", "-c", command], timeout=timeout, check=True)
+        deadline = time.monotonic() + timeout
+        pid = None
+        while time.monotonic() < deadline:
+            pid = read_pid(pid_path)
+            if pid is not None:
+                break
+            time.sleep(0.005)
+        if pid is None:
+            raise ColabRemoteError(f"{name} did not start within {timeout:g} s",
+                                   log_tail=tail(log_path),
+                                   fix=f"run {shlex.join(argv)} by hand to see why")
+        if fifo is not None:
+            try:
+                _hand_over(fifo, secret or "", pid, deadline=time.monotonic() + timeout)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    fifo.unlink()
+    except BaseException:
+        # Given up (an error, a signal, Ctrl-C) after the launch: the child may still be on its
+        # way up, with no pid file yet for anyone to find it by. Stop it here.
+        _abandon(pid_path, argv, markers=(str(run_dir), str(launcher)), wait=5)
+        raise
     return pid
+
+
+def _abandon(pid_path: Path, argv: Sequence[str], *, markers: Sequence[str], wait: float) -> None:
+    """Stop the child a launch recorded in ``pid_path`` (waiting up to ``wait`` s for the record).
+
+    It is ours when it still runs the launcher or already ``argv`` (or names our run folder).
+    """
+    deadline = time.monotonic() + wait
+    pid = read_pid(pid_path)
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pid = read_pid(pid_path)
+    if pid is None:
+        return
+    now = cmdline(pid)
+    if now and (now == list(argv) or any(m in a for a in now for m in markers)):
+        stop(pid, marker=now[-1], timeout=2)
 
 
 def _hand_over(fifo: Path, secret: str, pid: int, *, deadline: float) -> None:
@@ -424,6 +450,17 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def can_bind(host: str) -> bool:
+    """True when this machine has ``host`` to listen on (False for ::1 without IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -433,15 +470,53 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` atomically with ``mode`` from the first byte (never world-readable)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write ``text`` to ``path`` atomically with ``mode`` from the first byte (never world-readable).
+
+    The temporary file gets an unpredictable name in the same folder and is created exclusively
+    (``mkstemp``: ``O_CREAT|O_EXCL``, and ``O_NOFOLLOW`` where the system has it), so a link
+    planted in that folder is never followed; the rename then replaces ``path`` itself (a link
+    there is replaced, not followed).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def private_dir(name: str, *, under: str | os.PathLike[str] | None = None) -> Path:
+    """A folder of ours, ``under/name`` (default: the system's temporary folder), mode 0700.
+
+    Made when missing. An existing one is used only when it is a real folder (not a symbolic
+    link) owned by this user with no access for anyone else; otherwise (another user made it
+    first, or it is a link) a fresh ``name-XXXXXXXX`` folder is made with ``mkdtemp`` instead.
+    A shared temporary folder is sticky (``/tmp``), so nobody else can rename ours away later.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"private_dir needs a plain folder name, got {name!r}")
+    base = Path(under) if under is not None else Path(tempfile.gettempdir())
+    path = base / name
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if (st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and stat.S_IMODE(st.st_mode) & 0o077 == 0):
+        return path
+    log.warning("%s is not a private folder of this user (a link, someone else's, or open to "
+                "others): using a fresh one", path)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
 
 
 def is_private(path: Path) -> bool:

@@ -67,8 +67,11 @@ def add_access_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sshd(args: argparse.Namespace) -> int:
-    from .server import load_sshd, start_sshd
+    from .server import load_sshd, refresh_environment, start_sshd
 
+    if args.refresh_environment:
+        refresh_environment(state_dir=args.state_dir)
+        return 0
     if args.stop:
         sshd = load_sshd(args.state_dir)
         if sshd is not None:
@@ -91,12 +94,16 @@ def _add_sshd(sub: argparse._SubParsersAction) -> None:
                    help="read the password from stdin instead of generating one")
     p.add_argument("--authorized-keys", metavar="FILE", help="file of public keys to allow")
     p.add_argument("--state-dir", help="config, host keys, logs (default ~/.colab_remote)")
-    p.add_argument("--host-keys", metavar="DIR", help="folder to load and save host keys")
-    p.add_argument("--listen-address", help="address to listen on (default: all)")
+    p.add_argument("--host-keys", metavar="DIR",
+                   help="folder to load and save host keys, or colab-secret:NAME")
+    p.add_argument("--listen-address",
+                   help="one more address to listen on (always 127.0.0.1 and ::1)")
     p.add_argument("--gateway-ports", action="store_true", help="sshd GatewayPorts yes")
     p.add_argument("--no-install", dest="install", action="store_false",
                    help="fail instead of installing openssh-server")
     p.add_argument("--stop", action="store_true", help="stop the sshd of the state folder")
+    p.add_argument("--refresh-environment", action="store_true",
+                   help="new sessions of the running sshd get this shell's environment")
     p.set_defaults(func=_cmd_sshd)
 
 

@@ -226,13 +226,7 @@ def _sock_dir(run_dir: Path, ident: str) -> Path:
     holds 108 bytes and ssh adds 17 characters to a ControlPath while it sets one up)."""
     if len(str(run_dir / "cm")) + 20 < 100:
         return run_dir
-    short = Path(tempfile.gettempdir()) / f"crm-{os.getuid()}-{ident}"
-    short.mkdir(mode=0o700, exist_ok=True)
-    st = short.lstat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise MirrorError(f"{short} is not a private folder of this user",
-                          fix=f"remove it, or pass a shorter state_dir (now {run_dir.parent.parent})")
-    return short
+    return _proc.private_dir(f"crm-{os.getuid()}-{ident}")
 
 
 def _known_hosts(state: Path, run_dir: Path, dest: _ssh.Destination, port: int,

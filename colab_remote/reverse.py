@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -494,7 +493,5 @@ def _previous_sessions(run_dir: Path) -> list[int]:
 
 def _control_dir(run_dir: Path) -> Path:
     """A short folder for control sockets (a unix socket path must stay under 108 bytes)."""
-    base = Path(tempfile.gettempdir()) / f"colab_remote-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    base.chmod(0o700)
+    base = _proc.private_dir(f"colab_remote-{os.getuid()}")
     return base / hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]

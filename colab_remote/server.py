@@ -15,26 +15,34 @@ import os
 import pwd
 import re
 import secrets
+import signal
 import string
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _html, _proc, _ssh
+from . import _home, _host_keys, _html, _proc, _ssh
 from ._daemon import State
+from ._home import PROFILE_BEGIN, PROFILE_END  # noqa: F401  (re-exported)
+from ._sshd_config import (
+    PATH_VARIABLE,
+    banner_host,
+    checked_config,
+    listen_addresses,
+    sshd_config,
+    with_environment,
+)
 from .errors import ColabRemoteError, SshdError
 
-__all__ = ["Sshd", "kernel_environment", "start_sshd"]
+__all__ = ["Sshd", "kernel_environment", "refresh_environment", "start_sshd"]
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
 PASSWORD_LENGTH = 20  # 20 * log2(62) ~ 119 bits
+MIN_PASSWORD_LENGTH = 12  # a password the caller chooses
 NVIDIA_LIBS = "/usr/lib64-nvidia"
-HOST_KEY_TYPES = ("ed25519", "rsa")
-PROFILE_BEGIN = "# >>> colab-remote: the notebook kernel's environment in SSH login shells >>>"
-PROFILE_END = "# <<< colab-remote <<<"
 
 # Variables of the kernel that must not follow the user into an SSH session: they describe the
 # kernel process itself (its home, terminal, Jupyter plumbing), not the machine.
@@ -51,7 +59,8 @@ def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     """The variables an SSH session should see: the kernel's whole environment, less a deny-list.
 
     ``LD_LIBRARY_PATH`` gains ``/usr/lib64-nvidia`` when that folder exists (Colab's GPU runtime
-    keeps ``libnvidia-ml.so`` there, and ``nvidia-smi`` fails without it).
+    keeps ``libnvidia-ml.so`` there, and ``nvidia-smi`` fails without it). Values with a newline
+    or NUL are left out (sshd's config holds one line).
 
     Example:
         >>> "HOME" in kernel_environment({"HOME": "/root", "CUDA_VERSION": "12.2"})
@@ -63,7 +72,7 @@ def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
         if name in _ENV_DENY or name.startswith(_ENV_DENY_PREFIXES):
             continue
         if not _ENV_NAME.fullmatch(name) or "\n" in value or "\0" in value:
-            continue  # ~/.ssh/environment holds one NAME=value a line
+            continue
         env[name] = value
     if os.path.isdir(NVIDIA_LIBS):
         parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
@@ -76,11 +85,13 @@ class Sshd:
     """A running sshd started by :func:`start_sshd`.
 
     Attributes: ``user``, ``port``, ``password`` (None in key-only mode), ``pid``,
-    ``fingerprints`` (``{"ED25519": "SHA256:..."}``), ``state_dir``.
+    ``fingerprints`` (``{"ED25519": "SHA256:..."}``), ``state_dir``, ``listen_addresses``.
     """
 
     def __init__(self, *, user: str, port: int, password: str | None, pid: int,
-                 fingerprints: dict[str, str], state_dir: Path, listen_address: str | None) -> None:
+                 fingerprints: dict[str, str], state_dir: Path, listen_address: str | None,
+                 listen_addresses: list[str] | None = None, password_origin: str | None = None,
+                 host_keys: str | None = None) -> None:
         self.user = user
         self.port = port
         self.password = password
@@ -88,6 +99,10 @@ class Sshd:
         self.fingerprints = fingerprints
         self.state_dir = state_dir
         self.listen_address = listen_address
+        self.listen_addresses = listen_addresses or []
+        # "generated" (printed once), "kept" (from an earlier call, same state_dir) or "given".
+        self.password_origin = password_origin
+        self.host_keys = host_keys
 
     @property
     def run_dir(self) -> Path:
@@ -113,6 +128,11 @@ class Sshd:
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / "sshd.pid").unlink()
 
+    def refresh_environment(self, environment: Mapping[str, str] | None = None, *,
+                            quiet: bool = False) -> Sshd:
+        """New sessions get the notebook's environment as it is now; see :func:`refresh_environment`."""
+        return refresh_environment(self, environment=environment, quiet=quiet)
+
     def logs(self, lines: int = 20) -> str:
         """The last ``lines`` lines of sshd's log."""
         return _proc.tail(self.log_path, lines)
@@ -131,16 +151,32 @@ class Sshd:
         host = f"[{host}]" if ":" in host else host
         return f"<Sshd {self.user}@{host}:{self.port} {self._state()}, pid {self.pid}>"
 
+    def _password_text(self, show_password: bool) -> str:
+        if self.password is None:
+            return "none (key login only)"
+        if self.password_origin == "given":
+            return "the one you gave"
+        if not show_password:
+            return "(hidden: .password)"
+        if self.password_origin == "kept":
+            return f"{self.password} (the same as before: kept in {self.run_dir}, root only)"
+        return self.password
+
+    _ENVIRONMENT_NOTE = ("the notebook's, as of start_sshd(): variables set later reach new "
+                         "sessions after refresh_environment()")
+
     def summary(self, *, show_password: bool = False) -> str:
         """What a user needs to log in, as text."""
-        lines = [f"sshd {self._state()} on port {self.port} (pid {self.pid})", f"  user:      {self.user}"]
+        where = ", ".join(self.listen_addresses) or "?"
+        lines = [f"sshd {self._state()} on port {self.port} of {where} (pid {self.pid})",
+                 f"  user:        {self.user}",
+                 f"  password:    {self._password_text(show_password)}"]
         if self.password is not None:
-            lines.append(f"  password:  {self.password if show_password else '(hidden)'}")
-        else:
-            lines.append("  password:  none (key login only)")
+            lines.append("               (a re-run with this state_dir keeps it; password= replaces it)")
         for kind, fp in self.fingerprints.items():
-            lines.append(f"  host key:  {fp} ({kind})")
+            lines.append(f"  host key:    {fp} ({kind})")
         lines += [
+            f"  environment: {self._ENVIRONMENT_NOTE}",
             "next: make it reachable from outside with",
             '  reverse_forward("you@your-server")',
             "then connect from your laptop with",
@@ -150,9 +186,13 @@ class Sshd:
 
     def _repr_html_(self, show_password: bool = False) -> str:
         rows = [("user", self.user), ("port", str(self.port)), ("pid", str(self.pid))]
+        if self.listen_addresses:
+            rows.append(("listening on", ", ".join(self.listen_addresses)))
         if self.password is not None:
-            rows.append(("password", self.password if show_password else "(hidden: .password)"))
+            rows.append(("password", self._password_text(show_password)))
+            rows.append(("", "kept across re-runs with this state_dir; password= replaces it"))
         rows += [(f"host key {kind}", fp) for kind, fp in self.fingerprints.items()]
+        rows.append(("environment", self._ENVIRONMENT_NOTE))
         hint = f"ssh -J you@your-server -p 20022 {self.user}@localhost"
         return _html.card("sshd", State.of(self._state()), rows,
                           [("next: reverse_forward(\"you@your-server\"), then", hint)])
@@ -215,6 +255,7 @@ def start_sshd(
     host_keys: str | os.PathLike[str] | None = None,
     gateway_ports: bool = False,
     listen_address: str | None = None,
+    environment: Mapping[str, str] | None = None,
     quiet: bool = False,
 ) -> Sshd:
     """Start (or restart) an OpenSSH server in this runtime and print how to log in.
@@ -222,16 +263,23 @@ def start_sshd(
     Args:
         port: the port sshd listens on.
         user: the login user; created (with a home and bash) when missing.
-        password: the login password; None generates one (unless ``authorized_keys`` is given,
-            which turns password login off).
+        password: the login password, at least 12 characters; never printed. None keeps the
+            password of an earlier call with the same ``state_dir`` (saved connections keep
+            working), else generates one and prints it once (unless ``authorized_keys`` is
+            given, which turns password login off).
         authorized_keys: public key text, or a path to a file of public keys, added to the
             user's ``~/.ssh/authorized_keys``.
         state_dir: where config, host keys, logs and pid files live (default ``~/.colab_remote``).
         install: install openssh-server with apt-get when sshd is missing.
-        host_keys: a folder (e.g. on Google Drive) to load host keys from and save new ones to,
-            so every runtime presents the same fingerprint.
+        host_keys: where the host keys come from, so every runtime presents the same fingerprint:
+            ``"colab-secret:NAME"`` reads private key text from the Colab secret NAME
+            (``google.colab.userdata``); a folder (e.g. on Google Drive) loads them from and saves
+            new ones to that folder, in plain text.
         gateway_ports: sshd's ``GatewayPorts`` (the recipe's ``GatewayPorts yes``).
-        listen_address: sshd's ``ListenAddress`` (default: every address).
+        listen_address: one more address to listen on (``"0.0.0.0"``, ``"::"`` or an address);
+            sshd always listens on 127.0.0.1 and ::1, where the tunnel arrives.
+        environment: the variables every session gets (default: this kernel's, see
+            :func:`kernel_environment`); taken now, see :func:`refresh_environment`.
         quiet: do not print or display the summary.
 
     Returns:
@@ -246,13 +294,15 @@ def start_sshd(
     _ssh.check_user(user)
     if password is not None:
         _ssh.check_password(password)
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise ValueError(f"password must have at least {MIN_PASSWORD_LENGTH} characters "
+                             f"(got {len(password)}); pass None to generate a strong one")
     keys = _ssh.parse_public_keys(authorized_keys) if authorized_keys is not None else []
     if listen_address is not None:
         _ssh.check_host(listen_address)
+    env = _session_environment(environment)
     state = state_path(state_dir)
-    key_store = Path(host_keys).expanduser() if host_keys is not None else None
-    if key_store is not None and key_store.exists() and not key_store.is_dir():
-        raise ValueError(f"host_keys {key_store} exists and is not a folder")
+    secret_name, key_store = _host_keys.host_key_source(host_keys)
     if os.geteuid() != 0:
         raise SshdError("start_sshd needs root (it creates users, sets passwords and runs sshd)",
                         fix="run the notebook or command as root (Colab runtimes are)")
@@ -266,16 +316,39 @@ def start_sshd(
     state.chmod(0o700)
     config_path = run_dir / "sshd_config"
 
+    # Host keys first: a missing Colab secret must not cost the running sshd.
+    if secret_name is not None:
+        key_paths = _host_keys.from_secret(run_dir / "host_keys", secret_name, keygen)
+    else:
+        key_paths = _host_keys.from_folder(run_dir / "host_keys", key_store, keygen)
+        if key_store is not None:
+            notice = (f"note: host_keys={str(key_store)!r} keeps this runtime's private host keys "
+                      "in plain text there (on Google Drive file modes mean nothing: whoever can "
+                      "read that folder can pose as this runtime); safer: "
+                      "host_keys='colab-secret:NAME' (see the README)")
+            log.warning("%s", notice)
+            if not quiet:
+                print(notice, flush=True)
+    fingerprints = {}
+    for path in key_paths:
+        pub = Path(str(path) + ".pub").read_text()
+        fingerprints[path.name.removeprefix("ssh_host_").removesuffix("_key").upper()] = \
+            _ssh.fingerprint(pub)
+
     # A second call replaces the first: one daemon, one config. Open sessions stay up.
     previous = _proc.read_pid(run_dir / "sshd.pid")
     _proc.stop(previous, marker=str(config_path))
-    probe_host = listen_address or "0.0.0.0"
-    if _proc.port_in_use(probe_host, port):
-        raise SshdError(f"port {port} is already in use by another program{_who_listens(port)}",
-                        fix=f"stop that program, or pick another port: start_sshd(port={port + 1})")
+    addresses = listen_addresses(listen_address)
+    for address in addresses:
+        if _proc.port_in_use(address, port):
+            raise SshdError(f"port {port} is already in use by another program{_who_listens(port)}",
+                            fix=f"stop that program, or pick another port: start_sshd(port={port + 1})")
 
+    origin = "given" if password is not None else None
     if password is None and not keys:
-        password = generate_password()
+        password, origin = _kept_password(run_dir), "kept"
+        if password is None:
+            password, origin = generate_password(), "generated"
     account = _ensure_user(user, locked_ok=bool(keys) and password is None)
     if password is None and _locked(user):
         raise SshdError(f"account {user} is locked (its password field starts with '!'): sshd "
@@ -284,30 +357,26 @@ def start_sshd(
     if password is not None:
         _proc.run([_sbin("chpasswd")], input=f"{user}:{password}\n", error=SshdError,
                   what=f"setting the password of {user} failed")
+        if origin != "kept":
+            # Root only (0600 in a 0700 folder): a re-run of the cell keeps the password.
+            _proc.write_private(run_dir / "password", password + "\n")
     if keys:
-        _add_authorized_keys(account, keys)
-    _write_user_environment(account, kernel_environment())
-
-    key_paths = _host_keys(run_dir / "host_keys", key_store, keygen)
-    fingerprints = {}
-    for path in key_paths:
-        pub = Path(str(path) + ".pub").read_text()
-        fingerprints[path.name.removeprefix("ssh_host_").removesuffix("_key").upper()] = \
-            _ssh.fingerprint(pub)
+        _home.add_authorized_keys(account, keys)
+    _home.write_login_profile(account)
 
     text = sshd_config(port=port, user=user, password_login=password is not None,
                        host_keys=key_paths, pid_file=run_dir / "sshd.pid",
-                       gateway_ports=gateway_ports, listen_address=listen_address)
+                       gateway_ports=gateway_ports, listen_address=None,
+                       listen_addresses=addresses)
+    text = with_environment(text, env)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # no systemd on Colab creates it
-    text = _checked_config(sshd_bin, config_path, text)
+    text = checked_config(sshd_bin, config_path, text)
 
     pid = _proc.spawn_detached([sshd_bin, "-D", "-e", "-f", str(config_path)], run_dir=run_dir,
                                name="sshd")
-    banner_host = "127.0.0.1" if probe_host in ("0.0.0.0", "::") else probe_host
-    if probe_host == "::":
-        banner_host = "::1"
+    answer_at = banner_host(addresses)
     up = _proc.wait_until(lambda: not _proc.pid_alive(pid) or
-                          _proc.ssh_banner(banner_host, port, 0.5) is not None, timeout=10)
+                          _proc.ssh_banner(answer_at, port, 0.5) is not None, timeout=10)
     if not up or not _proc.pid_alive(pid):
         _proc.stop(pid, marker=str(config_path))
         raise SshdError(f"sshd did not answer on port {port}",
@@ -315,99 +384,146 @@ def start_sshd(
                         fix=f"check the log above; the config is {config_path}")
     log.info("sshd up on port %d in %.3f s", port, time.monotonic() - t0)
 
+    source = (f"{_host_keys.SECRET_PREFIX}{secret_name}" if secret_name
+              else str(key_store) if key_store else None)
     handle = Sshd(user=user, port=port, password=password, pid=pid, fingerprints=fingerprints,
-                  state_dir=state, listen_address=listen_address)
+                  state_dir=state, listen_address=listen_address, listen_addresses=addresses,
+                  password_origin=origin, host_keys=source)
     info = {"user": user, "port": port, "pid": pid, "fingerprints": fingerprints,
-            "listen_address": listen_address, "config": str(config_path)}
+            "listen_address": listen_address, "listen_addresses": addresses,
+            "config": str(config_path)}
     _proc.write_private(run_dir / "info.json", json.dumps(info, indent=1))
     if not quiet:
         announce(_Announcement(handle))
     return handle
 
 
+def refresh_environment(sshd: Sshd | None = None, *, state_dir: str | os.PathLike[str] | None = None,
+                        environment: Mapping[str, str] | None = None, quiet: bool = False) -> Sshd:
+    """Give new SSH sessions the notebook's environment as it is now.
+
+    :func:`start_sshd` takes a snapshot of the kernel's environment when it runs; a variable set
+    later in the notebook (``os.environ[...] = ...``, ``%env``) reaches SSH sessions only after
+    this call (or another ``start_sshd()``). It rewrites the variables in sshd's own config and
+    makes sshd read it again (SIGHUP): the pid, the password and open sessions stay as they are;
+    sessions opened afterwards see the new values.
+
+    Args:
+        sshd: the :class:`Sshd` (default: the one recorded in ``state_dir``).
+        state_dir: where :func:`start_sshd` keeps its state (default ``~/.colab_remote``).
+        environment: the variables sessions get (default: this kernel's, as
+            :func:`kernel_environment` selects them).
+        quiet: do not print the one-line confirmation.
+
+    Returns:
+        the :class:`Sshd` handle.
+
+    Raises:
+        SshdError: no sshd runs for ``state_dir``, or it did not come back after reading its config.
+
+    Example:
+        >>> os.environ["WANDB_API_KEY"] = userdata.get("WANDB_API_KEY")  # doctest: +SKIP
+        >>> colab_remote.refresh_environment()                         # doctest: +SKIP
+        sshd: new SSH sessions get the notebook's environment as of now (41 variables)
+    """
+    if sshd is not None and not isinstance(sshd, Sshd):
+        raise TypeError(f"sshd must be an Sshd handle (from start_sshd), got {sshd!r}")
+    env = _session_environment(environment)
+    handle = sshd if sshd is not None else load_sshd(state_dir)
+    if handle is None or not handle.alive:
+        where = handle.state_dir if handle is not None else state_path(state_dir)
+        raise SshdError(f"no running sshd recorded in {where}",
+                        fix="start it first: start_sshd() (which takes the environment too)")
+    if os.geteuid() != 0:
+        raise SshdError("refresh_environment needs root (sshd's config is root's)",
+                        fix="run it as root, like start_sshd()")
+    argv = _proc.cmdline(handle.pid)
+    sshd_bin = argv[0] if argv and os.path.isabs(argv[0]) else _proc.find_program("sshd") or "sshd"
+    text = with_environment(handle.config_path.read_text(), env)
+    checked_config(sshd_bin, handle.config_path, text)
+    log_size = handle.log_path.stat().st_size if handle.log_path.exists() else 0
+    _proc.send_signal(handle.pid, signal.SIGHUP)  # sshd re-executes itself with the new config
+
+    def listening_again() -> bool:
+        with contextlib.suppress(OSError), handle.log_path.open("rb") as f:
+            f.seek(log_size)
+            if b"Server listening on" in f.read():
+                return _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
+                                        0.5) is not None
+        return not _proc.pid_alive(handle.pid)
+
+    _proc.wait_until(listening_again, timeout=10)
+    if not handle.alive or _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
+                                            1) is None:
+        raise SshdError("sshd did not come back after reading its new config",
+                        log_tail=_proc.tail(handle.log_path),
+                        fix="start it again: start_sshd() with the same state_dir")
+    if not quiet:
+        print(f"sshd: new SSH sessions get the notebook's environment as of now "
+              f"({len(env)} variables)", flush=True)
+    return handle
+
+
 def load_sshd(state_dir: str | os.PathLike[str] | None = None) -> Sshd | None:
-    """The sshd recorded in ``state_dir`` (running or not), or None. The password is not kept."""
+    """The sshd recorded in ``state_dir`` (running or not), or None. The password is not loaded."""
     state = state_path(state_dir)
     try:
         info = json.loads((state / "sshd" / "info.json").read_text())
     except (OSError, ValueError):
         return None
+    old_address = info.get("listen_address")
     return Sshd(user=info["user"], port=info["port"], password=None, pid=info["pid"],
                 fingerprints=info.get("fingerprints", {}), state_dir=state,
-                listen_address=info.get("listen_address"))
+                listen_address=old_address,
+                listen_addresses=info.get("listen_addresses") or ([old_address] if old_address else []))
 
 
-def sshd_config(*, port: int, user: str, password_login: bool, host_keys: list[Path],
-                pid_file: Path, gateway_ports: bool, listen_address: str | None) -> str:
-    """The text of our own sshd config (the system's /etc/ssh/sshd_config is never touched)."""
-    sftp = _proc.find_program("sftp-server") or next(
-        (p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
-         if os.path.exists(p)), "internal-sftp")
-    lines = [
-        "# Written by colab_remote.start_sshd(); rewritten on every call. Do not edit.",
-        f"Port {port}",
-        *([f"ListenAddress {listen_address}"] if listen_address else []),
-        *[f"HostKey {_config_word(p)}" for p in host_keys],
-        f"PidFile {_config_word(pid_file)}",
-        f"AllowUsers {user}",
-        f"PermitRootLogin {'yes' if password_login else 'prohibit-password'}",
-        f"PasswordAuthentication {'yes' if password_login else 'no'}",
-        "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes",
-        "AuthorizedKeysFile .ssh/authorized_keys",
-        "PermitEmptyPasswords no",
-        # Containers (Colab's among them) have no working pam_loginuid; sshd checks the
-        # shadow password itself.
-        "UsePAM no",
-        # ~/.ssh/environment carries the kernel's environment into every session (see
-        # _write_user_environment): exec, shell, sftp alike.
-        "PermitUserEnvironment yes",
-        "ClientAliveInterval 30",
-        "ClientAliveCountMax 3",
-        "TCPKeepAlive yes",
-        "AllowTcpForwarding yes",
-        f"GatewayPorts {'yes' if gateway_ports else 'no'}",
-        "X11Forwarding no",
-        "PrintMotd no",
-        "UseDNS no",
-        # Every login through the tunnel comes from 127.0.0.1: never penalise that address.
-        "PerSourcePenalties no",
-        "MaxStartups 100:30:200",
-        "LoginGraceTime 60",
-        f"Subsystem sftp {sftp}",
-    ]
-    return "\n".join(lines) + "\n"
+def _session_environment(environment: Mapping[str, str] | None) -> dict[str, str]:
+    """What SetEnv carries: ``environment`` (default the kernel's) plus the PATH copy for profiles.
+
+    Names must be shell names; a value with a newline or NUL cannot go on sshd's one config
+    line and is left out, as is one that is not text.
+    """
+    if environment is None:
+        env = kernel_environment()
+    elif not isinstance(environment, Mapping):
+        raise TypeError(f"environment must be a mapping of names to values, got {environment!r}")
+    else:
+        env = {}
+        for name, value in environment.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"environment must map str to str, got {name!r}: {value!r}")
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"environment: {name!r} is not a variable name")
+            env[name] = value
+    carried = {}
+    for name, value in env.items():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            log.warning("environment: %s is not valid text; SSH sessions do not get it", name)
+            continue
+        if "\n" in value or "\0" in value or "\r" in value:
+            log.warning("environment: %s holds a line break; SSH sessions do not get it", name)
+            continue
+        carried[name] = value
+    if "PATH" in carried:
+        carried[PATH_VARIABLE] = carried["PATH"]
+    return carried
 
 
-def _config_word(value: object) -> str:
-    """A path as one sshd_config word (double-quoted when it holds spaces)."""
-    text = str(value)
-    if '"' in text or "\n" in text:
-        raise ValueError(f"state_dir paths must not contain '\"' or newlines: {text!r}")
-    return f'"{text}"' if any(c.isspace() for c in text) else text
-
-
-_UNSUPPORTED: set[str] = set()
-
-
-def _checked_config(sshd_bin: str, path: Path, text: str) -> str:
-    """Write the config and check it with ``sshd -t``; drop options this sshd is too old for."""
-    for keyword in _UNSUPPORTED:
-        text = re.sub(rf"(?m)^{keyword} .*\n", "", text)
-    for _ in range(3):
-        _proc.write_private(path, text)
-        done = _proc.run([sshd_bin, "-t", "-f", str(path)], error=SshdError, check=False)
-        if done.returncode == 0:
-            return text
-        output = done.stdout + done.stderr
-        bad = re.search(r"Bad configuration option: (\w+)|Unsupported option (\w+)", output)
-        keyword = (bad.group(1) or bad.group(2)) if bad else ""
-        if keyword not in ("PerSourcePenalties",):
-            raise SshdError("sshd rejected the configuration (sshd -t)", log_tail=output,
-                            fix=f"check {path}; report this as a colab-remote bug")
-        _UNSUPPORTED.add(keyword)
-        text = re.sub(rf"(?m)^{keyword} .*\n", "", text)
-    raise SshdError("sshd rejected the configuration (sshd -t)", fix=f"check {path}")
+def _kept_password(run_dir: Path) -> str | None:
+    """The password an earlier call with this state folder set (root-only file), if usable."""
+    path = run_dir / "password"
+    try:
+        st = path.lstat()
+        if not path.is_file() or path.is_symlink() or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        password = path.read_text().rstrip("\n")
+        _ssh.check_password(password)
+    except (OSError, ValueError, TypeError):
+        return None
+    return password if len(password) >= MIN_PASSWORD_LENGTH else None
 
 
 def _who_listens(port: int) -> str:
@@ -453,100 +569,3 @@ def _sbin(name: str) -> str:
     return _proc.find_program(name) or name
 
 
-def _owned_private_dir(account: pwd.struct_passwd) -> Path:
-    ssh_dir = Path(account.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chown(ssh_dir, account.pw_uid, account.pw_gid)
-    ssh_dir.chmod(0o700)
-    return ssh_dir
-
-
-def _add_authorized_keys(account: pwd.struct_passwd, keys: list[str]) -> None:
-    """Add keys to ~/.ssh/authorized_keys: existing lines kept, no duplicates, 0600."""
-    path = _owned_private_dir(account) / "authorized_keys"
-    existing = path.read_text().splitlines() if path.exists() else []
-    lines = list(existing)
-    have = {_key_identity(line) for line in existing}
-    for key in keys:
-        if _key_identity(key) not in have:
-            have.add(_key_identity(key))
-            lines.append(key)
-    _proc.write_private(path, "\n".join(lines).strip("\n") + "\n")
-    os.chown(path, account.pw_uid, account.pw_gid)
-
-
-def _key_identity(line: str) -> str:
-    words = line.split()
-    for i, w in enumerate(words[:-1]):
-        if w.startswith(("ssh-", "ecdsa-", "sk-")):
-            return words[i + 1]
-    return line
-
-
-def _write_user_environment(account: pwd.struct_passwd, env: Mapping[str, str]) -> None:
-    """The kernel's environment for every SSH session of ``account``.
-
-    sshd reads ``~/.ssh/environment`` (with ``PermitUserEnvironment yes``) before it runs anything,
-    so commands, sftp and the VS Code server see it. Login shells then reset PATH in /etc/profile;
-    a marked block in the user's profile reads the same file again after that.
-    """
-    ssh_dir = _owned_private_dir(account)
-    body = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
-    path = ssh_dir / "environment"
-    _proc.write_private(path, "# Written by colab_remote.start_sshd(): the notebook kernel's "
-                              "environment.\n" + body)
-    os.chown(path, account.pw_uid, account.pw_gid)
-    home = Path(account.pw_dir)
-    block = "\n".join([
-        PROFILE_BEGIN,
-        'if [ -n "$SSH_CONNECTION" ] && [ -r "$HOME/.ssh/environment" ]; then',
-        '  while IFS= read -r colab_remote_line || [ -n "$colab_remote_line" ]; do',
-        '    case "$colab_remote_line" in "#"*|"") ;; *=*) export "$colab_remote_line" ;; esac',
-        '  done < "$HOME/.ssh/environment"',
-        "  unset colab_remote_line",
-        "fi",
-        PROFILE_END,
-    ]) + "\n"
-    profiles = [home / ".profile"] + [home / n for n in (".bash_profile", ".bash_login")
-                                      if (home / n).exists()]
-    for profile in profiles:
-        old = profile.read_text() if profile.exists() else ""
-        start, end = old.find(PROFILE_BEGIN), old.find(PROFILE_END)
-        if start != -1 and end != -1:
-            new = old[:start] + block + old[end + len(PROFILE_END):].lstrip("\n")
-        else:
-            new = old + ("\n" if old and not old.endswith("\n") else "") + block
-        if new != old:
-            profile.write_text(new)
-            os.chown(profile, account.pw_uid, account.pw_gid)
-
-
-def _host_keys(live: Path, store: Path | None, keygen: str) -> list[Path]:
-    """Host keys in ``live`` (0600): taken from ``store`` when it has them, generated once otherwise,
-    and saved back to ``store`` so the next runtime presents the same fingerprints."""
-    live.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for kind in HOST_KEY_TYPES:
-        name = f"ssh_host_{kind}_key"
-        key = live / name
-        if store is not None and (store / name).is_file() and (store / f"{name}.pub").is_file():
-            for suffix in ("", ".pub"):
-                src, dst = store / (name + suffix), live / (name + suffix)
-                if not dst.exists() or dst.read_bytes() != src.read_bytes():
-                    _proc.write_private(dst, src.read_text(), 0o600 if not suffix else 0o644)
-        if not key.exists() or not Path(str(key) + ".pub").exists():
-            with contextlib.suppress(FileNotFoundError):
-                key.unlink()
-            bits = ["-b", "3072"] if kind == "rsa" else []
-            _proc.run([keygen, "-q", "-t", kind, *bits, "-N", "", "-C", f"colab-remote-{kind}",
-                       "-f", str(key)], error=SshdError, what=f"generating the {kind} host key failed")
-        key.chmod(0o600)
-        if store is not None:
-            for suffix in ("", ".pub"):
-                src, dst = live / (name + suffix), store / (name + suffix)
-                if not dst.exists() or dst.read_bytes() != src.read_bytes():
-                    _proc.write_private(dst, src.read_text(), 0o600 if not suffix else 0o644)
-        paths.append(key)
-    return paths

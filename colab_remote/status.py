@@ -138,6 +138,13 @@ def _stop_all(state: Path) -> tuple[list[str], list[str]]:
     if sshd is not None and sshd.alive:
         stopped.append(f"{_name(sshd)} (pid {sshd.pid})")
         sshd.stop()
+    elif sshd is None:
+        # Started, but start_sshd() was interrupted before it recorded info.json: the pid file
+        # (written by the launcher) and the config path still say which process is ours.
+        run_dir = state / "sshd"
+        pid = _proc.read_pid(run_dir / "sshd.pid")
+        if _proc.stop(pid, marker=str(run_dir / "sshd_config")):
+            stopped.append(f"sshd (pid {pid})")
     return stopped, removed
 
 
@@ -290,17 +297,16 @@ def _one_off_key(sshd: Sshd, folder: Path) -> Path:
     key = folder / "check_key"
     _proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "colab-remote-self-check",
                "-f", str(key)], what="making a one-off key for the self-check failed")
-    from .server import _add_authorized_keys, _ensure_user
+    from ._home import add_authorized_keys
+    from .server import _ensure_user
 
     line = 'from="127.0.0.1,::1" ' + Path(str(key) + ".pub").read_text().strip()
-    _add_authorized_keys(_ensure_user(sshd.user, locked_ok=True), [line])
+    add_authorized_keys(_ensure_user(sshd.user, locked_ok=True), [line])
     return key
 
 
 def _forget_one_off_key(sshd: Sshd, key: Path) -> None:
+    from ._home import remove_authorized_key
+
     blob = Path(str(key) + ".pub").read_text().split()[1]
-    path = Path(pwd.getpwnam(sshd.user).pw_dir) / ".ssh" / "authorized_keys"
-    lines = [line for line in path.read_text().splitlines() if blob not in line]
-    _proc.write_private(path, "\n".join(lines) + ("\n" if lines else ""))
-    account = pwd.getpwnam(sshd.user)
-    os.chown(path, account.pw_uid, account.pw_gid)
+    remove_authorized_key(pwd.getpwnam(sshd.user), blob)

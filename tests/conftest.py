@@ -60,6 +60,66 @@ def free_port() -> int:
     return _proc.free_port()
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_IMPORTS = "import colab_remote, colab_remote.cli, colab_remote._demo"
+
+
+@pytest.fixture(scope="session")
+def as_nobody() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """``(argv prefix, env)`` that run Python as user ``nobody`` with this colab_remote importable.
+
+    The checkout may sit where nobody may enter (a clone in /root, a ``mktemp -d`` folder): the
+    package and the third-party modules it imports are copied into a world-readable folder under
+    /tmp for these runs, and an interpreter nobody can run is picked. Run with ``cwd="/"``.
+    """
+    import json
+    import shutil
+    import sys
+    import tempfile
+    import textwrap
+
+    # Where each top-level module the package imports comes from (stdlib and builtins aside).
+    listing = textwrap.dedent("""
+        import json, sys
+        found = {}
+        for name, module in list(sys.modules.items()):
+            top = name.split(".")[0]
+            if "." in name or top in sys.stdlib_module_names or top.startswith("__editable__"):
+                continue
+            path = (getattr(module, "__path__", None) or [getattr(module, "__file__", None)])[0]
+            if path:
+                found[top] = path
+        print(json.dumps(found))
+    """)
+    found = subprocess.run([sys.executable, "-c", f"{_IMPORTS}\n{listing}"], capture_output=True,
+                           text=True, check=True)
+    tops = [Path(p) for p in json.loads(found.stdout).values()]
+    copy = Path(tempfile.mkdtemp(prefix="colab-remote-nobody-"))
+    try:
+        copy.chmod(0o755)
+        for top in tops:
+            if top.is_dir():
+                shutil.copytree(top, copy / top.name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif top.suffix in (".py", ".so"):
+                shutil.copy2(top, copy / top.name)
+        subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(copy), "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        candidates = [os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
+                      shutil.which("python3", path="/usr/local/bin:/usr/bin") or ""]
+        for python in dict.fromkeys(c for c in candidates if c):
+            tried = subprocess.run([*NOBODY, python, "-s", "-c", _IMPORTS], cwd="/", env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if tried.returncode == 0:
+                yield [*NOBODY, python, "-s"], env
+                break
+        else:
+            pytest.fail("no Python interpreter that user nobody can run imports colab_remote "
+                        f"from {copy}: {tried.stderr[-500:]}")
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 class User:
     def __init__(self, name: str, password: str) -> None:
         self.name = name

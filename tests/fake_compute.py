@@ -19,12 +19,17 @@ block project keys. Every request is recorded in ``.requests``; anything else ge
 (gcloud fails fast instead of retrying).
 
 Like GCE's guest agent, the fake installs each ``user:key`` of the ``ssh-keys`` metadata into that
-user's ``~/.ssh/authorized_keys`` through ``install_key`` (the test's throwaway user).
+user's ``~/.ssh/authorized_keys`` through ``install_key`` (the test's throwaway user). An entry
+gcloud wrote with an expiry (``--ssh-key-expiration``/``--ssh-key-expire-after``) reads
+``user:TYPE KEY google-ssh {"userName":"user","expireOn":"2030-01-31T00:00:00+0000"}``: like the
+agent, the fake installs ``TYPE KEY`` without that suffix, records the expiry in ``.expiries``
+and skips an entry that has expired already.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import itertools
 import json
 import threading
@@ -61,6 +66,7 @@ class FakeCompute:
         self.instance_metadata: dict[str, str] = {"enable-guest-attributes": "TRUE"}
         self.requests: list[str] = []
         self.installed: list[tuple[str, str]] = []
+        self.expiries: dict[tuple[str, str], datetime.datetime] = {}
         self._fingerprints = itertools.count(1)
         self._operations: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -172,6 +178,14 @@ class FakeCompute:
         """What the guest agent does: install ``user:key`` lines for the users it knows."""
         for line in (items.get("ssh-keys", "") + "\n" + items.get("sshKeys", "")).splitlines():
             user, colon, key = line.strip().partition(":")
+            words = key.split(None, 3)
+            if len(words) == 4 and words[2] == "google-ssh":
+                expire_on = json.loads(words[3])["expireOn"]
+                when = datetime.datetime.strptime(expire_on, "%Y-%m-%dT%H:%M:%S%z")
+                if when <= datetime.datetime.now(datetime.timezone.utc):
+                    continue
+                key = " ".join(words[:2])
+                self.expiries[(user, key)] = when
             if not colon or (user, key) in self.installed:
                 continue
             self.installed.append((user, key))

@@ -5,6 +5,7 @@ gcloud starts in 1-2 s, so each test makes as few calls as it can.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pexpect
 import pytest
 
 from colab_remote import GcloudError, _proc, gcloud_setup
-from colab_remote._gcloud import external_ip, gcloud_ssh_argv
+from colab_remote._gcloud import external_ip, gcloud_ssh_argv, key_expiration
 from colab_remote._ssh import Destination, parse_destination
 
 from .conftest import needs_root, needs_sshd
@@ -49,15 +50,18 @@ def test_gcloud_ssh_argv_shape() -> None:
     argv = gcloud_ssh_argv("/usr/bin/gcloud", parse_destination("me@my-vm"), zone="us-central1-a",
                            project="my-project", ssh_flags=["-p", "2222", "-o", "ServerAliveInterval=15"],
                            command=["-N", "-R", "20022:localhost:22"])
+    expires = f"--ssh-key-expiration={key_expiration()}"
     assert argv == [
         "/usr/bin/gcloud", "compute", "ssh", "me@my-vm", "--zone=us-central1-a",
-        "--project=my-project", "--quiet", "--ssh-flag=-p", "--ssh-flag=2222", "--ssh-flag=-o",
-        "--ssh-flag=ServerAliveInterval=15", "--", "-N", "-R", "20022:localhost:22",
+        "--project=my-project", "--quiet", expires, "--ssh-flag=-p", "--ssh-flag=2222",
+        "--ssh-flag=-o", "--ssh-flag=ServerAliveInterval=15", "--", "-N", "-R", "20022:localhost:22",
     ]
     # zone/project from gcloud's config; nothing after "--" when there is no command
     argv = gcloud_ssh_argv("gcloud", Destination("me", "vm1"), zone=None, project=None,
-                           ssh_flags=[], command=[], strict_host_key_checking=True)
-    assert argv == ["gcloud", "compute", "ssh", "me@vm1", "--quiet", "--strict-host-key-checking=yes"]
+                           ssh_flags=[], command=[], strict_host_key_checking=True,
+                           key_expires="2030-01-31T00:00:00Z")
+    assert argv == ["gcloud", "compute", "ssh", "me@vm1", "--quiet",
+                    "--ssh-key-expiration=2030-01-31T00:00:00Z", "--strict-host-key-checking=yes"]
     assert not any("StrictHostKeyChecking=no" in a or a == "--strict-host-key-checking=no"
                    for a in argv)
 
@@ -75,6 +79,7 @@ def test_gcloud_ssh_argv_shape() -> None:
     ({"ssh_flags": "-p 22"}, TypeError, "list"),
     ({"ssh_flags": [22]}, TypeError, "str"),
     ({"command": ["echo", "a\nb"]}, ValueError, "newline"),
+    ({"key_expires": "tomorrow"}, ValueError, "key_expires"),
 ])
 def test_gcloud_ssh_argv_rejects(kwargs: dict, error: type, text: str) -> None:
     args: dict = {"dest": Destination("me", "vm1"), "zone": "us-central1-a", "project": "my-project",
@@ -209,8 +214,11 @@ def test_gcloud_compute_ssh_reaches_the_server(fake_gcloud, server) -> None:  # 
     assert "ENCRYPTED" not in key.read_text()
     # the key reached the project metadata and, as the guest agent would, authorized_keys
     pub = (g.home / ".ssh" / "google_compute_engine.pub").read_text().strip()
-    assert g.fake.project_metadata["ssh-keys"] == f"{g.user}:{pub}"
-    assert pub in (server.user.home / ".ssh" / "authorized_keys").read_text()
+    key = " ".join(pub.split()[:2])
+    entry = json.dumps({"userName": g.user, "expireOn": key_expiration().replace("Z", "+0000")})
+    assert g.fake.project_metadata["ssh-keys"] == f"{g.user}:{key} google-ssh {entry.replace(' ', '')}"
+    _expires_within_two_days(g.fake.expiries[(g.user, key)])
+    assert key in (server.user.home / ".ssh" / "authorized_keys").read_text()
     # the server's host key was pinned from the guest attributes (StrictHostKeyChecking=yes)
     known = (g.home / ".ssh" / "google_compute_known_hosts").read_text()
     assert f"compute.{g.fake.instance_id} {server.host_key_line.split()[0]}" in known
@@ -238,6 +246,30 @@ def test_gcloud_compute_ssh_reaches_the_server(fake_gcloud, server) -> None:  # 
     with pytest.raises(GcloudError, match="could not describe") as info:
         external_ip(GCLOUD, "no-such-vm", g.zone, g.project, env=g.full_env())
     assert "was not found" in info.value.log_tail
+
+
+def _expires_within_two_days(when) -> None:
+    left = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    assert 86400 - 60 <= left <= 2 * 86400, when
+
+
+@needs_root
+@needs_sshd
+@needs_gcloud
+def test_gcloud_key_goes_to_the_instance_when_it_blocks_project_keys(fake_gcloud, server) -> None:  # noqa: F811
+    """A VM with block-project-ssh-keys confines gcloud's key to that VM's metadata (with expiry)."""
+    g = fake_gcloud
+    assert GCLOUD is not None
+    g.fake.instance_metadata["block-project-ssh-keys"] = "TRUE"
+    argv = gcloud_ssh_argv(GCLOUD, parse_destination(g.destination), zone=g.zone, project=g.project,
+                           ssh_flags=["-p", str(server.port), "-o", "BatchMode=yes"], command=["echo", "ok"])
+    done = _proc.run(argv, env=g.full_env(), timeout=90, check=False)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "ok", done.stdout + done.stderr
+    assert "ssh-keys" not in g.fake.project_metadata
+    assert "setCommonInstanceMetadata" not in " ".join(g.fake.requests)
+    pub = (g.home / ".ssh" / "google_compute_engine.pub").read_text().split()
+    assert f"{g.user}:{pub[0]} {pub[1]} google-ssh " in g.fake.instance_metadata["ssh-keys"]
+    _expires_within_two_days(g.fake.expiries[(g.user, f"{pub[0]} {pub[1]}")])
 
 
 # --- a tunnel through gcloud -------------------------------------------------------------------

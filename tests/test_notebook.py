@@ -108,14 +108,20 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
 
 
 def test_demo_check_mode(tmp_path) -> None:
-    before = {p.pw_name for p in pwd.getpwall()}
     demo = [sys.executable, "-m", "colab_remote", "demo", "--check", "--base-dir", str(tmp_path)]
     done = subprocess.run(demo, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     for expected in ("self-check OK", "arrived", "ssh -J", "Host colab-demo", "every check passed"):
         assert expected in done.stdout
-    assert {p.pw_name for p in pwd.getpwall()} == before  # throwaway accounts removed
+    # One ~/.ssh/config block, and the demo says what it is for.
+    assert re.findall(r"(?m)^\s*Host ", done.stdout) == ["Host "]
+    assert "VS Code Remote-SSH" in done.stdout
+    # Its throwaway accounts are gone (only those: other accounts may come and go meanwhile).
+    named = re.search(r"throwaway accounts: (\S+) (\S+)", done.stdout)
+    assert named is not None
+    names = set(named.groups())
+    assert names & {p.pw_name for p in pwd.getpwall()} == set()
     assert list(tmp_path.iterdir()) == []  # its folder removed
 
 
@@ -130,10 +136,10 @@ def test_readme_demo_command(tmp_path) -> None:
     assert "demo: every check passed" in done.stdout
 
 
-def test_demo_needs_root_message() -> None:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    done = subprocess.run([*nobody, sys.executable, "-m", "colab_remote", "demo", "--check"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "needs root" in done.stderr
+def test_demo_needs_root_message(as_nobody) -> None:
+    nobody, env = as_nobody
+    done = subprocess.run([*nobody, "-m", "colab_remote", "demo", "--check"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    assert done.returncode == 1 and "needs root" in done.stderr, done.stderr
 
 

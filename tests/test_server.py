@@ -48,10 +48,12 @@ def test_login_with_printed_password(tmp_path, make_user, free_port, capsys) -> 
     assert str(free_port) in printed and "SHA256:" in printed and "reverse_forward" in printed
     out = ssh_run(free_port, user.name, password, "id -un; echo hello", known_hosts=tmp_path / "kh")
     assert out.splitlines()[-2:] == [user.name, "hello"]
-    # The password is in no file of ours and the files that hold anything are private.
+    # The password is in no file of ours but the root-only one that keeps it for a re-run.
+    kept = tmp_path / "state" / "sshd" / "password"
     for path in (tmp_path / "state").rglob("*"):
-        if path.is_file():
+        if path.is_file() and path != kept:
             assert password not in path.read_text(errors="replace"), path
+    assert kept.read_text() == password + "\n" and _proc.is_private(kept) and kept.stat().st_uid == 0
     assert _proc.is_private(tmp_path / "state" / "sshd" / "sshd_config")
     sshd.stop()
     assert not sshd.alive
@@ -100,21 +102,28 @@ def test_environment_over_ssh_commands_and_login_shells(tmp_path, make_user, fre
     monkeypatch.setenv("TPU_NAME", "with spaces and 'quotes' $x")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("JPY_PARENT_PID", "1")
+    # What sshd_config's quoting must carry: backslashes, double quotes, '#', trailing blanks.
+    monkeypatch.setenv("TRICKY", 'a\\b \\"c\\" #d\tq\\\\  ')
+    monkeypatch.setenv("MULTILINE", "one\ntwo")  # cannot go on a config line: left out
     user = make_user()
     with start(tmp_path, user, free_port):
-        env_file = user.home / ".ssh" / "environment"
-        assert _proc.is_private(env_file) and env_file.stat().st_uid == user.uid
+        # The environment lives in sshd's own root-only config, nowhere in the user's home.
+        assert not (user.home / ".ssh" / "environment").exists()
+        config = tmp_path / "state" / "sshd" / "sshd_config"
+        assert _proc.is_private(config) and "COLAB_GPU=1" in config.read_text()
         show = 'echo "L=$LD_LIBRARY_PATH"; echo "P=$PATH"; echo "G=$COLAB_GPU"; echo "T=$TPU_NAME"; ' \
-               'echo "M=${MPLBACKEND-unset}"; echo "J=${JPY_PARENT_PID-unset}"; echo "H=$HOME"'
+               'echo "M=${MPLBACKEND-unset}"; echo "J=${JPY_PARENT_PID-unset}"; echo "H=$HOME"; ' \
+               'printf "X=%s|\\n" "$TRICKY"; echo "N=${MULTILINE-unset}"'
         want = [f"L=/usr/local/cuda/lib64:{nvidia}", f"P={os.environ['PATH']}", "G=1",
-                "T=with spaces and 'quotes' $x", "M=unset", "J=unset", f"H={user.home}"]
-        # A non-interactive command.
+                "T=with spaces and 'quotes' $x", "M=unset", "J=unset", f"H={user.home}",
+                f"X={os.environ['TRICKY']}|", "N=unset"]
+        # A non-interactive command (also how VS Code starts its server: bash -c, no login).
         out = ssh_run(free_port, user.name, user.password, show, known_hosts=tmp_path / "kh")
-        assert out.splitlines()[-7:] == want
+        assert out.splitlines()[-9:] == want
         # A login shell, which resets PATH from /etc/profile before the user's profile runs.
         out = ssh_run(free_port, user.name, user.password, f"bash -lc {_quote(show)}",
                       known_hosts=tmp_path / "kh")
-        assert out.splitlines()[-7:] == want
+        assert out.splitlines()[-9:] == want
         # An interactive login on a terminal, as a person (or VS Code's terminal) gets it.
         child = pexpect.spawn("ssh", ["-tt", "-p", str(free_port), "-o", f"UserKnownHostsFile={tmp_path}/kh",
                                       "-o", "PubkeyAuthentication=no", f"{user.name}@127.0.0.1"],
@@ -145,18 +154,81 @@ def test_second_call_replaces_the_first(tmp_path, make_user, free_port) -> None:
     second = start(tmp_path, user, free_port, password=None)
     try:
         assert not first.alive and second.alive and first.pid != second.pid
-        assert first.password != second.password  # a new password, as the recipe does
+        # The same password: saved connections keep working after a re-run of the cell.
+        assert first.password == second.password and second.password_origin == "kept"
         config = second.config_path.read_text()
         assert config.count(f"Port {free_port}") == 1
         running = [p for p in os.listdir("/proc") if p.isdigit()
                    and str(second.config_path) in " ".join(_proc.cmdline(int(p)))]
         assert running == [str(second.pid)]
-        ssh_run(free_port, user.name, second.password, "true", known_hosts=tmp_path / "kh")
+        ssh_run(free_port, user.name, first.password, "true", known_hosts=tmp_path / "kh")
+        # A password given replaces the kept one, and is the one kept from then on.
+        given = start(tmp_path, user, free_port, password="a given passphrase")
         with pytest.raises(AssertionError):
             ssh_run(free_port, user.name, first.password, "true", known_hosts=tmp_path / "kh")
+        again = start(tmp_path, user, free_port, password=None)
+        assert given.password == again.password == "a given passphrase"
+        ssh_run(free_port, user.name, again.password, "true", known_hosts=tmp_path / "kh")
     finally:
         second.stop()
+        server.load_sshd(tmp_path / "state").stop()
         second.stop()  # idempotent
+
+
+def test_password_printing(tmp_path, make_user, free_port, capsys) -> None:
+    """A generated password is printed; a kept one is shown as the same; a given one never."""
+    user = make_user()
+    kw = {"user": user.name, "state_dir": tmp_path / "state"}
+    first = start_sshd(free_port, **kw)
+    shown = capsys.readouterr().out
+    assert f"password:    {first.password}\n" in shown and "kept" not in shown.split("password:")[1][:60]
+    second = start_sshd(free_port, **kw)
+    shown = capsys.readouterr().out
+    assert second.password == first.password and "the same as before" in shown
+    given = "correct horse battery staple"
+    third = start_sshd(free_port, password=given, **kw)
+    shown = capsys.readouterr().out
+    assert given not in shown and "password:    the one you gave" in shown
+    assert given not in third._repr_html_() and "the one you gave" in third._repr_html_()
+    assert "refresh_environment()" in shown and "refresh_environment()" in third._repr_html_()
+    third.stop()
+
+
+def test_refresh_environment(tmp_path, make_user, free_port, monkeypatch) -> None:
+    """A variable set after start_sshd() reaches new sessions after refresh_environment()."""
+    user = make_user()
+    show = 'echo "V=${LATE_VARIABLE-unset}"'
+    with start(tmp_path, user, free_port) as sshd:
+        monkeypatch.setenv("LATE_VARIABLE", "set after start_sshd, with 'quotes'")
+        out = ssh_run(free_port, user.name, user.password, show, known_hosts=tmp_path / "kh")
+        assert out.splitlines()[-1] == "V=unset"  # the snapshot taken by start_sshd
+        # An open session lives on through the refresh; new ones get the new value.
+        child = pexpect.spawn("ssh", ["-p", str(free_port), "-o", f"UserKnownHostsFile={tmp_path}/kh",
+                                      "-o", "PubkeyAuthentication=no", f"{user.name}@127.0.0.1",
+                                      f"{show}; sleep 2; echo still-here"], encoding="utf-8", timeout=20)
+        child.expect("assword:")
+        child.sendline(user.password)
+        child.expect("V=unset")
+        assert colab_remote.refresh_environment(sshd, quiet=True) is sshd
+        assert sshd.alive and _proc.read_pid(sshd.run_dir / "sshd.pid") == sshd.pid
+        out = ssh_run(free_port, user.name, user.password, show, known_hosts=tmp_path / "kh")
+        assert out.splitlines()[-1] == "V=set after start_sshd, with 'quotes'"
+        out = ssh_run(free_port, user.name, user.password, f"bash -lc {_quote(show)}",
+                      known_hosts=tmp_path / "kh")
+        assert out.splitlines()[-1] == "V=set after start_sshd, with 'quotes'"
+        child.expect("still-here")
+        child.expect(pexpect.EOF)
+        child.close()
+        # From the command line (a notebook's `!colab-remote sshd --refresh-environment`).
+        done = subprocess.run([sys.executable, "-m", "colab_remote", "sshd", "--refresh-environment",
+                               "--state-dir", str(tmp_path / "state")],
+                              env={**os.environ, "LATE_VARIABLE": "from the CLI"},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "new SSH sessions get" in done.stdout, done.stderr
+        out = ssh_run(free_port, user.name, user.password, show, known_hosts=tmp_path / "kh")
+        assert out.splitlines()[-1] == "V=from the CLI"
+    with pytest.raises(SshdError, match="no running sshd"):
+        colab_remote.refresh_environment(state_dir=tmp_path / "state")
 
 
 def test_busy_port_names_the_port(tmp_path, make_user, free_port) -> None:
@@ -183,6 +255,10 @@ def test_busy_port_names_the_port(tmp_path, make_user, free_port) -> None:
         ({"password": "a:b"}, "':'"),
         ({"password": "nul\0"}, "NUL"),
         ({"password": ""}, "empty"),
+        ({"password": "elevenchars"}, "at least 12 characters"),
+        ({"environment": {"bad name": "1"}}, "not a variable name"),
+        ({"environment": {"X": 1}}, "str to str"),
+        ({"host_keys": "colab-secret:"}, "secret name"),
         ({"authorized_keys": "not a key at all"}, "not a public key"),
         ({"authorized_keys": "ssh-ed25519 !!!notbase64"}, "not a public key"),
         ({"authorized_keys": "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"}, "PRIVATE"),
@@ -297,7 +373,8 @@ def test_cli(tmp_path, make_user, free_port) -> None:
                            "--listen-address", "127.0.0.1", "--password-stdin"],
                           input=user.password + "\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert user.password in done.stdout  # the summary shows the password once, on the terminal
+    # A password the caller chose is never printed back (it may come from Colab Secrets).
+    assert user.password not in done.stdout and "password:    the one you gave" in done.stdout
     ssh_run(free_port, user.name, user.password, "true", known_hosts=tmp_path / "kh")
     stopped = subprocess.run([*cli, "sshd", "--stop", "--state-dir", state], capture_output=True, text=True,
                              timeout=30)
@@ -371,21 +448,27 @@ def test_config_text_is_ours_and_complete(tmp_path) -> None:
     text = server.sshd_config(port=2222, user="root", password_login=True, host_keys=[tmp_path / "k"],
                               pid_file=tmp_path / "pid", gateway_ports=True, listen_address=None)
     for line in ("Port 2222", "PermitRootLogin yes", "PasswordAuthentication yes",
-                 "ClientAliveInterval 30", "GatewayPorts yes", "PermitUserEnvironment yes",
+                 "ClientAliveInterval 30", "GatewayPorts yes", "PermitUserEnvironment no",
+                 "AllowAgentForwarding no", "PerSourcePenaltyExemptList 127.0.0.1/32,::1/128",
                  f"HostKey {tmp_path / 'k'}", "AllowUsers root"):
         assert line in text.splitlines()
+    assert "PerSourcePenalties no" not in text and "SetEnv" not in text
+    env = server.with_environment(text, {"A": 'x "y" \\z', "B": ""})
+    assert env.splitlines()[-1] == 'SetEnv "A=x \\"y\\" \\\\z" "B="'
+    assert server.with_environment(env, {"C": "1"}).count("SetEnv") == 1  # sshd reads only the first
 
 
-def test_install_errors_are_clear() -> None:
+def test_install_errors_are_clear(as_nobody) -> None:
     script = ("from colab_remote import _proc, InstallError\n"
               "try:\n    _proc.apt_install(['openssh-server'], progress=False)\n"
               "except InstallError as e:\n    print(e)\n")
     no_apt = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PATH": "/nonexistent"})
     assert "has no apt-get" in no_apt.stdout
-    not_root = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                               sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "needs root" in not_root.stdout and "sudo apt-get install" in not_root.stdout
+    nobody, env = as_nobody
+    not_root = subprocess.run([*nobody, "-c", script], capture_output=True, text=True, timeout=60,
+                              env=env, cwd="/")
+    assert "needs root" in not_root.stdout and "sudo apt-get install" in not_root.stdout, not_root.stderr
 
 
 def test_apt_install_runs_real_apt_get(capfd) -> None:

@@ -75,9 +75,14 @@ print("colab-remote", colab_remote.__version__)"""),
 
 Installs openssh-server if it is missing, writes its own config (the system's `/etc/ssh/sshd_config`
 is not touched), generates a strong password (or uses your public key) and prints it with the host key
-fingerprints. SSH sessions see the same environment as this notebook (`nvidia-smi`, CUDA, `PATH`).
-`HOST_KEYS_DIR` on Google Drive (e.g. `/content/drive/MyDrive/colab-ssh-keys`) keeps the same host key
-across runtimes, so your `known_hosts` stays valid."""),
+fingerprints; re-running this cell keeps the password. SSH sessions see this notebook's environment
+(`nvidia-smi`, CUDA, `PATH`) as it is now; after setting more variables, run
+`colab_remote.refresh_environment()`.
+`HOST_KEYS_DIR` keeps the same host key across runtimes, so your `known_hosts` stays valid. Best:
+`colab-secret:SSH_HOST_KEY`, a Colab secret holding a private key made once with
+`ssh-keygen -t ed25519 -N '' -f colab_host_key`. A folder on Google Drive (e.g.
+`/content/drive/MyDrive/colab-ssh-keys`) works too, but holds the private keys in plain text: anyone
+who can read that folder can pose as this runtime."""),
     new_code_cell("""from colab_remote import start_sshd
 
 sshd = start_sshd(
