@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colab_remote import _proc  # noqa: E402
+from colab_remote import _net, _proc  # noqa: E402
 from colab_remote.mirror import Mirror, mirror  # noqa: E402
 
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x08, 0x80, 0x100
@@ -86,7 +86,7 @@ class Server:
         subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}\n", text=True, check=True)
         pw = pwd.getpwnam(self.name)
         self.home, self.uid, self.gid = Path(pw.pw_dir), pw.pw_uid, pw.pw_gid
-        self.port = _proc.free_port()
+        self.port = _net.free_port()
         self.key = base / "client_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
         ssh_dir = self.home / ".ssh"
@@ -110,7 +110,7 @@ class Server:
         self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "ab"),
                                      start_new_session=True)
-        if not _proc.wait_until(lambda: _proc.ssh_banner("127.0.0.1", self.port) is not None, 10):
+        if not _proc.wait_until(lambda: _net.ssh_banner("127.0.0.1", self.port) is not None, 10):
             raise RuntimeError("sshd did not start")
         self.known_hosts = base / "known_hosts"
         self.ctl = base / "cm"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colab_remote import _proc, _ssh, start_sshd  # noqa: E402
+from colab_remote import _net, _proc, _ssh, start_sshd  # noqa: E402
 from colab_remote.reverse import Tunnel, reverse_forward  # noqa: E402
 from tests.conftest import ServerSshd, User  # noqa: E402
 from tests.reverse_helpers import Connector, Relay, listener_pids, wait_forward  # noqa: E402
@@ -181,11 +181,11 @@ def main() -> None:
         key = tmp / "key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         server_user.write(".ssh/authorized_keys", (tmp / "key.pub").read_text(), 0o600)
-        server = ServerSshd(tmp / "server", _proc.free_port(), server_user,
+        server = ServerSshd(tmp / "server", _net.free_port(), server_user,
                             extra=["ClientAliveInterval 5", "ClientAliveCountMax 3"]).start()
         cleanup.append(server.stop)
         state = tmp / "state"
-        runtime = start_sshd(_proc.free_port(), user=login_user.name, password=login_user.password,
+        runtime = start_sshd(_net.free_port(), user=login_user.name, password=login_user.password,
                              authorized_keys=tmp / "key.pub", state_dir=state,
                              listen_address="127.0.0.1", quiet=True)
         cleanup.append(runtime.stop)
@@ -213,14 +213,14 @@ def main() -> None:
 
         # --- 1: the tunnel's ssh killed --------------------------------------------------------
         print("1: killing the tunnel's ssh ...", flush=True)
-        tunnel = ours(server.port, _proc.free_port())
+        tunnel = ours(server.port, _net.free_port())
         r1: list[float | None] = []
         for i in range(args.rounds):
             standby(tunnel)
             sig = signal.SIGTERM if i % 2 == 0 else signal.SIGKILL
             r1.append(kill_ssh_round(lambda: tunnel.ssh_pid, tunnel.remote_port, sig, 10))
         results["ours"]["1 ssh killed (TERM/KILL)"] = r1
-        auto = Autossh(tmp, dest, server.port, _proc.free_port(), runtime.port, options).start()
+        auto = Autossh(tmp, dest, server.port, _net.free_port(), runtime.port, options).start()
         cleanup.append(auto.stop)
         a1: list[float | None] = []
         for _ in range(args.rounds):
@@ -346,7 +346,7 @@ def main() -> None:
         print("3: silent link breaks ...", flush=True)
         relay = Relay(server.port)
         cleanup.append(relay.close)
-        tunnel = ours(relay.port, _proc.free_port())
+        tunnel = ours(relay.port, _net.free_port())
         s_ours: dict[bool, list[float | None]] = {False: [], True: []}
         s_auto: dict[bool, list[float | None]] = {False: [], True: []}
         for i in range(args.rounds):
@@ -356,7 +356,7 @@ def main() -> None:
             standby(tunnel)
             ports = [tunnel.remote_port]
             if autossh_too:  # a fresh port: the server may still hold the last round's
-                auto = Autossh(tmp, dest, relay.port, _proc.free_port(), runtime.port, options)
+                auto = Autossh(tmp, dest, relay.port, _net.free_port(), runtime.port, options)
                 auto.start()
                 cleanup.append(auto.stop)
                 ports.append(auto.remote_port)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from colab_remote import _proc, start_sshd
+from colab_remote import _net, start_sshd
 
 
 def main() -> None:
@@ -30,14 +30,14 @@ def main() -> None:
     repeat: list[float] = []
     try:
         with tempfile.TemporaryDirectory(prefix="colab-remote-bench-") as tmp:
-            port = _proc.free_port()
+            port = _net.free_port()
             for i in range(args.runs):
                 state = Path(tmp) / f"fresh{i}"
                 t0 = time.perf_counter()
                 sshd = start_sshd(port, user=user, password=password, state_dir=state,
                                   listen_address="127.0.0.1", quiet=True)
                 first.append(time.perf_counter() - t0)
-                assert _proc.ssh_banner("127.0.0.1", port) is not None
+                assert _net.ssh_banner("127.0.0.1", port) is not None
                 sshd.stop()
             state = Path(tmp) / "fresh0"
             for _ in range(args.runs):
@@ -45,7 +45,7 @@ def main() -> None:
                 sshd = start_sshd(port, user=user, password=password, state_dir=state,
                                   listen_address="127.0.0.1", quiet=True)
                 repeat.append(time.perf_counter() - t0)
-                assert _proc.ssh_banner("127.0.0.1", port) is not None
+                assert _net.ssh_banner("127.0.0.1", port) is not None
             sshd.stop()
     finally:
         subprocess.run(["userdel", "--remove", "--force", user], capture_output=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _agent, _proc, _ssh
+from . import _agent, _net, _proc, _ssh
 from ._master import LoginFailed, Master
 from .errors import AuthenticationError, ColabRemoteError
 
@@ -196,11 +196,11 @@ class _Session:
         return self.error(f"could not log in to {target}: {e.message}", log_tail=tail,
                           fix="check the host name, the port and that the server's sshd runs")
 
-    def run(self, command: str, data: bytes, timeout: float) -> tuple[int, str]:
+    def run(self, command: str, data: bytes, timeout: float) -> _proc.Result:
         """Run ``command`` (text for the account's shell) with ``data`` on stdin."""
         assert self.master is not None
-        return _proc.run_bytes(self.master.mux(command, options=["-o", "ControlMaster=no"]), data,
-                               timeout=timeout)
+        return _proc.run(self.master.mux(command, options=["-o", "ControlMaster=no"]), input=data,
+                         timeout=timeout, check=False)
 
     def __exit__(self, *exc: object) -> None:
         if self.master is not None:
@@ -213,7 +213,7 @@ def _check_server(login: Login, restricted: bool, error: type[ColabRemoteError])
     """Restricted keys need OpenSSH >= 7.8 on the server: say so before logging in."""
     if not restricted:
         return
-    banner = _proc.ssh_banner(login.dest.host, login.port, timeout=5)
+    banner = _net.ssh_banner(login.dest.host, login.port, timeout=5)
     if banner is None:
         return  # the login says why
     found = _OPENSSH.match(banner)
@@ -231,7 +231,7 @@ def _setup_command(source: bytes) -> str:
             f"{shlex.quote(boot)} setup; fi; echo CRA-NOPYTHON; exit 97")
 
 
-Runner = Callable[[str, bytes, float], tuple[int, str]]  # (command, stdin, timeout) -> (rc, output)
+Runner = Callable[[str, bytes, float], "_proc.Result"]  # (command, stdin, timeout) -> what it did
 
 
 def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str | None,
@@ -267,11 +267,11 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
     with contextlib.ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(_Session(login, password, error, timeout)).run
-        rc, output = runner(_setup_command(source), source + json.dumps(request).encode(), timeout)
-        if "CRA-NOPYTHON" in output and not restricted:
+        done = runner(_setup_command(source), source + json.dumps(request).encode(), timeout)
+        if "CRA-NOPYTHON" in done.stdout and not restricted:
             log.warning("%s has no python3: the mirror copies with rsync alone", login.dest.host)
             return Grant(key=None, key_id=kid, agent=False)
-        reply = _reply(output, rc, login, error)
+        reply = _reply(done, login, error)
         found = reply["keys"][0]
         result = Grant(key=key, key_id=kid, port=found.get("port"), dest=found.get("dest"),
                        command=tuple(found.get("command", ())), expires=found.get("expires"))
@@ -284,20 +284,20 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
     return result
 
 
-def _reply(output: str, rc: int, login: Login, error: type[ColabRemoteError]) -> dict[str, Any]:
-    if "CRA-NOPYTHON" in output:
+def _reply(done: _proc.Result, login: Login, error: type[ColabRemoteError]) -> dict[str, Any]:
+    if "CRA-NOPYTHON" in done.stdout:
         raise error(f"{login.dest.host} has no python3: the server half of colab-remote needs it",
                     fix="install it on the server (apt-get install python3); or pass "
                         "restricted=False (then the tunnel needs nothing and the mirror copies "
                         "with rsync, with your whole account in the runtime's hands)")
-    for line in output.splitlines():
+    for line in done.stdout.splitlines():
         if line.startswith("CRA-SETUP "):
             reply: dict[str, Any] = json.loads(line[len("CRA-SETUP "):])
             if not reply.get("ok"):
                 raise error(f"setting up {login.dest.host} failed: {reply.get('error')}",
                             fix="fix what it says on the server and try again")
             return reply
-    raise error(f"setting up {login.dest.host} failed (exit {rc})", log_tail=output,
+    raise error(f"setting up {login.dest.host} failed (exit {done.returncode})", log_tail=done.tail,
                 fix="read the output above; the server's shell start-up files must not print")
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from . import _proc
+from . import _net, _proc
 from .errors import ColabRemoteError, InstallError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -155,12 +155,12 @@ def _run(signals: _Signals, *, check: bool, timeout: float | None, base_dir: str
 
         _step("1. the runtime's SSH server: start_sshd()")
         _make_account(runtime_user, made_users)
-        sshd = start_sshd(_proc.free_port(), user=runtime_user, state_dir=runtime_state,
+        sshd = start_sshd(_net.free_port(), user=runtime_user, state_dir=runtime_state,
                           environment=MINIMAL_ENVIRONMENT)
 
         _step("2. a stand-in for your server: another sshd on 127.0.0.1 with a throwaway account")
         _make_account(server_user, made_users)
-        server = start_sshd(_proc.free_port(), user=server_user, state_dir=server_state,
+        server = start_sshd(_net.free_port(), user=server_user, state_dir=server_state,
                             environment=MINIMAL_ENVIRONMENT, quiet=True)
         server_port = server.port
         server_password = server.password
@@ -169,7 +169,7 @@ def _run(signals: _Signals, *, check: bool, timeout: float | None, base_dir: str
 
         _step("3. the reverse tunnel: reverse_forward()")
         tunnel = reverse_forward(f"{server_user}@127.0.0.1", port=server_port,
-                                 password=server_password, remote_port=_proc.free_port(),
+                                 password=server_password, remote_port=_net.free_port(),
                                  state_dir=runtime_state, quiet=True)
         _say(f"tunnel up: {tunnel!r}")
 

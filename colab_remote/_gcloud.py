@@ -254,14 +254,13 @@ class SetupRunner:
                                ssh_flags=flags, command=["-T", command])
 
     def prepare(self) -> None:
-        rc, output = _proc.run_bytes(self._argv("true"), b"", timeout=self.timeout)
-        if rc != 0:
-            raise GcloudError(f"gcloud compute ssh {self.dest.target} failed (exit {rc})",
-                              log_tail=output,
-                              fix=f"{_LOGIN_FIX}; check the instance, zone, project and its firewall")
+        _proc.run(self._argv("true"), timeout=self.timeout, error=GcloudError,
+                  what=f"gcloud compute ssh {self.dest.target} failed",
+                  fix=f"{_LOGIN_FIX}; check the instance, zone, project and its firewall")
 
-    def __call__(self, command: str, data: bytes, timeout: float) -> tuple[int, str]:
-        return _proc.run_bytes(self._argv(command), data, timeout=max(timeout, self.timeout))
+    def __call__(self, command: str, data: bytes, timeout: float) -> _proc.Result:
+        return _proc.run(self._argv(command), input=data, timeout=max(timeout, self.timeout),
+                         check=False)
 
 
 # --- gcloud config set -------------------------------------------------------------------------

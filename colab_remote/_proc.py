@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,57 +116,143 @@ def apt_install(packages: Sequence[str], *, timeout: float = 900, progress: bool
 
 def _run_with_status(argv: list[str], out: Any, env: Mapping[str, str], deadline: float,
                      label: str, progress: bool) -> int:
-    """Run apt-get, turning its ``pmstatus``/``dlstatus`` lines into a tqdm bar."""
+    """Run apt-get, its output into ``out``, its ``pmstatus``/``dlstatus`` lines into a tqdm bar."""
     bar = None
     if progress:
         with contextlib.suppress(ImportError):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=100, desc=label, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=dict(env), text=True)
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
-    timer.start()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
+    partial = [b""]
+
+    def on_output(chunk: bytes) -> None:
+        *lines, partial[0] = (partial[0] + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            out.write(line + "\n")
             fields = line.split(":", 3)
             if bar is not None and len(fields) == 4 and fields[0] in ("pmstatus", "dlstatus"):
                 with contextlib.suppress(ValueError):
                     bar.n = float(fields[2])
                     bar.set_postfix_str(fields[3].strip()[:40], refresh=True)
-        rc = proc.wait()
+
+    try:
+        done = run(argv, timeout=max(0.0, deadline - time.monotonic()), check=False, env=env,
+                   merge=True, on_output=on_output)
+        out.write(partial[0].decode(errors="replace"))
     finally:
-        timer.cancel()
         if bar is not None:
             bar.close()
-    return rc
+    return done.returncode
 
 
 # --- short-lived commands ----------------------------------------------------------------------
 
 
-def run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30,
+@dataclass(frozen=True)
+class Result:
+    """What a short command did: the exit status (-9 when it was killed at its timeout, -1 when it
+    could not start), what it printed, and whether time ran out."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def tail(self) -> str:
+        """The last lines of everything it printed."""
+        return last_lines((self.stdout + self.stderr).strip())
+
+
+def run(argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30,
         error: type[ColabRemoteError] = ColabRemoteError, what: str = "", fix: str = "",
-        check: bool = True, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        check: bool = True, env: Mapping[str, str] | None = None,
+        on_output: Callable[[bytes], None] | None = None, merge: bool = False) -> Result:
     """Run a short command; a secret goes in ``input`` (stdin), never in ``argv``.
 
-    A non-zero exit (with ``check``) or a timeout raises ``error`` with the command's output tail.
+    ``on_output`` gets its stdout as it comes (and ``b""`` every 0.2 s while it is silent); with
+    ``merge`` stderr goes there too. With ``check``, a non-zero exit or the timeout raises ``error``
+    with the command's output tail; without, the :class:`Result` says so (-9 after ``timeout``).
     """
     label = what or f"{os.path.basename(argv[0])} failed"
     try:
-        done = subprocess.run(list(argv), input=input, capture_output=True, text=True,
-                              timeout=timeout, env=dict(env) if env is not None else None)
-    except subprocess.TimeoutExpired as e:
-        output = (_text(e.stdout) + _text(e.stderr)).strip()
-        raise error(f"{label}: no answer within {timeout:g} s", log_tail=_last(output), fix=fix) from e
+        done = _run(argv, input, timeout, env, on_output, merge)
     except OSError as e:
-        raise error(f"{label}: {e}", fix=fix) from e
+        if check:
+            raise error(f"{label}: {e}", fix=fix) from e
+        return Result(-1, "", str(e))
+    if check and done.timed_out:
+        raise error(f"{label}: no answer within {timeout:g} s", log_tail=done.tail, fix=fix)
     if check and done.returncode != 0:
-        output = (done.stdout + done.stderr).strip()
-        raise error(f"{label} (exit {done.returncode})", log_tail=_last(output), fix=fix)
+        raise error(f"{label} (exit {done.returncode})", log_tail=done.tail, fix=fix)
     return done
+
+
+def _run(argv: Sequence[str], data: str | bytes | None, timeout: float,
+         env: Mapping[str, str] | None, on_output: Callable[[bytes], None] | None,
+         merge: bool) -> Result:
+    """One way to run a command with a deadline: stdin fed by a thread, stdout and stderr read in
+    one select loop (never an unread pipe), killed when the deadline passes."""
+    import select
+
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                            env=dict(env) if env is not None else None)
+    feeder = None
+    if data:
+        payload = data.encode() if isinstance(data, str) else data
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):  # it may exit before reading everything
+                proc.stdin.write(payload)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+    out, err = bytearray(), bytearray()
+    streams = {proc.stdout.fileno(): out} if proc.stdout is not None else {}
+    if proc.stderr is not None:
+        streams[proc.stderr.fileno()] = err
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        while streams:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select(list(streams), [], [], min(0.2, left))
+            if not ready and on_output is not None:
+                on_output(b"")
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del streams[fd]
+                    continue
+                streams[fd].extend(chunk)
+                if on_output is not None and streams[fd] is out:
+                    on_output(chunk)
+                    del out[:-(1 << 20)]  # what was shown as it came: keep only its end
+        if not timed_out:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if feeder is not None:
+            feeder.join(5)
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    return Result(-9 if timed_out else proc.returncode, out.decode(errors="replace"),
+                  err.decode(errors="replace"), timed_out)
 
 
 def _text(data: bytes | str | None) -> str:
@@ -175,7 +261,7 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-def _last(text: str, lines: int = 15) -> str:
+def last_lines(text: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
@@ -185,7 +271,7 @@ def tail(path: str | os.PathLike[str], lines: int = 15) -> str:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
-            return _last(f.read().decode(errors="replace"), lines)
+            return last_lines(f.read().decode(errors="replace"), lines)
     except OSError:
         return ""
 
@@ -419,54 +505,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-# --- ports -------------------------------------------------------------------------------------
 
 
-def ssh_banner(host: str, port: int, timeout: float = 1.0) -> str | None:
-    """The SSH identification line a server at host:port sends, or None."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            data = b""
-            while b"\n" not in data and len(data) < 512:
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
-    return line if line.startswith("SSH-") else None
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """True when another program already listens on host:port (we cannot bind it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            return e.errno in (errno.EADDRINUSE, errno.EACCES)
-    return False
-
-
-def can_bind(host: str) -> bool:
-    """True when this machine has ``host`` to listen on (False for ::1 without IPv6)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> None:
@@ -562,11 +604,12 @@ def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subpr
                             env=dict(env) if env is not None else None)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 0) -> tuple[int, str, str] | None:
-    """``(returncode, stdout, stderr)`` of a :func:`start`-ed command, or None while it runs.
+def finish(proc: subprocess.Popen[str], timeout: float = 0) -> Result | None:
+    """What a :func:`start`-ed command did, or None while it runs.
 
-    With ``timeout`` it waits that long, then kills the command and reports it as failed (-9).
+    With ``timeout`` it waits that long, then kills the command (``Result.timed_out``).
     """
+    timed_out = False
     if proc.poll() is None:
         if timeout <= 0:
             return None
@@ -574,8 +617,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 0) -> tuple[int, str, s
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+            timed_out = True
     out, err = proc.communicate()
-    return proc.returncode, out, err
+    return Result(-9 if timed_out else proc.returncode, out, err, timed_out)
 
 
 def send_signal(pid: int, sig: int) -> bool:
@@ -587,17 +631,6 @@ def send_signal(pid: int, sig: int) -> bool:
     return True
 
 
-def tcp_answers(addresses: Sequence[tuple[int, int, int, str, Any]], timeout: float = 0.25) -> bool:
-    """True when a TCP connect to any of ``addresses`` (from getaddrinfo) succeeds within timeout."""
-    for family, kind, proto, _, sockaddr in addresses:
-        with socket.socket(family, kind, proto) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect(sockaddr)
-                return True
-            except OSError:
-                continue
-    return False
 
 
 # --- the mirror's channels ---------------------------------------------------------------------
@@ -637,126 +670,28 @@ def end_pipes(proc: subprocess.Popen[bytes] | None, timeout: float = 2) -> None:
             proc.wait(timeout)
 
 
-def run_bytes(argv: Sequence[str], data: bytes, *, timeout: float) -> tuple[int, str]:
-    """Run ``argv`` with ``data`` on stdin; ``(exit code, output tail)``; -9 after ``timeout``."""
-    try:
-        done = subprocess.run(list(argv), input=data, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        return -9, _last(_text(e.stdout) + _text(e.stderr))
-    except OSError as e:
-        return -1, str(e)
-    return done.returncode, _last((done.stdout + done.stderr).decode(errors="replace"))
-
-
-def run_bytes_watched(argv: Sequence[str], data: bytes, *, timeout: float,
-                      on_output: Callable[[bytes], None], tick: float = 0.2) -> tuple[int, str]:
-    """:func:`run_bytes`, but its stdout goes to ``on_output`` as it comes (rsync's progress).
-
-    ``on_output`` also gets ``b""`` every ``tick`` seconds while the command is silent. Returns
-    ``(exit code, stderr tail)``; -9 after ``timeout``. An exception in ``on_output`` kills it.
-    """
-    import select
-
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if data else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as e:
-        return -1, str(e)
-    err = bytearray()
-
-    def feed() -> None:
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # it may exit before reading everything
-            proc.stdin.write(data)
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-
-    def drain() -> None:
-        stream = proc.stderr
-        assert stream is not None
-        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-            err.extend(chunk)
-            del err[:-65536]
-
-    helpers = [threading.Thread(target=drain, daemon=True)]
-    if data:
-        helpers.append(threading.Thread(target=feed, daemon=True))
-    for t in helpers:
-        t.start()
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    killed = False
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                killed = True
-                break
-            ready, _, _ = select.select([fd], [], [], min(tick, left))
-            chunk = os.read(fd, 65536) if ready else b""
-            if ready and not chunk:
-                break
-            on_output(chunk)
-        if not killed:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                killed = True
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for t in helpers:
-            t.join(5)
-        proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
-    return (-9 if killed else proc.returncode), _last(err.decode(errors="replace"))
-
-
-def run_streamed(argv: Sequence[str], *, timeout: float, out: Any = None) -> tuple[int, str]:
-    """Run ``argv`` printing its output line by line as it comes; ``(exit code, output tail)``.
-
-    After ``timeout`` seconds it is killed (exit -9).
-    """
-    out = out or sys.stdout
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            out.write(line)
-            out.flush()
-            lines = [*lines[-30:], line]
-        rc = proc.wait()
-    finally:
-        timer.cancel()
-    return rc, "".join(lines[-15:])
-
-
-def converse(argv: Sequence[str], answers: Sequence[str], *, timeout: float) -> tuple[int | None, str]:
+def converse(argv: Sequence[str], answers: Sequence[str], *, timeout: float) -> Result:
     """Run ``argv`` on a terminal, typing ``answers`` in turn at each password prompt.
 
-    Returns ``(exit status, output)``; a prompt with no answer left, a passphrase prompt or the
-    timeout ends the program (exit status None).
+    A prompt with no answer left, a passphrase prompt or the timeout ends the program (returncode
+    -1). Its output (one stream: a terminal) is ``stdout``.
     """
     import pexpect
 
     child = spawn_pty(argv)
     left = list(answers)
+    timed_out = False
     try:
         while True:
             i = child.expect(["assword:", "passphrase", pexpect.EOF, pexpect.TIMEOUT], timeout=timeout)
             if i == 0 and left:
                 child.sendline(left.pop(0))
                 continue
+            timed_out = i == 3
             break
     finally:
         output = child.before if isinstance(child.before, str) else ""
         end_pty(child)
-    return child.exitstatus, output.replace("\r\n", "\n").strip()
+    status = child.exitstatus
+    return Result(-1 if status is None else status, output.replace("\r\n", "\n").strip(), "",
+                  timed_out)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import _proc
+from . import _net, _proc
 from .errors import SshdError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def listen_addresses(listen_address: str | None) -> list[str]:
     ::1 is left out on a machine where it cannot be bound (no IPv6). ``"0.0.0.0"`` takes the place
     of 127.0.0.1 and ``"::"`` that of ::1 (sshd binds IPv6 sockets v6-only).
     """
-    loopback = ["127.0.0.1", *(["::1"] if _proc.can_bind("::1") else [])]
+    loopback = ["127.0.0.1", *(["::1"] if _net.can_bind("::1") else [])]
     if listen_address == "0.0.0.0":
         return ["0.0.0.0", *loopback[1:]]
     if listen_address == "::":

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _proc, _ssh
+from . import _net, _proc, _ssh
 from ._daemon import Backoff, Config, State, StatusFile
 from ._master import Master
 
@@ -238,7 +238,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self.addresses = socket.getaddrinfo(self.config.probe_host or self.dest.host,
                                                     self.config.port, type=socket.SOCK_STREAM)
-        if self.addresses and _proc.tcp_answers(self.addresses, timeout=0.25):
+        if self.addresses and _net.tcp_answers(self.addresses, timeout=0.25):
             log.info("the server answers on port %s again", self.config.port)
             self.server_down = False
             return True
@@ -319,13 +319,13 @@ class Supervisor:
                     done = _proc.finish(conn.pid_query, timeout=0.1)
                 if done is not None:
                     conn.pid_query = None
-                    found = _SESSION.search(done[1])
+                    found = _SESSION.search(done.stdout)
                     if found:
                         conn.session_pid = int(found.group(1))
                         log.info("[ssh %d] server session pid %d", conn.number, conn.session_pid)
                     else:
                         log.info("[ssh %d] no session pid (%s)", conn.number,
-                                 (done[2] or done[1]).strip()[-200:])
+                                 (done.stderr or done.stdout).strip()[-200:])
 
     def _keep_standby(self) -> None:
         if not self.config.reconnect and self.up_once:
@@ -345,7 +345,7 @@ class Supervisor:
 
     # --- the forward ---------------------------------------------------------------------------
 
-    def _mux(self, conn: Conn, *args: str, timeout: float = 5) -> tuple[int, str, str]:
+    def _mux(self, conn: Conn, *args: str, timeout: float = 5) -> _proc.Result:
         done = _proc.finish(_proc.start(conn.master.mux(*args), env=self.env), timeout=timeout)
         assert done is not None
         return done
@@ -355,10 +355,10 @@ class Supervisor:
         deadline = time.monotonic() + FORWARD_RETRY
         reclaimed = False
         while True:
-            rc, out, err = self._mux(conn, "-O", "forward", "-R", spec)
-            if rc == 0:
+            done = self._mux(conn, "-O", "forward", "-R", spec)
+            if done.returncode == 0:
                 break
-            text = (err or out).strip()
+            text = (done.stderr or done.stdout).strip()
             if "forward" not in text or not conn.master.alive:
                 log.warning("[ssh %d] could not add the forward: %s", conn.number, text)
                 return  # the master is gone: _reap deals with it
@@ -376,7 +376,7 @@ class Supervisor:
                 return
             time.sleep(0.005)
         if self.remote_port == 0:
-            found = _ALLOCATED.search(out)
+            found = _ALLOCATED.search(done.stdout)
             if found:
                 self.remote_port = int(found.group(1))
                 log.info("the server allocated port %d", self.remote_port)
@@ -399,10 +399,11 @@ class Supervisor:
     def _reclaim(self, conn: Conn) -> None:
         """End our own dead sessions that the server still keeps (they hold the port)."""
         log.info("[ssh %d] reclaiming the port from our dead sessions %s", conn.number, self.orphans)
-        rc, out, err = self._mux(conn, _ssh.reclaim_command(self.orphans, self.config.restricted),
-                                 timeout=QUERY_TIMEOUT)
-        if rc != 0:
-            log.warning("[ssh %d] reclaim failed (exit %d): %s", conn.number, rc, (err or out).strip())
+        done = self._mux(conn, _ssh.reclaim_command(self.orphans, self.config.restricted),
+                         timeout=QUERY_TIMEOUT)
+        if done.returncode != 0:
+            log.warning("[ssh %d] reclaim failed (exit %d): %s", conn.number, done.returncode,
+                        (done.stderr or done.stdout).strip())
 
     # --- status --------------------------------------------------------------------------------
 

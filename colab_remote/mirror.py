@@ -14,6 +14,7 @@ process.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -594,9 +595,17 @@ def _push_over(link: Link, local_dir: str, dest: _ssh.Destination, exclude: list
     if setup is None:
         return 0
     remote = _sync.remote_path(dest.path)
-    rc, output = _proc.run_streamed(link.mux(f"cd -- {shlex.quote(remote)} && {setup}"),
-                                    timeout=timeout)
-    if rc != 0:
-        raise MirrorError(f"the set-up command failed (exit {rc}): {setup}", log_tail=output,
-                          fix="fix the command or the project and push again")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def echo(chunk: bytes) -> None:  # the set-up command's output, shown as it comes
+        if chunk:
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+
+    done = _proc.run(link.mux(f"cd -- {shlex.quote(remote)} && {setup}"), timeout=timeout,
+                     check=False, merge=True, on_output=echo)
+    if done.returncode != 0:
+        raise MirrorError(f"the set-up command failed (exit {done.returncode}): {setup}",
+                          log_tail=done.tail, fix="fix the command or the project and push again")
     return 0
+

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _home, _host_keys, _html, _proc, _ssh
+from . import _home, _host_keys, _html, _net, _proc, _ssh
 from ._daemon import State
 from ._home import PROFILE_BEGIN, PROFILE_END  # noqa: F401  (re-exported)
 from ._sshd_config import (
@@ -340,7 +340,7 @@ def start_sshd(
     _proc.stop(previous, marker=str(config_path))
     addresses = listen_addresses(listen_address)
     for address in addresses:
-        if _proc.port_in_use(address, port):
+        if _net.port_in_use(address, port):
             raise SshdError(f"port {port} is already in use by another program{_who_listens(port)}",
                             fix=f"stop that program, or pick another port: start_sshd(port={port + 1})")
 
@@ -376,7 +376,7 @@ def start_sshd(
                                name="sshd")
     answer_at = banner_host(addresses)
     up = _proc.wait_until(lambda: not _proc.pid_alive(pid) or
-                          _proc.ssh_banner(answer_at, port, 0.5) is not None, timeout=10)
+                          _net.ssh_banner(answer_at, port, 0.5) is not None, timeout=10)
     if not up or not _proc.pid_alive(pid):
         _proc.stop(pid, marker=str(config_path))
         raise SshdError(f"sshd did not answer on port {port}",
@@ -448,12 +448,12 @@ def refresh_environment(sshd: Sshd | None = None, *, state_dir: str | os.PathLik
         with contextlib.suppress(OSError), handle.log_path.open("rb") as f:
             f.seek(log_size)
             if b"Server listening on" in f.read():
-                return _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
+                return _net.ssh_banner(banner_host(handle.listen_addresses), handle.port,
                                         0.5) is not None
         return not _proc.pid_alive(handle.pid)
 
     _proc.wait_until(listening_again, timeout=10)
-    if not handle.alive or _proc.ssh_banner(banner_host(handle.listen_addresses), handle.port,
+    if not handle.alive or _net.ssh_banner(banner_host(handle.listen_addresses), handle.port,
                                             1) is None:
         raise SshdError("sshd did not come back after reading its new config",
                         log_tail=_proc.tail(handle.log_path),

@@ -263,12 +263,12 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
             server_password = None
         answers = [p for p in (server_password, password) if p is not None]
         try:
-            code, output = _proc.converse(argv, answers, timeout=timeout)
+            done = _proc.converse(argv, answers, timeout=timeout)
         finally:
             if one_off is not None:
                 _forget_one_off_key(sshd, one_off)
-        ok = code == 0
-    result = CheckResult(ok, command, output, tunnel.connection_string)
+        ok = done.returncode == 0
+    result = CheckResult(ok, command, done.stdout, tunnel.connection_string)
     if not quiet:
         announce(result)
     return result

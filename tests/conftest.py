@@ -18,7 +18,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import _proc
+from colab_remote import _net, _proc
 
 SSHD = _proc.find_program("sshd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates users, runs sshd)")
@@ -57,7 +57,7 @@ def no_leftovers(tmp_path: Path) -> Iterator[None]:
 
 @pytest.fixture
 def free_port() -> int:
-    return _proc.free_port()
+    return _net.free_port()
 
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -194,7 +194,7 @@ class ServerSshd:
             self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
                                          stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-        if not _proc.wait_until(lambda: _proc.ssh_banner("127.0.0.1", self.port, 0.5) is not None, 10):
+        if not _proc.wait_until(lambda: _net.ssh_banner("127.0.0.1", self.port, 0.5) is not None, 10):
             self.stop()
             raise RuntimeError("server sshd did not start:\n" + _proc.tail(self.log))
         return self
@@ -221,7 +221,7 @@ class ServerSshd:
 @pytest.fixture
 def server(tmp_path: Path, make_user) -> Iterator[ServerSshd]:
     """A running "server" sshd on 127.0.0.1 at a free port with a throwaway user."""
-    srv = ServerSshd(tmp_path / "server", _proc.free_port(), make_user())
+    srv = ServerSshd(tmp_path / "server", _net.free_port(), make_user())
     srv.start()
     yield srv
     srv.stop()

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 
-from colab_remote import _proc
+from colab_remote import _net
 
 
 class Relay:
@@ -115,7 +115,7 @@ class Connector:
 
 def forward_answers(port: int, timeout: float = 0.5) -> bool:
     """True when 127.0.0.1:port (the forwarded port) answers with an SSH banner."""
-    return _proc.ssh_banner("127.0.0.1", port, timeout) is not None
+    return _net.ssh_banner("127.0.0.1", port, timeout) is not None
 
 
 def wait_forward(port: int, timeout: float, interval: float = 0.001,

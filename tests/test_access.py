@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import colab_remote
-from colab_remote import _access, _agent, _proc
+from colab_remote import _access, _agent, _net, _proc
 from colab_remote.errors import MirrorError, TunnelError
 from colab_remote.mirror import mirror
 from colab_remote.reverse import reverse_forward
@@ -42,7 +42,7 @@ def start_both(tmp_path: Path, server: ServerSshd, state: Path | None = None, **
     local.mkdir(parents=True, exist_ok=True)
     (local / "a.txt").write_text("a")
     tunnel = reverse_forward(f"{server.user.name}@127.0.0.1", port=server.port,
-                             password=server.user.password, remote_port=_proc.free_port(),
+                             password=server.user.password, remote_port=_net.free_port(),
                              local_port=server.port, state_dir=state, quiet=True, **kw)
     m = mirror(local, f"{server.user.name}@127.0.0.1:backup/project", port=server.port,
                password=server.user.password, state_dir=state, quiet=True, **kw)
@@ -100,7 +100,7 @@ def temp_folders(*handles) -> list[Path]:
     tests may run beside this one on the same machine."""
     found = []
     for h in handles:
-        folder = h.config.get("control_dir") if hasattr(h, "config") else h._info().get("sock_dir")
+        folder = h.config.get("control_dir") or h.config.get("sock_dir")
         if folder and Path(folder).is_dir():
             found.append(Path(folder))
     return found
@@ -154,7 +154,7 @@ def test_a_runtime_taken_over_gets_no_shell_and_no_other_port(tmp_path: Path, se
         outside_before = snapshot(home, dest)
         keys = private_keys(state, *temp_folders(tunnel, m))
         assert len(keys) == 2  # one per purpose; nothing else the runtime could use
-        other_port = _proc.free_port()
+        other_port = _net.free_port()
 
         for key in keys:
             tag = key.name
@@ -238,12 +238,12 @@ def test_a_runtime_taken_over_gets_no_shell_and_no_other_port(tmp_path: Path, se
 
 def socks_connect_works(key: Path, server: ServerSshd, state: Path, port: int) -> bool:
     """``ssh -D``, then a SOCKS5 connect to 127.0.0.1:port through it: did it go through?"""
-    local = _proc.free_port()
+    local = _net.free_port()
     proc = subprocess.Popen(["ssh", *key_options(key, state), "-p", str(server.port),
                              "-N", "-D", f"127.0.0.1:{local}", target(server)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        if not _proc.wait_until(lambda: _proc.port_in_use("127.0.0.1", local) or proc.poll() is not None, 10):
+        if not _proc.wait_until(lambda: _net.port_in_use("127.0.0.1", local) or proc.poll() is not None, 10):
             return False
         if proc.poll() is not None:
             return False
@@ -389,7 +389,7 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
         if found:
             (bin_dir / tool).symlink_to(found)
     os.chmod(tmp_path, 0o755)
-    srv = ServerSshd(tmp_path / "server", _proc.free_port(), make_user(),
+    srv = ServerSshd(tmp_path / "server", _net.free_port(), make_user(),
                      extra=[f"SetEnv PATH={bin_dir}"]).start()
     try:
         local = tmp_path / "project"
@@ -399,7 +399,7 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
                    password=srv.user.password, state_dir=tmp_path / "state", quiet=True)
         with pytest.raises(TunnelError, match="has no python3"):
             reverse_forward(f"{srv.user.name}@127.0.0.1", port=srv.port, password=srv.user.password,
-                            remote_port=_proc.free_port(), local_port=srv.port,
+                            remote_port=_net.free_port(), local_port=srv.port,
                             state_dir=tmp_path / "state", quiet=True)
     finally:
         srv.stop()
@@ -421,7 +421,7 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
 
         threading.Thread(target=banner, daemon=True).start()
         with pytest.raises(TunnelError, match="OpenSSH 7.8") as caught:
-            reverse_forward("bob@127.0.0.1", port=port, password="x" * 12, remote_port=_proc.free_port(),
+            reverse_forward("bob@127.0.0.1", port=port, password="x" * 12, remote_port=_net.free_port(),
                             local_port=port, state_dir=tmp_path / "state2", quiet=True)
         assert "restricted=False" in str(caught.value)
 

@@ -15,7 +15,16 @@ import pytest
 
 import colab_remote
 import colab_remote.mirror
-from colab_remote import Mirror, MirrorError, Sshd, TunnelError, _proc, find_tunnels, mirror, reverse_forward
+from colab_remote import (
+    Mirror,
+    MirrorError,
+    Sshd,
+    TunnelError,
+    _net,
+    find_tunnels,
+    mirror,
+    reverse_forward,
+)
 
 from .conftest import needs_root, needs_sshd
 
@@ -53,7 +62,7 @@ def test_logs_refuses_a_line_count_that_is_not_positive(tmp_path, lines) -> None
 def test_a_missing_folder_is_an_error_before_anything_runs(tmp_path) -> None:
     missing = tmp_path / "path" / "that" / "does" / "not" / "exist"
     state = tmp_path / "state"
-    done = cli("mirror", str(missing), "bob@127.0.0.1:backup", "--port", str(_proc.free_port()),
+    done = cli("mirror", str(missing), "bob@127.0.0.1:backup", "--port", str(_net.free_port()),
                "--state-dir", str(state))
     assert done.returncode == 2
     assert f"colab-remote: ValueError: local_dir {missing} does not exist" in done.stderr
@@ -95,7 +104,7 @@ def test_an_unreadable_or_unreachable_folder_is_a_clear_error(tmp_path, make_use
     os.chown(state, user.uid, user.gid)
     as_user = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever is installed
-    closed = str(_proc.free_port())
+    closed = str(_net.free_port())
     for folder, restore, said in ((home / "typo", "0", "does not exist"),
                                   (secret, "0", f"cannot be read by {user.name} (mode d---------"),
                                   (locked / "project", "0", f"cannot be reached by {user.name}: a folder "
@@ -154,12 +163,12 @@ def test_an_sshd_handle_names_where_it_listens(tmp_path, listen, shown) -> None:
 @needs_sshd
 def test_a_refused_connection_or_unknown_host_fails_at_once(tmp_path, make_user) -> None:
     state = tmp_path / "state"
-    closed = _proc.free_port()
+    closed = _net.free_port()
     for destination, port, said in (("bob@127.0.0.1", closed, "Connection refused"),
                                     ("bob@no-such-host.invalid", 22, "Could not resolve hostname")):
         t0 = time.monotonic()
         with pytest.raises(TunnelError, match=said) as caught:
-            reverse_forward(destination, port=port, remote_port=_proc.free_port(), state_dir=state,
+            reverse_forward(destination, port=port, remote_port=_net.free_port(), state_dir=state,
                             quiet=True)  # the default timeout, 30 s
         took = time.monotonic() - t0
         assert took < 5, f"{said}: reported after {took:.1f} s"
@@ -178,8 +187,8 @@ def test_a_refused_connection_or_unknown_host_fails_at_once(tmp_path, make_user)
 @needs_sshd
 def test_the_tunnel_command_takes_a_timeout(tmp_path) -> None:
     t0 = time.monotonic()
-    done = cli("tunnel", "bob@127.0.0.1", "--port", str(_proc.free_port()), "--timeout", "5",
-               "--remote-port", str(_proc.free_port()), "--state-dir", str(tmp_path / "state"))
+    done = cli("tunnel", "bob@127.0.0.1", "--port", str(_net.free_port()), "--timeout", "5",
+               "--remote-port", str(_net.free_port()), "--state-dir", str(tmp_path / "state"))
     assert done.returncode == 1 and time.monotonic() - t0 < 10
     assert done.stderr.startswith("colab-remote: TunnelError: could not reach 127.0.0.1 port")
     assert "fix: " in done.stderr
@@ -213,11 +222,11 @@ def test_the_mirror_commands_wrong_password_is_one_clear_error(tmp_path, server)
 def test_status_lists_the_dead_apart_and_stop_names_what_it_stopped(tmp_path, server, make_user) -> None:
     runtime = make_user()
     state = tmp_path / "state"
-    sshd = colab_remote.start_sshd(_proc.free_port(), user=runtime.name, password=runtime.password,
+    sshd = colab_remote.start_sshd(_net.free_port(), user=runtime.name, password=runtime.password,
                                    state_dir=state, listen_address="127.0.0.1", quiet=True)
-    closed, live_port = _proc.free_port(), _proc.free_port()
+    closed, live_port = _net.free_port(), _net.free_port()
     with pytest.raises(TunnelError):  # a supervisor that failed (a restricted set-up starts none)
-        reverse_forward("bob@127.0.0.1", port=closed, remote_port=_proc.free_port(), state_dir=state,
+        reverse_forward("bob@127.0.0.1", port=closed, remote_port=_net.free_port(), state_dir=state,
                         quiet=True, restricted=False)
     live = reverse_forward(f"{server.user.name}@127.0.0.1", port=server.port, remote_port=live_port,
                            password=server.user.password, state_dir=state, quiet=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import GcloudError, _proc, gcloud_setup
+from colab_remote import GcloudError, _net, _proc, gcloud_setup
 from colab_remote._gcloud import external_ip, gcloud_ssh_argv, key_expiration
 from colab_remote._ssh import Destination, parse_destination
 
@@ -303,9 +303,9 @@ def test_tunnel_through_gcloud_heals(fake_gcloud, server, make_user, tmp_path: P
         monkeypatch.setenv(name, value)
     runtime_user = make_user()
     state = tmp_path / "rt"
-    sshd = start_sshd(port=_proc.free_port(), user=runtime_user.name, password=runtime_user.password,
+    sshd = start_sshd(port=_net.free_port(), user=runtime_user.name, password=runtime_user.password,
                       state_dir=state, listen_address="127.0.0.1", quiet=True)
-    remote_port = _proc.free_port()
+    remote_port = _net.free_port()
     known_hosts = tmp_path / "client_known_hosts"
     jump = (f"{server.user.name}@127.0.0.1:{server.port}", server.user.password)
     try:
@@ -359,7 +359,7 @@ def test_tunnel_through_gcloud_unrestricted_keeps_gclouds_own_login(fake_gcloud,
     for name, value in g.env.items():
         monkeypatch.setenv(name, value)
     with reverse.reverse_forward(g.destination, via="gcloud", zone=g.zone, project=g.project,
-                                 port=server.port, remote_port=_proc.free_port(), local_port=server.port,
+                                 port=server.port, remote_port=_net.free_port(), local_port=server.port,
                                  state_dir=tmp_path / "rt", restricted=False, quiet=True) as tunnel:
         assert tunnel.alive and not tunnel.config["restricted"], tunnel.logs()
         assert "gcloud" in " ".join(_proc.cmdline(tunnel.ssh_pid or 0))  # every login through gcloud

@@ -21,7 +21,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import ColabRemoteError, SshdError, _home, _proc, reverse, server, start_sshd
+from colab_remote import ColabRemoteError, SshdError, _home, _net, _proc, reverse, server, start_sshd
 from colab_remote.mirror import _sock_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
@@ -332,7 +332,7 @@ def test_host_keys_from_a_colab_secret(tmp_path, make_user, colab, capsys) -> No
     # As pasted into the Secrets form: one line, the line breaks turned into spaces.
     colab({"SSH_HOST_KEY": key.read_text().replace("\n", " ")})
     user = make_user()
-    ports = _proc.free_port(), _proc.free_port()
+    ports = _net.free_port(), _net.free_port()
     handles = []
     try:
         for i, port in enumerate(ports):
@@ -379,7 +379,7 @@ def test_host_keys_secret_errors_say_what_to_do(tmp_path, make_user, colab, free
         with pytest.raises(SshdError, match="holds no private key"):
             _start(tmp_path, user, free_port, host_keys="colab-secret:NOT_A_KEY")
         # A re-run that fails on its host keys leaves the running sshd alone.
-        assert running.alive and _proc.ssh_banner("127.0.0.1", free_port, 1) is not None
+        assert running.alive and _net.ssh_banner("127.0.0.1", free_port, 1) is not None
     finally:
         running.stop()
 
@@ -408,7 +408,7 @@ def test_sshd_listens_on_the_loopback_by_default(tmp_path, make_user, free_port)
     with _start(tmp_path, user, free_port) as sshd:
         assert _listening(free_port) == {f"127.0.0.1:{free_port}", f"[::1]:{free_port}"}
         assert sshd.listen_addresses == ["127.0.0.1", "::1"]
-        assert _proc.ssh_banner("::1", free_port) is not None
+        assert _net.ssh_banner("::1", free_port) is not None
         out = ssh_run(free_port, user.name, user.password, "echo v4-ok", known_hosts=tmp_path / "kh")
         assert out.endswith("v4-ok")
     # listen_address= opens more: every IPv4 address (and still ::1), or every IPv6 one.
@@ -425,12 +425,12 @@ def test_sshd_on_a_machine_without_ipv6(tmp_path, make_user, free_port) -> None:
     user = make_user()
     script = textwrap.dedent(f"""
         import json
-        from colab_remote import _proc, start_sshd
+        from colab_remote import _net, start_sshd
         sshd = start_sshd({free_port}, user={user.name!r}, password={user.password!r},
                           state_dir={str(tmp_path / "state")!r}, quiet=True)
         try:
-            print(json.dumps({{"addresses": sshd.listen_addresses, "v6": _proc.can_bind("::1"),
-                              "banner": _proc.ssh_banner("127.0.0.1", {free_port})}}))
+            print(json.dumps({{"addresses": sshd.listen_addresses, "v6": _net.can_bind("::1"),
+                              "banner": _net.ssh_banner("127.0.0.1", {free_port})}}))
         finally:
             sshd.stop()
     """)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from colab_remote import _proc, _sync
+from colab_remote import _net, _proc, _sync
 from colab_remote.errors import AuthenticationError, MirrorError
 from colab_remote.mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
 
@@ -502,7 +502,7 @@ def test_push_copies_into_a_runtime_and_runs_setup(tmp_path: Path, make_user, ca
     from colab_remote import start_sshd
 
     runtime_user = make_user()
-    port = _proc.free_port()
+    port = _net.free_port()
     sshd = start_sshd(port, user=runtime_user.name, password=runtime_user.password,
                       state_dir=tmp_path / "runtime-state", listen_address="127.0.0.1", quiet=True)
     try:

@@ -14,7 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import colab_remote
-from colab_remote import _ssh
+from colab_remote import _net, _ssh
 
 from .conftest import needs_root, needs_sshd, ssh_run
 
@@ -67,9 +67,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
     runtime_user = make_user()
     state = tmp_path / "state"
     project = tmp_path / "content" / "project"
-    remote_port = colab_remote._proc.free_port()
+    remote_port = _net.free_port()
     values = {
-        "INSTALL_FROM": "", "SSHD_USER": runtime_user.name, "SSHD_PORT": colab_remote._proc.free_port(),
+        "INSTALL_FROM": "", "SSHD_USER": runtime_user.name, "SSHD_PORT": _net.free_port(),
         "SSHD_LISTEN": "127.0.0.1", "SERVER": f"{server.user.name}@127.0.0.1", "SERVER_PORT": server.port,
         "SERVER_PASSWORD": server.user.password, "REMOTE_PORT": remote_port, "PROJECT_DIR": str(project),
         "BACKUP_DIR": "backup/project", "STATE_DIR": str(state), "STOP_AT_END": False,

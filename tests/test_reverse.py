@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import AuthenticationError, TunnelError, _proc, _ssh, reverse, start_sshd
+from colab_remote import AuthenticationError, TunnelError, _net, _proc, _ssh, reverse, start_sshd
 from colab_remote.reverse import Tunnel, find_tunnels, load_tunnel, reverse_forward, stop_tunnels
 
 from .conftest import needs_root, needs_sshd, ssh_run, wait_for
@@ -119,7 +119,7 @@ def test_bad_types(tmp_path, kwargs) -> None:
 def runtime(tmp_path, make_user):
     """The runtime's sshd (start_sshd) on 127.0.0.1 with a throwaway login user."""
     user = make_user()
-    sshd = start_sshd(_proc.free_port(), user=user.name, password=user.password,
+    sshd = start_sshd(_net.free_port(), user=user.name, password=user.password,
                       state_dir=tmp_path / "state", listen_address="127.0.0.1", quiet=True)
     sshd.login = user
     yield sshd
@@ -128,7 +128,7 @@ def runtime(tmp_path, make_user):
 
 
 def open_tunnel(server, runtime, **kw) -> Tunnel:
-    kw.setdefault("remote_port", _proc.free_port())
+    kw.setdefault("remote_port", _net.free_port())
     kw.setdefault("password", server.user.password)
     kw.setdefault("quiet", True)
     return reverse_forward(f"{server.user.name}@127.0.0.1", port=kw.pop("port", server.port),
@@ -151,7 +151,7 @@ def restored(tunnel: Tunnel, restarts: int, timeout: float) -> None:
 @needs_sshd
 def test_login_through_tunnel_and_heal_after_kill(tmp_path, server, runtime, capsys) -> None:
     tunnel = reverse_forward(f"{server.user.name}@127.0.0.1", port=server.port,
-                             password=server.user.password, remote_port=_proc.free_port(),
+                             password=server.user.password, remote_port=_net.free_port(),
                              state_dir=runtime.state_dir)
     printed = capsys.readouterr().out
     assert tunnel.connection_string in printed and "Host colab" in printed
@@ -277,7 +277,7 @@ def test_silent_link_break_reclaims_port(tmp_path, server, runtime) -> None:
     connector = None
     try:
         tunnel = reverse_forward(f"{server.user.name}@127.0.0.1", port=relay.port,
-                                 password=server.user.password, remote_port=_proc.free_port(),
+                                 password=server.user.password, remote_port=_net.free_port(),
                                  state_dir=runtime.state_dir, quiet=True)
         wait_for(lambda: tunnel.status().get("standby_ready"), 10, "a standby connection")
         connector = Connector(tunnel.remote_port, 0.5)
@@ -310,10 +310,10 @@ def test_reconnect_false_stops_with_its_ssh(tmp_path, server, runtime) -> None:
 @needs_root
 @needs_sshd
 def test_unreachable_server_gives_up_after_timeout(tmp_path, runtime) -> None:
-    nobody = _proc.free_port()
+    nobody = _net.free_port()
     t0 = time.monotonic()
     with pytest.raises(TunnelError, match=f"could not reach 127.0.0.1 port {nobody}"):
-        reverse_forward("bob@127.0.0.1", port=nobody, password="x", remote_port=_proc.free_port(),
+        reverse_forward("bob@127.0.0.1", port=nobody, password="x", remote_port=_net.free_port(),
                         state_dir=runtime.state_dir, timeout=2, quiet=True)
     assert time.monotonic() - t0 < 8
     assert not any(t.alive for t in find_tunnels(runtime.state_dir))
@@ -451,7 +451,7 @@ def test_pinned_host_key(tmp_path, server, runtime) -> None:
 @needs_root
 @needs_sshd
 def test_cli_tunnel_and_stop(tmp_path, server, runtime) -> None:
-    port = _proc.free_port()
+    port = _net.free_port()
     argv = [sys.executable, "-m", "colab_remote", "tunnel", f"{server.user.name}@127.0.0.1",
             "--port", str(server.port), "--remote-port", str(port), "--password-stdin",
             "--state-dir", str(runtime.state_dir)]

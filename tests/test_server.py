@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 import colab_remote
-from colab_remote import SshdError, _proc, _ssh, server, start_sshd
+from colab_remote import SshdError, _net, _proc, _ssh, server, start_sshd
 from colab_remote.server import kernel_environment, load_sshd
 
 from .conftest import needs_root, needs_sshd, ssh_run
@@ -312,7 +312,7 @@ def test_system_raw_path_in_a_real_ipython_shell(tmp_path, make_user, free_port)
 def test_host_keys_kept_across_runtimes(tmp_path, make_user) -> None:
     user = make_user()
     keys = tmp_path / "drive" / "host_keys"
-    port1, port2 = _proc.free_port(), _proc.free_port()
+    port1, port2 = _net.free_port(), _net.free_port()
     first = start_sshd(port1, user=user.name, password=user.password, state_dir=tmp_path / "rt1",
                        host_keys=keys, listen_address="127.0.0.1", quiet=True)
     first.stop()
@@ -359,7 +359,7 @@ def test_stop_leaves_no_process(tmp_path, make_user, free_port) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert not sshd.alive and not any(_proc.pid_alive(p) for p in [sshd.pid, *sessions])
-    assert _proc.ssh_banner("127.0.0.1", free_port, 0.3) is None
+    assert _net.ssh_banner("127.0.0.1", free_port, 0.3) is None
     sshd.stop()
 
 

@@ -122,11 +122,8 @@ class Link:
         """Run rsync through the master: "" when it worked, a warning when files failed;
         :class:`ConnectionLost` when the connection did. ``on_output`` gets rsync's stdout as it
         comes (its ``--info=progress2`` lines)."""
-        if on_output is None:
-            rc, output = _proc.run_bytes(argv, data or b"", timeout=timeout)
-        else:
-            rc, output = _proc.run_bytes_watched(argv, data or b"", timeout=timeout,
-                                                 on_output=on_output)
+        done = _proc.run(argv, input=data, timeout=timeout, check=False, on_output=on_output)
+        rc, output = done.returncode, done.tail if on_output is None else _proc.last_lines(done.stderr)
         if _sync.rsync_exit_ok(rc):
             return ""
         if rc in RSYNC_LINK_FAILED or not self.up:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import _proc, _sync
+from .. import _net, _proc, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
 from .channel import Channel, Sent, open_channel
@@ -243,7 +243,7 @@ class Worker:
         self.set_state(State.RECONNECTING)
         backoff = Backoff(0.2, 5.0)
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
-            if _proc.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
+            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
                 try:
                     self.connect()  # the new agent clears what a killed one left half-built
                     self.stats["reconnects"] += 1
