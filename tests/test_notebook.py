@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -99,10 +98,10 @@ def test_notebook_runs_top_to_bottom(tmp_path, server, make_user) -> None:
         assert found.sshd is not None and found.sshd.alive and len(found.tunnels) == 1
         # SERVER_HOST_KEY pinned the server's key for the tunnel and the mirror
         (tunnel,) = found.tunnels
-        assert tunnel.config["options"]["StrictHostKeyChecking"] == "yes"
-        assert tunnel.config["options"]["UserKnownHostsFile"].endswith("known_hosts.pinned")
+        assert tunnel.config.options["StrictHostKeyChecking"] == "yes"
+        assert str(tunnel.config.options["UserKnownHostsFile"]).endswith("known_hosts.pinned")
         (mirrored,) = found.mirrors
-        assert json.loads(Path(mirrored.config_path).read_text())["pinned"] is True
+        assert mirrored.config.pinned is True
     finally:
         colab_remote.stop_all(state)
 
