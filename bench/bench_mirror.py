@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colab_remote import _net, _proc  # noqa: E402
+from colab_remote import _install, _net, _proc  # noqa: E402
 from colab_remote.mirror import Mirror, mirror  # noqa: E402
 
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x08, 0x80, 0x100
@@ -105,7 +105,7 @@ class Server:
             "KbdInteractiveAuthentication no", f"AllowUsers {self.name}", "PrintMotd no",
             "UseDNS no", "MaxStartups 100:30:200", "MaxSessions 100"]) + "\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        sshd = _proc.find_program("sshd")
+        sshd = _install.find_program("sshd")
         assert sshd is not None
         self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "ab"),

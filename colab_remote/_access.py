@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _agent, _net, _proc, _ssh
+from . import _agent, _install, _net, _proc, _ssh
 from ._master import LoginFailed, Master
 from .errors import AuthenticationError, ColabRemoteError
 
@@ -93,7 +93,7 @@ def key_file(state: Path, name: str) -> Path:
     if not key.is_file() or not Path(f"{key}.pub").is_file():
         with contextlib.suppress(FileNotFoundError):
             key.unlink()
-        keygen = _proc.require_program("ssh-keygen", package="openssh-client", install=True,
+        keygen = _install.require_program("ssh-keygen", package="openssh-client", install=True,
                                        error=ColabRemoteError)
         _proc.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"colab-remote {name}",
                    "-f", str(key)], what="making a key for the server failed")
@@ -415,7 +415,7 @@ def pinned_known_hosts(host: str, port: int, host_key: str, error: type[ColabRem
     """known_hosts text pinning ``host_key`` (a key line, or a fingerprint checked against keyscan)."""
     if not host_key.startswith("SHA256:"):
         return _ssh.known_hosts_line(host, port, host_key)
-    keyscan = _proc.require_program("ssh-keyscan", package="openssh-client", install=True,
+    keyscan = _install.require_program("ssh-keyscan", package="openssh-client", install=True,
                                     error=error)
     done = _proc.run([keyscan, "-p", str(port), "-T", "5", host], timeout=15, check=False,
                      error=error)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from . import _net, _proc
+from . import _install, _net, _proc
 from .errors import ColabRemoteError, InstallError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -94,7 +94,7 @@ def _expiry_date() -> str:
 
 def _make_account(name: str, made: list[str]) -> None:
     """Create the throwaway account ``name``; it is recorded as ours only once useradd made it."""
-    useradd = _proc.find_program("useradd") or "useradd"
+    useradd = _install.find_program("useradd") or "useradd"
     with _signals_held():
         done = _proc.run([useradd, "--create-home", "--shell", "/bin/bash", "--expiredate",
                           _expiry_date(), "--comment", "colab-remote demo (throwaway)", name],
@@ -110,7 +110,7 @@ def _make_account(name: str, made: list[str]) -> None:
 
 
 def _remove_account(name: str) -> None:
-    userdel = _proc.find_program("userdel") or "userdel"
+    userdel = _install.find_program("userdel") or "userdel"
     with _signals_held():
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
@@ -130,7 +130,7 @@ def run_demo(*, check: bool = False, timeout: float | None = None, base_dir: str
         # policy-rc.d, and everything made below is removed again.
         for program, package in (("sshd", "openssh-server"), ("ssh", "openssh-client"),
                                  ("rsync", "rsync")):
-            _proc.require_program(program, package=package, install=True, error=InstallError)
+            _install.require_program(program, package=package, install=True, error=InstallError)
         return _run(signals, check=check, timeout=timeout, base_dir=base_dir)
 
 

@@ -36,7 +36,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 
-from . import _proc
+from . import _install, _proc
 from ._ssh import Destination
 from .errors import GcloudError
 
@@ -96,7 +96,7 @@ def check_account(account: object) -> str:
 
 def find_gcloud() -> str:
     """Path of the gcloud CLI, or :class:`GcloudError` saying how to get it."""
-    path = _proc.find_program("gcloud")
+    path = _install.find_program("gcloud")
     if path is None:
         raise GcloudError("gcloud not found", fix=GCLOUD_FIX)
     return path

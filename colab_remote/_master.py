@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,6 +147,11 @@ class Master:
     def mux(self, *args: str, options: Sequence[str] = ()) -> list[str]:
         """A command through this master (see :func:`_ssh.mux_argv`)."""
         return _ssh.mux_argv(self.ssh, self.control_path, *args, options=options)
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (:meth:`end` several at once, then wait for each)."""
+        if self.child is not None and self.alive:
+            _proc.send_signal(self.pid, signal.SIGTERM)
 
     def end(self, timeout: float = 2) -> None:
         """SIGTERM (ssh closes its connection cleanly), then SIGKILL; the control socket goes."""

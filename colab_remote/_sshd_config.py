@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import _net, _proc
+from . import _install, _net, _proc
 from .errors import SshdError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def sshd_config(*, port: int, user: str, password_login: bool, host_keys: list[P
 
     The session environment is added by :func:`with_environment`.
     """
-    sftp = _proc.find_program("sftp-server") or next(
+    sftp = _install.find_program("sftp-server") or next(
         (p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
          if os.path.exists(p)), "internal-sftp")
     addresses = listen_addresses if listen_addresses is not None else [

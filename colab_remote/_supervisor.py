@@ -427,8 +427,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         for conn in self.conns:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                conn.master.child.kill(signal.SIGTERM)
+            conn.master.terminate()
         for conn in self.conns:
             conn.master.end(timeout=2)
             if conn.pid_query is not None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _access, _html, _proc, _ssh, _sync
+from . import _access, _html, _install, _proc, _ssh, _sync
 from ._daemon import Handle, State, StatusFile
 from ._mirror.channel import ShellChannel
 from ._mirror.config import MirrorConfig
@@ -397,8 +397,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
     run_dir = Mirror.folder(state) / ident
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)
-    rsync = _proc.require_program("rsync", package="rsync", install=True, error=MirrorError)
-    ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
+    rsync = _install.require_program("rsync", package="rsync", install=True, error=MirrorError)
+    ssh = _install.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
     known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
     restricted = restricted and args["identity_file"] is None
     agent = os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0"  # tests: a server without python3
@@ -548,8 +548,8 @@ def push(
             run_dir=str(work), user=dest.user, host=dest.host, path=dest.path, port=port,
             identity_file=args["identity_file"], known_hosts=str(known_hosts), pinned=pinned,
             sock_dir=str(sock_dir), agent=False, backup=False,
-            ssh=_proc.require_program("ssh", package="openssh-client", install=True, error=MirrorError),
-            rsync=_proc.require_program("rsync", package="rsync", install=True, error=MirrorError))
+            ssh=_install.require_program("ssh", package="openssh-client", install=True, error=MirrorError),
+            rsync=_install.require_program("rsync", package="rsync", install=True, error=MirrorError))
         link = Link(cfg, args["password"])
         link.open()
         try:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _access, _html, _proc, _ssh
+from . import _access, _html, _install, _proc, _ssh
 from ._daemon import Handle, State
 from ._supervisor import TunnelConfig
 from .errors import AuthenticationError, ColabRemoteError, TunnelError
@@ -333,7 +333,7 @@ def reverse_forward(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     state = state_path(state_dir)
 
-    ssh = _proc.require_program("ssh", package="openssh-client", install=True, error=TunnelError)
+    ssh = _install.require_program("ssh", package="openssh-client", install=True, error=TunnelError)
     sshd = load_sshd(state)
     login_user = sshd.user if sshd is not None else "root"
     if local_port is None:

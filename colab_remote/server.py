@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _home, _host_keys, _html, _net, _proc, _ssh
+from . import _home, _host_keys, _html, _install, _net, _proc, _ssh
 from ._daemon import State
 from ._home import PROFILE_BEGIN, PROFILE_END  # noqa: F401  (re-exported)
 from ._sshd_config import (
@@ -308,8 +308,8 @@ def start_sshd(
                         fix="run the notebook or command as root (Colab runtimes are)")
 
     t0 = time.monotonic()
-    sshd_bin = _proc.require_program("sshd", package="openssh-server", install=install, error=SshdError)
-    keygen = _proc.require_program("ssh-keygen", package="openssh-client", install=install,
+    sshd_bin = _install.require_program("sshd", package="openssh-server", install=install, error=SshdError)
+    keygen = _install.require_program("ssh-keygen", package="openssh-client", install=install,
                                    error=SshdError)
     run_dir = state / "sshd"
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -438,7 +438,7 @@ def refresh_environment(sshd: Sshd | None = None, *, state_dir: str | os.PathLik
         raise SshdError("refresh_environment needs root (sshd's config is root's)",
                         fix="run it as root, like start_sshd()")
     argv = _proc.cmdline(handle.pid)
-    sshd_bin = argv[0] if argv and os.path.isabs(argv[0]) else _proc.find_program("sshd") or "sshd"
+    sshd_bin = argv[0] if argv and os.path.isabs(argv[0]) else _install.find_program("sshd") or "sshd"
     text = with_environment(handle.config_path.read_text(), env)
     checked_config(sshd_bin, handle.config_path, text)
     log_size = handle.log_path.stat().st_size if handle.log_path.exists() else 0
@@ -528,7 +528,7 @@ def _kept_password(run_dir: Path) -> str | None:
 
 def _who_listens(port: int) -> str:
     """`` (name, pid N)`` of the program listening on ``port``, as ``ss`` tells it, or ''."""
-    ss = _proc.find_program("ss")
+    ss = _install.find_program("ss")
     if not ss:
         return ""
     with contextlib.suppress(ColabRemoteError):
@@ -566,6 +566,6 @@ def _locked(user: str) -> bool:
 
 
 def _sbin(name: str) -> str:
-    return _proc.find_program(name) or name
+    return _install.find_program(name) or name
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _access, _proc, _ssh
+from . import _access, _install, _proc, _ssh
 from .errors import ColabRemoteError
 from .server import Sshd, announce, load_sshd, state_path
 
@@ -236,7 +236,7 @@ def self_check(sshd: Sshd | None = None, tunnel: Any = None, *, server_password:
     if command is None:
         command = "nvidia-smi" if shutil.which("nvidia-smi") else "hostname"
     password = password or sshd.password
-    ssh = _proc.require_program("ssh", package="openssh-client", install=False, error=ColabRemoteError)
+    ssh = _install.require_program("ssh", package="openssh-client", install=False, error=ColabRemoteError)
     with tempfile.TemporaryDirectory(prefix="colab-remote-check-") as tmp:
         # Strict host-key checking against the keys this sshd serves: a success proves the
         # connection reached this runtime and nothing in between.

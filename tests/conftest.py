@@ -18,10 +18,22 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import _net, _proc
+from colab_remote import _install, _net, _proc
 
-SSHD = _proc.find_program("sshd")
+SSHD = _install.find_program("sshd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates users, runs sshd)")
+# Tests by tier: "real" ones start sshd, create users or run as root; the rest are "pure" (any
+# laptop, no root, seconds: pytest -m pure). A test is real when it is marked needs_root or
+# needs_sshd or uses one of these fixtures; .ci/run runs both tiers.
+REAL_FIXTURES = {"server", "make_user", "runtime", "fake_gcloud", "sandbox", "as_nobody"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        reasons = " ".join(str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        real = ("needs root" in reasons or "openssh-server" in reasons
+                or bool(REAL_FIXTURES & set(getattr(item, "fixturenames", ()))))
+        item.add_marker(pytest.mark.real if real else pytest.mark.pure)
 needs_sshd = pytest.mark.skipif(SSHD is None, reason="openssh-server is not installed")
 
 

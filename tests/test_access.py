@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import colab_remote
-from colab_remote import _access, _agent, _net, _proc
+from colab_remote import _access, _agent, _install, _net, _proc
 from colab_remote.errors import MirrorError, TunnelError
 from colab_remote.mirror import mirror
 from colab_remote.reverse import reverse_forward
@@ -385,7 +385,7 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sh", "bash", "rsync", "mkdir", "find", "wc", "cat", "mv", "rm", "env", "ls", "test"):
-        found = _proc.find_program(tool)
+        found = _install.find_program(tool)
         if found:
             (bin_dir / tool).symlink_to(found)
     os.chmod(tmp_path, 0o755)

@@ -21,7 +21,17 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from colab_remote import ColabRemoteError, SshdError, _home, _net, _proc, reverse, server, start_sshd
+from colab_remote import (
+    ColabRemoteError,
+    SshdError,
+    _home,
+    _install,
+    _net,
+    _proc,
+    reverse,
+    server,
+    start_sshd,
+)
 from colab_remote.mirror import _sock_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
@@ -214,7 +224,7 @@ def test_apt_log_is_private(tmp_path, shared_tmp, monkeypatch) -> None:
     apt.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     before = _snapshot(target)
-    _proc.apt_install(["no-such-package"], progress=False)
+    _install.apt_install(["no-such-package"], progress=False)
     assert _snapshot(target) == before
     log = shared_tmp / f"colab_remote-{os.geteuid()}" / "apt.log"
     assert "apt-get install: nothing to do" in log.read_text()
@@ -447,7 +457,7 @@ def test_sshd_on_a_machine_without_ipv6(tmp_path, make_user, free_port) -> None:
 
 
 def _sshd_version() -> tuple[int, int]:
-    done = subprocess.run([_proc.find_program("sshd") or "sshd", "-V"], capture_output=True, text=True)
+    done = subprocess.run([_install.find_program("sshd") or "sshd", "-V"], capture_output=True, text=True)
     found = re.search(r"OpenSSH_(\d+)\.(\d+)", done.stdout + done.stderr)
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
@@ -461,7 +471,7 @@ def test_loopback_is_exempt_from_penalties_where_sshd_has_them(tmp_path, make_us
         assert "PerSourcePenalties " not in config
         has_penalties = _sshd_version() >= (9, 8)
         assert ("PerSourcePenaltyExemptList 127.0.0.1/32,::1/128" in config) == has_penalties
-        checked = subprocess.run([_proc.find_program("sshd") or "sshd", "-t", "-f", str(sshd.config_path)],
+        checked = subprocess.run([_install.find_program("sshd") or "sshd", "-t", "-f", str(sshd.config_path)],
                                  capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
 

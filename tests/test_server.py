@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 import colab_remote
-from colab_remote import SshdError, _net, _proc, _ssh, server, start_sshd
+from colab_remote import SshdError, _install, _net, _proc, _ssh, server, start_sshd
 from colab_remote.server import kernel_environment, load_sshd
 
 from .conftest import needs_root, needs_sshd, ssh_run
@@ -385,7 +385,7 @@ def test_cli(tmp_path, make_user, free_port) -> None:
 
 def test_missing_program_error_says_how_to_install() -> None:
     with pytest.raises(SshdError, match="apt-get install -y no-such-package"):
-        _proc.require_program("no-such-program-colab", package="no-such-package", install=False,
+        _install.require_program("no-such-program-colab", package="no-such-package", install=False,
                               error=SshdError)
 
 
@@ -460,7 +460,7 @@ def test_config_text_is_ours_and_complete(tmp_path) -> None:
 
 def test_install_errors_are_clear(as_nobody) -> None:
     script = ("from colab_remote import _proc, InstallError\n"
-              "try:\n    _proc.apt_install(['openssh-server'], progress=False)\n"
+              "try:\n    _install.apt_install(['openssh-server'], progress=False)\n"
               "except InstallError as e:\n    print(e)\n")
     no_apt = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PATH": "/nonexistent"})
@@ -475,9 +475,9 @@ def test_apt_install_runs_real_apt_get(capfd) -> None:
     """openssh-server is installed already: apt-get runs for real and changes nothing."""
     if not Path("/usr/bin/apt-get").exists():
         pytest.skip("no apt-get here")
-    _proc.apt_install(["openssh-server"], progress=True)
+    _install.apt_install(["openssh-server"], progress=True)
     assert "apt-get install" in capfd.readouterr().err  # the progress bar
-    assert _proc.find_program("sshd")
+    assert _install.find_program("sshd")
 
 
 def test_status_logs_and_stop_from_the_command_line(tmp_path, make_user, free_port) -> None:

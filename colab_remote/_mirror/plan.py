@@ -259,11 +259,9 @@ def same_time(here: int, there: int) -> bool:
     return here == there or (there % 10**9 == 0 and here // 10**9 == there // 10**9)
 
 
-def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
-    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
-    target), and the bytes of those files. What exists only on the server is not listed."""
-    paths: set[str] = set()
-    nbytes = 0
+def walk(root: str, flt: _sync.MirrorFilter) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every mirrored entry under ``root`` as ``(rel, entry)``, folders before what is in them
+    (links to folders are entries, never followed)."""
     todo = [("", root)]
     while todo:
         rel, folder = todo.pop()
@@ -276,26 +274,36 @@ def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) 
                 r = join(rel, entry.name)
                 if flt.excluded(r):
                     continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                there = server.get(r)
-                mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
-                if stat.S_ISDIR(st.st_mode):
-                    todo.append((r, entry.path))
-                    if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
-                        paths.add(r)
-                elif stat.S_ISLNK(st.st_mode):
-                    if there is None or not stat.S_ISLNK(there.mode) or \
-                            there.target != os.fsencode(os.readlink(entry.path)):
-                        paths.add(r)
-                elif stat.S_ISREG(st.st_mode):
-                    if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
-                            or not same_time(st.st_mtime_ns, there.mtime_ns) \
-                            or stat.S_IMODE(there.mode) != mode:
-                        paths.add(r)
-                        nbytes += st.st_size
+                yield r, entry
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((r, entry.path))
+
+
+def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
+    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
+    target), and the bytes of those files. What exists only on the server is not listed."""
+    paths: set[str] = set()
+    nbytes = 0
+    for r, entry in walk(root, flt):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        there = server.get(r)
+        mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
+        if stat.S_ISDIR(st.st_mode):
+            if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
+                paths.add(r)
+        elif stat.S_ISLNK(st.st_mode):
+            if there is None or not stat.S_ISLNK(there.mode) or \
+                    there.target != os.fsencode(os.readlink(entry.path)):
+                paths.add(r)
+        elif stat.S_ISREG(st.st_mode):
+            if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
+                    or not same_time(st.st_mtime_ns, there.mtime_ns) or stat.S_IMODE(there.mode) != mode:
+                paths.add(r)
+                nbytes += st.st_size
     return paths, nbytes
 
 
@@ -304,24 +312,12 @@ def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:
     compares with), everything rsync lists (folders and the top one too), and the files' size."""
     files = size = 0
     entries = 1
-    todo = [("", root)]
-    while todo:
-        rel, folder = todo.pop()
-        try:
-            listing = os.scandir(folder)
-        except OSError:
-            continue
-        with listing:
-            for entry in listing:
-                r = join(rel, entry.name)
-                if flt.excluded(r):
-                    continue
-                entries += 1
-                with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False):
-                        todo.append((r, entry.path))
-                        continue
-                    files += 1
-                    if entry.is_file(follow_symlinks=False):
-                        size += entry.stat(follow_symlinks=False).st_size
+    for _, entry in walk(root, flt):
+        entries += 1
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            files += 1
+            if entry.is_file(follow_symlinks=False):
+                size += entry.stat(follow_symlinks=False).st_size
     return files, entries, size

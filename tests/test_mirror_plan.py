@@ -1,0 +1,144 @@
+"""What a batch of changes means (the planner), the handle and mirror()'s input checks: no server."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from colab_remote import _agent, _sync
+from colab_remote._mirror.plan import Entry, Planner, changed_paths, read_file, scan_local
+from colab_remote._progress import Bar
+from colab_remote.mirror import Mirror, mirror, push
+
+TRASH = _sync.TRASH
+
+
+def test_push_reads_files_not_links(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"grown since the lstat")
+    assert read_file(str(tmp_path / "f"), 5) == b"grown since the lstat"
+    assert read_file(str(tmp_path / "f"), 100) == b"grown since the lstat"
+    (tmp_path / "e").write_bytes(b"")
+    assert read_file(str(tmp_path / "e"), 0) == b""
+    (tmp_path / "link").symlink_to(tmp_path / "f")  # a file replaced by a link meanwhile
+    with pytest.raises(OSError):
+        read_file(str(tmp_path / "link"), 5)
+    os.mkfifo(tmp_path / "fifo")  # never blocks
+    assert read_file(str(tmp_path / "fifo"), 5) == b""
+
+
+
+
+def test_bad_inputs_raise_before_anything_runs(tmp_path: Path) -> None:
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    state = tmp_path / "state"
+    good = "bob@127.0.0.1:backup/p"
+    cases = [
+        ((tmp_path, "bob@127.0.0.1"), {}, ValueError),           # no :path
+        ((tmp_path, "bob@127.0.0.1:/"), {}, ValueError),         # remote /
+        ((tmp_path, "bob@127.0.0.1:"), {}, ValueError),          # empty remote path
+        ((tmp_path, "bob@127.0.0.1:~"), {}, ValueError),         # the home itself
+        ((a_file, good), {}, ValueError),                        # a file
+        ((tmp_path / TRASH, good), {}, ValueError),              # the trash
+        ((tmp_path / TRASH / "x", good), {}, ValueError),        # inside the trash
+        ((tmp_path, good), {"port": 0}, ValueError),
+        ((tmp_path, good), {"port": 70000}, ValueError),
+        ((tmp_path, good), {"port": "22"}, TypeError),
+        ((tmp_path, good), {"exclude": [""]}, ValueError),
+        ((tmp_path, good), {"delete": "yes"}, TypeError),
+        ((tmp_path, good), {"password": "a\nb"}, ValueError),
+        ((tmp_path, good), {"identity_file": tmp_path / "nope"}, ValueError),
+        ((42, good), {}, TypeError),
+    ]
+    for args, kw, error in cases:
+        with pytest.raises(error):
+            mirror(*args, state_dir=state, quiet=True, **kw)
+    with pytest.raises(ValueError):
+        push(tmp_path / "missing", good, state_dir=state)
+    with pytest.raises(ValueError):
+        push(tmp_path, "bob@127.0.0.1:/", state_dir=state)
+    assert not (state / "mirror").exists()  # nothing ran
+
+
+def test_html_escapes_everything(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({
+        "pid": None, "local_dir": "/content/<b>x</b>", "destination": "u@h:<script>",
+        "port": 22, "state": "stopped", "stats": {"last_error": "<img src=x>", "pushes": 1}}))
+    m = Mirror(run)
+    page = m._repr_html_()
+    assert "<script>" not in page and "<b>x" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "&lt;img src=x&gt;" in page
+    assert not m.alive and m.state == "stopped" and m.stats["pushes"] == 1
+    m.stop()  # nothing running: a no-op
+
+
+def test_no_bar_flashes_for_a_quick_sync(capsys) -> None:
+    bar = Bar()
+    bar.show("first push", 0.5, "1 MB")
+    bar.show("first push", 1.0, "2 MB")
+    bar.close(done=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    (root / "new" / "sub").mkdir(parents=True)
+    (root / "new" / "a.txt").write_bytes(b"a")
+    (root / "new" / "sub" / "b.txt").write_bytes(b"b")
+    (root / "new" / "link").symlink_to("a.txt")
+    (root / "big.bin").write_bytes(b"x" * _sync.BIG_FILE)
+    (root / "skip.pyc").write_bytes(b"excluded")
+    watched: list[str] = []
+    planner = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True,
+                      watch=lambda path, rel: watched.append(rel))
+    plan = planner.plan({"new", "gone", "big.bin", "skip.pyc"}, added={"new"}, deleted={"gone"})
+    ops = [(op, rel) for op, rel, *_ in plan]
+    assert ops.index((_agent.OP_MKDIR, "new")) < ops.index((_agent.OP_PUT, "new/a.txt"))  # folder first
+    assert set(ops) == {(_agent.OP_MKDIR, "new"), (_agent.OP_PUT, "new/a.txt"),
+                        (_agent.OP_MKDIR, "new/sub"), (_agent.OP_PUT, "new/sub/b.txt"),
+                        (_agent.OP_LINK, "new/link"), (_agent.OP_DELETE, "gone"),
+                        (_agent.OP_PUT, "skip.pyc")}  # asked for by name: the filter is the watcher's
+    assert plan.big == ["big.bin"] and plan.deletes == ["gone"]
+    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc"}
+    assert sorted(watched) == ["new", "new/sub"]  # watched before they were listed
+    planner.acknowledged(plan, ok=True)
+    again = [(op, rel) for op, rel, *_ in planner.plan({"new/a.txt", "new/sub/b.txt"})]
+    assert again == []  # acknowledged with the same content: not sent twice
+    (root / "new" / "a.txt").write_bytes(b"A")
+    assert [rel for _, rel, *_ in planner.plan({"new/a.txt"})] == ["new/a.txt"]
+    everything = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True, inline=False)
+    shell = everything.plan({"new"}, added={"new"})
+    assert {op for op, *_ in shell} == {_agent.OP_MKDIR, _agent.OP_LINK}  # files all go to rsync
+    assert sorted(shell.big) == ["new/a.txt", "new/sub/b.txt"]
+
+
+def test_changed_paths_against_the_servers_listing(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "same").write_bytes(b"same")
+    (root / "d" / "newer").write_bytes(b"newer")
+    (root / "l").symlink_to("d")
+    (root / "x.pyc").write_bytes(b"skip")
+    st = {n: os.lstat(root / n) for n in ("d", "d/same", "d/newer")}
+
+    def entry(name: str, **change: object) -> Entry:
+        s = st[name]
+        fields = {"mode": s.st_mode, "size": s.st_size, "mtime_ns": s.st_mtime_ns, "target": b""}
+        return Entry(**{**fields, **change})  # type: ignore[arg-type]
+
+    server = {"d": entry("d"), "d/same": entry("d/same"),
+              "d/newer": entry("d/newer", mtime_ns=st["d/newer"].st_mtime_ns - 10**9),
+              "l": Entry(stat.S_IFLNK | 0o777, 0, 0, b"elsewhere"),
+              "only-there": Entry(stat.S_IFREG | 0o644, 1, 0, b"")}
+    paths, nbytes = changed_paths(str(root), _sync.MirrorFilter(str(root)), server)
+    assert paths == {"d/newer", "l"} and nbytes == 5  # never what exists only on the server
+    # a server that keeps whole seconds: the same second is the same time
+    coarse = {**server, "d/newer": entry("d/newer", mtime_ns=st["d/newer"].st_mtime_ns // 10**9 * 10**9)}
+    assert changed_paths(str(root), _sync.MirrorFilter(str(root)), coarse)[0] == {"l"}
+    assert scan_local(str(root), _sync.MirrorFilter(str(root))) == (3, 5, 9)
