@@ -411,6 +411,18 @@ def revoke_recorded(state: Path, timeout: float = 30) -> list[tuple[str, str]]:
     return outcomes
 
 
+def known_hosts_file(state: Path, run_dir: Path, dest: _ssh.Destination, port: int,
+                     host_key: str | None, error: type[ColabRemoteError]) -> tuple[Path, bool]:
+    """The known_hosts a tunnel or a mirror checks the server against, and whether it is pinned:
+    the state folder's (``accept-new``: the first contact records the key) or, with ``host_key``, a
+    file of its own holding only that key (``StrictHostKeyChecking=yes``)."""
+    if host_key is None:
+        return state / "known_hosts", False
+    path = run_dir / "known_hosts.pinned"
+    _proc.write_private(path, pinned_known_hosts(dest.host, port, host_key, error) + "\n")
+    return path, True
+
+
 def pinned_known_hosts(host: str, port: int, host_key: str, error: type[ColabRemoteError]) -> str:
     """known_hosts text pinning ``host_key`` (a key line, or a fingerprint checked against keyscan)."""
     if not host_key.startswith("SHA256:"):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -26,6 +28,34 @@ from . import _proc
 
 C = TypeVar("C", bound="Config")
 H = TypeVar("H", bound="Handle")
+
+
+def default_state_dir() -> Path:
+    """Where the sshd, the tunnels, the mirrors and the keys of this runtime are recorded."""
+    return Path("~/.colab_remote").expanduser()
+
+
+def state_path(state_dir: object) -> Path:
+    """``state_dir`` as an absolute path (default ``~/.colab_remote``); ValueError/TypeError if unusable."""
+    if state_dir is None:
+        return default_state_dir()
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise TypeError(f"state_dir must be a path, got {state_dir!r}")
+    state = Path(state_dir).expanduser().absolute()
+    if state.exists() and not state.is_dir():
+        raise ValueError(f"state_dir {state} exists and is not a folder")
+    return state
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """A short private folder for a process's unix sockets (a socket path must stay under 108
+    bytes, and ssh adds 17 characters to a ControlPath while it sets one up): one per run folder
+    under ``/tmp/colab_remote-<uid>`` (ours, 0700, no link: else a fresh one)."""
+    base = _proc.private_dir(f"colab_remote-{os.getuid()}")
+    folder = base / hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    return folder
 
 
 class State(str, enum.Enum):

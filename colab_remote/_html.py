@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable
+from typing import Any
 
 from ._daemon import State
 
@@ -41,3 +42,30 @@ def card(title: str, state: State, rows: Iterable[tuple[str, str]],
             f"padding:6px 10px;margin:4px 0;display:inline-block;min-width:28em'>"
             f"<b>{e(title)}</b> <span style='color:{color(state)};font-weight:bold'>● {e(state.value)}</span>"
             f"<table style='margin-top:4px'>{body}</table>{extra}</div>")
+
+
+class Announcement:
+    """What a call shows once: ``text`` in a terminal, ``html`` in a notebook."""
+
+    def __init__(self, text: str, html: str) -> None:
+        self.text, self.html = text, html
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+
+def announce(obj: Any) -> None:
+    """Print ``obj`` in a terminal; display it (HTML and text) in a notebook."""
+    from . import _proc
+
+    shell = _proc.in_ipython()
+    # A notebook kernel's shell (ipykernel's, or Colab's subclass of it) has a kernel attached.
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        from IPython.display import display
+
+        display(obj)
+    else:
+        print(repr(obj), flush=True)

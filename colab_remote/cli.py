@@ -185,7 +185,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from .server import state_path
+    from ._daemon import state_path
     from .status import _stop_all
 
     stopped, removed = _stop_all(state_path(args.state_dir))

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _access, _html, _install, _proc, _ssh, _sync
-from ._daemon import Handle, State, StatusFile
+from ._daemon import Handle, State, StatusFile, socket_dir, state_path
+from ._html import announce
 from ._mirror.channel import ShellChannel
 from ._mirror.config import MirrorConfig
 from ._mirror.control import query
@@ -37,7 +38,6 @@ from ._mirror.link import ConnectionLost, Link
 from ._mirror.plan import scan_local
 from ._progress import Bar
 from .errors import AuthenticationError, MirrorError
-from .server import announce, state_path
 
 __all__ = ["Mirror", "find_mirrors", "mirror", "push", "stop_mirrors"]
 
@@ -222,27 +222,6 @@ def _identity(identity_file: object) -> str | None:
     return os.path.abspath(path)
 
 
-def _sock_dir(run_dir: Path, ident: str) -> Path:
-    """A folder for the unix sockets: the run folder when its path is short enough (sun_path
-    holds 108 bytes and ssh adds 17 characters to a ControlPath while it sets one up)."""
-    if len(str(run_dir / "cm")) + 20 < 100:
-        return run_dir
-    return _proc.private_dir(f"crm-{os.getuid()}-{ident}")
-
-
-def _known_hosts(state: Path, run_dir: Path, dest: _ssh.Destination, port: int,
-                 host_key: str | None) -> tuple[Path, bool]:
-    if host_key is None:
-        return state / "known_hosts", False
-    if host_key.startswith("SHA256:"):
-        text = _access.pinned_known_hosts(dest.host, port, host_key, MirrorError)
-    else:
-        text = _ssh.known_hosts_line(dest.host, port, host_key)
-    path = run_dir / "known_hosts.pinned"
-    _proc.write_private(path, text + "\n")
-    return path, True
-
-
 def _prepare(local_dir: object, destination: object, *, port: object, password: object,
              identity_file: object, state_dir: object, exclude: object, host_key: object
              ) -> dict[str, Any]:
@@ -399,7 +378,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
     state.chmod(0o700)
     rsync = _install.require_program("rsync", package="rsync", install=True, error=MirrorError)
     ssh = _install.require_program("ssh", package="openssh-client", install=True, error=MirrorError)
-    known_hosts, pinned = _known_hosts(state, run_dir, dest, args["port"], args["host_key"])
+    known_hosts, pinned = _access.known_hosts_file(state, run_dir, dest, args["port"],
+                                                       args["host_key"], MirrorError)
     restricted = restricted and args["identity_file"] is None
     agent = os.environ.get("COLAB_REMOTE_MIRROR_AGENT", "1") != "0"  # tests: a server without python3
     cfg: dict[str, Any] = {
@@ -429,8 +409,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         Mirror(run_dir).stop(flush=True)  # the mirror this call replaces (or what it left running)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / "status.json").unlink()
-    config = MirrorConfig(run_dir=str(run_dir), has_password=secret is not None,
-                          sock_dir=str(_sock_dir(run_dir, ident)),  # after the old one removed its own
+    config = MirrorConfig(run_dir=str(run_dir), has_secret=secret is not None,
+                          sock_dir=str(socket_dir(run_dir)),  # after the old one removed its own
                           **cfg)
     config.save()
     return config, run_dir, secret
@@ -542,8 +522,9 @@ def push(
     work = Path(tempfile.mkdtemp(prefix="crp-", dir=state))
     sock_dir = work
     try:
-        sock_dir = _sock_dir(work, work.name[4:])
-        known_hosts, pinned = _known_hosts(state, work, dest, port, args["host_key"])
+        sock_dir = socket_dir(work)
+        known_hosts, pinned = _access.known_hosts_file(state, work, dest, port, args["host_key"],
+                                                       MirrorError)
         cfg = MirrorConfig(
             run_dir=str(work), user=dest.user, host=dest.host, path=dest.path, port=port,
             identity_file=args["identity_file"], known_hosts=str(known_hosts), pinned=pinned,

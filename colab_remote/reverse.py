@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import logging
 import os
 import re
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _access, _html, _install, _proc, _ssh
-from ._daemon import Handle, State
+from ._daemon import Handle, State, socket_dir, state_path
+from ._html import Announcement, announce
 from ._supervisor import TunnelConfig
 from .errors import AuthenticationError, ColabRemoteError, TunnelError
-from .server import announce, load_sshd, state_path
+from .server import load_sshd
 
 __all__ = ["Tunnel", "find_tunnels", "load_tunnel", "reverse_forward", "stop_tunnels"]
 
@@ -350,7 +350,7 @@ def reverse_forward(
         "remote_port": remote_port, "local_port": local_port, "login_user": login_user,
         "via": via, "ssh": ssh, "reconnect": reconnect, "start_timeout": timeout,
         "has_secret": False, "restricted": False,
-        "control_dir": str(_control_dir(run_dir)),
+        "control_dir": str(socket_dir(run_dir)),
     }
     purpose = {"purpose": "tunnel", "port": remote_port,
                "name": "tunnel-" + _access.short_hash(f"{dest}:{port}:{remote_port}:{via}")}
@@ -392,11 +392,7 @@ def reverse_forward(
                           options=_ssh.tunnel_options(known_hosts=None, pinned=False,
                                                       identity_file=key_path, password=False))
     else:
-        known_hosts = state / "known_hosts"
-        if host_key is not None:
-            known_hosts = run_dir / "known_hosts.pinned"
-            pinned = _access.pinned_known_hosts(dest.host, port, host_key, TunnelError)
-            _proc.write_private(known_hosts, pinned + "\n")
+        known_hosts, _ = _access.known_hosts_file(state, run_dir, dest, port, host_key, TunnelError)
         if restricted and key_path is None:
             login = _access.Login(ssh=ssh, dest=dest, port=port, known_hosts=known_hosts,
                                   pinned=host_key is not None)
@@ -433,21 +429,8 @@ def reverse_forward(
         raise _failure(status, tunnel, dest, remote_port, port)
     log.info("tunnel up in %.3f s: %r", time.monotonic() - t0, tunnel)
     if not quiet:
-        announce(_Announcement(tunnel))
+        announce(Announcement(tunnel.summary(), tunnel._repr_html_()))
     return tunnel
-
-
-class _Announcement:
-    """What reverse_forward shows once: the tunnel and how to connect."""
-
-    def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-
-    def __repr__(self) -> str:
-        return self.tunnel.summary()
-
-    def _repr_html_(self) -> str:
-        return self.tunnel._repr_html_()
 
 
 def _failure(status: dict[str, Any], tunnel: Tunnel, dest: _ssh.Destination, remote_port: int,
@@ -491,7 +474,3 @@ def _previous_sessions(run_dir: Path) -> list[int]:
     return sessions
 
 
-def _control_dir(run_dir: Path) -> Path:
-    """A short folder for control sockets (a unix socket path must stay under 108 bytes)."""
-    base = _proc.private_dir(f"colab_remote-{os.getuid()}")
-    return base / hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]

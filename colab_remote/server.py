@@ -20,11 +20,11 @@ import string
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from . import _home, _host_keys, _html, _install, _net, _proc, _ssh
-from ._daemon import State
+from ._daemon import State, state_path
 from ._home import PROFILE_BEGIN, PROFILE_END  # noqa: F401  (re-exported)
+from ._html import Announcement, announce
 from ._sshd_config import (
     PATH_VARIABLE,
     banner_host,
@@ -198,50 +198,9 @@ class Sshd:
                           [("next: reverse_forward(\"you@your-server\"), then", hint)])
 
 
-class _Announcement:
-    """What start_sshd shows once: the handle's card, with the password."""
-
-    def __init__(self, sshd: Sshd) -> None:
-        self.sshd = sshd
-
-    def __repr__(self) -> str:
-        return self.sshd.summary(show_password=True)
-
-    def _repr_html_(self) -> str:
-        return self.sshd._repr_html_(show_password=True)
-
-
-def announce(obj: Any) -> None:
-    """Print ``obj`` in a terminal; display it (HTML and text) in a notebook."""
-    shell = _proc.in_ipython()
-    # A notebook kernel's shell (ipykernel's, or Colab's subclass of it) has a kernel attached.
-    if shell is not None and getattr(shell, "kernel", None) is not None:
-        from IPython.display import display
-
-        display(obj)
-    else:
-        print(repr(obj), flush=True)
-
-
 def generate_password() -> str:
     """20 characters of [A-Za-z0-9] from ``secrets`` (about 119 bits)."""
     return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
-
-
-def default_state_dir() -> Path:
-    return Path("~/.colab_remote").expanduser()
-
-
-def state_path(state_dir: object) -> Path:
-    """``state_dir`` as an absolute path (default ``~/.colab_remote``); ValueError/TypeError if unusable."""
-    if state_dir is None:
-        return default_state_dir()
-    if not isinstance(state_dir, (str, os.PathLike)):
-        raise TypeError(f"state_dir must be a path, got {state_dir!r}")
-    state = Path(state_dir).expanduser().absolute()
-    if state.exists() and not state.is_dir():
-        raise ValueError(f"state_dir {state} exists and is not a folder")
-    return state
 
 
 def start_sshd(
@@ -394,7 +353,8 @@ def start_sshd(
             "config": str(config_path)}
     _proc.write_private(run_dir / "info.json", json.dumps(info, indent=1))
     if not quiet:
-        announce(_Announcement(handle))
+        announce(Announcement(handle.summary(show_password=True),
+                              handle._repr_html_(show_password=True)))
     return handle
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import _access, _install, _proc, _ssh
+from ._daemon import state_path
+from ._html import announce
 from .errors import ColabRemoteError
-from .server import Sshd, announce, load_sshd, state_path
+from .server import Sshd, load_sshd
 
 __all__ = ["CheckResult", "Status", "revoke", "self_check", "status", "stop_all"]
 

@@ -28,11 +28,10 @@ from colab_remote import (
     _install,
     _net,
     _proc,
-    reverse,
     server,
     start_sshd,
 )
-from colab_remote.mirror import _sock_dir
+from colab_remote._daemon import socket_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
 
@@ -182,14 +181,19 @@ def _attacker_folder(tmp_path: Path) -> Path:
     return evil
 
 
-def test_tunnel_control_folder_is_private(tmp_path, shared_tmp) -> None:
+def test_socket_folder_is_private(tmp_path, shared_tmp) -> None:
+    """The tunnel's control sockets and the mirror's sockets: one private folder of ours each."""
     evil = _attacker_folder(tmp_path)
     os.symlink(evil, shared_tmp / f"colab_remote-{os.getuid()}")
     before = _snapshot(evil)
-    control = reverse._control_dir(tmp_path / "state" / "tunnel-20022")
-    assert not str(control).startswith(str(shared_tmp / f"colab_remote-{os.getuid()}") + "/")
-    st = control.parent.lstat()
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+    for run_dir in (tmp_path / "state" / "tunnels" / "20022-h-22", tmp_path / ("d" * 90) / "mirror"):
+        folder = socket_dir(run_dir)
+        assert not str(folder).startswith(str(shared_tmp / f"colab_remote-{os.getuid()}") + "/")
+        for path in (folder, folder.parent):
+            st = path.lstat()
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            assert stat.S_IMODE(st.st_mode) == 0o700
+        assert len(folder.name) == 12  # short: under /tmp a control socket's path fits sun_path
     assert _snapshot(evil) == before
     # Someone else's real folder at that name, or one open to others, is not used either.
     (shared_tmp / f"colab_remote-{os.getuid()}").unlink()
@@ -198,19 +202,8 @@ def test_tunnel_control_folder_is_private(tmp_path, shared_tmp) -> None:
         taken.mkdir()
         taken.chmod(mode)
         os.chown(taken, owner, owner)
-        assert reverse._control_dir(tmp_path / "x").parent != taken
+        assert socket_dir(tmp_path / "x").parent != taken
         taken.rmdir()
-
-
-def test_mirror_socket_folder_is_private(tmp_path, shared_tmp) -> None:
-    evil = _attacker_folder(tmp_path)
-    long_run_dir = tmp_path / ("d" * 90) / "run"
-    os.symlink(evil, shared_tmp / f"crm-{os.getuid()}-abc")
-    before = _snapshot(evil)
-    sock_dir = _sock_dir(long_run_dir, "abc")
-    st = sock_dir.lstat()
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
-    assert not sock_dir.is_symlink() and _snapshot(evil) == before
 
 
 def test_apt_log_is_private(tmp_path, shared_tmp, monkeypatch) -> None:

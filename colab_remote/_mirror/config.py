@@ -23,7 +23,7 @@ class MirrorConfig(Config):
     pinned: bool = False
     exclude: list[str] = dataclasses.field(default_factory=list)
     sock_dir: str = ""           # the control sockets (short: a unix socket path is < 108 bytes)
-    has_password: bool = False   # the password comes once through a pipe (restricted=False only)
+    has_secret: bool = False     # the password comes once through a pipe (restricted=False only)
     ssh: str = "ssh"
     rsync: str = "rsync"
     agent: bool = True           # the server runs our agent (it has python3)

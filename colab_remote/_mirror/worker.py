@@ -473,5 +473,5 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     cfg = MirrorConfig.load(args.run_dir)
-    password = _proc.receive_secret() if cfg.has_password else None
+    password = _proc.receive_secret() if cfg.has_secret else None
     return run(cfg, password)
