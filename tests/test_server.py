@@ -459,7 +459,7 @@ def test_config_text_is_ours_and_complete(tmp_path) -> None:
 
 
 def test_install_errors_are_clear(as_nobody) -> None:
-    script = ("from colab_remote import _proc, InstallError\n"
+    script = ("from colab_remote import _install, InstallError\n"
               "try:\n    _install.apt_install(['openssh-server'], progress=False)\n"
               "except InstallError as e:\n    print(e)\n")
     no_apt = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
