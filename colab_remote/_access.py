@@ -26,6 +26,7 @@ import re
 import secrets
 import shlex
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -262,6 +263,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
     source, sha = agent_source()
     request = {"source": source.decode(), "sha": sha, "restricted": restricted,
                "keys": [{**purpose, "id": kid, "days": days,
+                         "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
                          "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
     known_before = _known(login)
     with contextlib.ExitStack() as stack:

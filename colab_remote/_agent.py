@@ -1246,11 +1246,14 @@ def _command(words: List[str]) -> str:
     return text
 
 
-def _key_line(options: List[str], pubkey: str, key_id: str) -> str:
+def _key_line(options: List[str], pubkey: str, key_id: str, label: str = "") -> str:
+    """One authorized_keys line; its comment names the key (our marker) and, for people reading
+    the file, the runtime and the day it was set up."""
     pub = pubkey.split()
     if len(pub) < 2 or not pub[0].startswith(("ssh-", "ecdsa-", "sk-")):
         raise ValueError("not a public key: %r" % pubkey[:40])
-    return "%s %s %s %s" % (",".join(options), pub[0], pub[1], _marker(key_id))
+    words = [w for w in label.split() if all(c.isalnum() or c in "-_.:=" for c in w)][:4]
+    return " ".join([",".join(options), pub[0], pub[1], _marker(key_id), *words])
 
 
 def setup(request: dict) -> dict:
@@ -1313,7 +1316,7 @@ def setup(request: dict) -> dict:
                 reply["expires"] = until
                 options += ['command="%s"' % _command(forced),
                             'expiry-time="%s"' % time.strftime("%Y%m%d%H%M%S", time.localtime(until))]
-                lines.append(_key_line(options, key["pubkey"], kid))
+                lines.append(_key_line(options, key["pubkey"], kid, str(key.get("label", ""))))
             replies.append(reply)
     finally:
         os.close(state)

@@ -328,7 +328,7 @@ def test_expired_and_revoked_keys_stop_working_and_runtimes_keep_their_own(tmp_p
                     if "tunnel-" in li)
         for needed in ("restrict", "port-forwarding", f'permitlisten="localhost:{t1.remote_port}"'
                        if t1.config.get("key_id", "") in line else "permitlisten=", "permitopen=",
-                       'command="', "--forced tunnel", "expiry-time="):
+                       'command="', "--forced tunnel", "expiry-time=", f"runtime={socket.gethostname()}"):
             assert needed in line, line
         key2 = next(k for k in (second / "keys").iterdir() if k.name.startswith("tunnel-") and not k.suffix)
         assert ssh_as(key2, server, second, target(server), "hello").stdout.startswith("colab-remote-agent")
