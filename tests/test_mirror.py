@@ -382,6 +382,30 @@ def test_found_and_stopped_from_a_fresh_process(tmp_path: Path, server) -> None:
     assert stop_mirrors(tmp_path / "state") == 0
 
 
+def test_a_killed_worker_leaves_no_master_after_a_rerun(tmp_path: Path, server) -> None:
+    """Issue 13, item 6: SIGKILL the mirror process; its ssh ControlMaster (a session of its own)
+    outlives it; mirror() run again for the same pair stops that master, and the new mirror works."""
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    m = start(tmp_path, server, local)
+    info = json.loads((m.run_dir / "status.json").read_text())
+    worker, master = info["pid"], info["master_pid"]
+    os.kill(worker, signal.SIGKILL)  # our own test's process, by pid
+    wait_for(lambda: not _proc.pid_alive(worker), 10, "the killed mirror process to go")
+    assert _proc.pid_alive(master)  # what the issue saw: the master stays behind
+    again = start(tmp_path, server, local, password=None)  # the same runtime: its key still works
+    try:
+        wait_for(lambda: not _proc.pid_alive(master), 10, "the old ControlMaster to stop")
+        assert again.alive and again.pid != worker
+        (local / "b.txt").write_text("b")
+        again.flush(30)
+        assert converged(local, server)
+    finally:
+        again.stop()
+    assert not _proc.pid_alive(json.loads((again.run_dir / "status.json").read_text())["master_pid"])
+
+
 def test_wrong_password_and_rerun_replaces(tmp_path: Path, server) -> None:
     local = tmp_path / "project"
     local.mkdir()
