@@ -462,7 +462,7 @@ class Tree:
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 self.discard(fd, name, p)
                 st = None
-            stage = self._stage() if st is None else None
+            stage = self._stage() if st is None and not _in_place(p) else None
             if stage is None:
                 if st is None:
                     os.mkdir(name, 0o700, dir_fd=fd)
@@ -762,6 +762,13 @@ class Tree:
             except OSError:
                 pass
         os.close(self.root_fd)
+
+
+def _in_place(p: bytes) -> bool:
+    """A git repository's object folder (``.git/objects/ab``) is made in place, not in the stage:
+    the client sends each object after those it names, and each must be there once written."""
+    parts = p.split(b"/")
+    return len(parts) >= 3 and parts[-2] == b"objects" and b".git" in parts[:-2]
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -404,6 +405,85 @@ def test_a_killed_worker_leaves_no_master_after_a_rerun(tmp_path: Path, server) 
     finally:
         again.stop()
     assert not _proc.pid_alive(json.loads((again.run_dir / "status.json").read_text())["master_pid"])
+
+
+def _agent_pid(server) -> int | None:
+    """The server-side agent of the mirror (run as the server's throwaway user)."""
+    for p in os.listdir("/proc"):
+        if p.isdigit() and _owner(p) == server.user.uid:
+            with contextlib.suppress(OSError):
+                if b"--forced\0mirror" in Path(f"/proc/{p}/cmdline").read_bytes():
+                    return int(p)
+    return None
+
+
+def test_a_repository_cut_off_anywhere_is_one_git_can_read(tmp_path: Path, server) -> None:
+    """Issue 13, item 4: while commits, branches, pack-refs and gc run here, the server's agent is
+    frozen at random moments (now and then killed): each time the server copy as it is passes
+    ``git fsck`` (objects before the index, reflogs and refs that name them; loose objects deleted
+    only after their pack is there)."""
+    local = tmp_path / "project"
+    local.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@x", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path)}
+
+    def git(*args: str, where: Path = local) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(where), *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    git("init", "-q", "-b", "main")
+    rng = random.Random(13)
+    (local / "readme.txt").write_text("start\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "start")
+    copy = server_root(server)
+    cuts: list[str] = []
+    broken: list[str] = []
+    done = threading.Event()
+
+    def cut() -> None:
+        when = random.Random(4)
+        while not done.is_set():
+            time.sleep(when.uniform(0.005, 0.05))
+            pid = _agent_pid(server)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)  # our own test's process, by pid
+                try:
+                    check = git("fsck", "--cache", "--no-dangling", "--no-progress", where=copy)
+                    cuts.append("kill" if len(cuts) % 6 == 5 else "stop")
+                    if check.returncode != 0:
+                        broken.append(check.stdout + check.stderr)
+                finally:
+                    os.kill(pid, signal.SIGKILL if cuts and cuts[-1] == "kill" else signal.SIGCONT)
+
+    with start(tmp_path, server, local) as m:
+        cutter = threading.Thread(target=cut, daemon=True)
+        cutter.start()
+        try:
+            for i in range(400):  # until there were enough cuts
+                if i >= 60 and len(cuts) >= 30:
+                    break
+                for j in range(3):
+                    (local / f"d{i % 7}").mkdir(exist_ok=True)
+                    (local / f"d{i % 7}" / f"f{j}.bin").write_bytes(os.urandom(rng.randrange(1, 200_000)))
+                (local / "readme.txt").write_text(f"step {i}\n")
+                git("add", "-A")
+                assert git("commit", "-q", "-m", f"step {i}").returncode == 0
+                if i % 10 == 3:
+                    git("branch", f"b{i}")
+                    git("pack-refs", "--all")
+                if i % 20 == 9:
+                    assert git("gc", "-q", "--prune=now").returncode == 0
+        finally:
+            done.set()
+            cutter.join(30)
+        m.flush(60)
+        assert tree(local) == tree(copy)
+    assert git("fsck", "--cache", "--no-dangling", "--no-progress", where=copy).returncode == 0
+    assert len(cuts) >= 30, cuts
+    assert not broken, f"{len(broken)} of {len(cuts)} cuts left a broken repository: {broken[:3]}"
 
 
 def test_wrong_password_and_rerun_replaces(tmp_path: Path, server) -> None:

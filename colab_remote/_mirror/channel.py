@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import _agent, _proc, _sync
 from ..errors import MirrorError
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, changed_paths
+from .plan import Entry, Plan, Planner, Stage, changed_paths
 from .report import Progress
 from .restore import Selection, Writer
 
@@ -241,11 +241,20 @@ class AgentChannel(Channel):
         return sum(1 for e in listing.values() if not stat.S_ISDIR(e.mode))
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
+        """Each stage's records, then its big files, before the next stage (see :class:`Plan`)."""
         sent = Sent()
+        for stage in plan.stages():
+            self._send_stage(stage, plan.planner, sent, progress)
+        sent.deletes = len(plan.deletes)
+        sent.errors += self._collect()
+        plan.planner.acknowledged(plan, ok=not sent.errors)
+        return sent
+
+    def _send_stage(self, stage: Stage, planner: Planner, sent: Sent, progress: Progress | None) -> None:
         records: list[bytes] = []
         size = 0
-        pack, planner = _agent.pack, plan.planner
-        for op, rel, mode, mtime, data in plan:
+        pack = _agent.pack
+        for op, rel, mode, mtime, data in stage.ops:
             sent.ops += 1
             if op == _agent.OP_PUT:
                 sent.files += 1
@@ -265,8 +274,7 @@ class AgentChannel(Channel):
             self._send(records)
             if progress is not None:
                 progress.add(len(records), size)
-        sent.deletes = len(plan.deletes)
-        for rel in plan.big:
+        for rel in stage.big:
             nbytes = self._send_big(rel, planner)
             if nbytes is not None:
                 sent.files += 1
@@ -274,9 +282,6 @@ class AgentChannel(Channel):
                 sent.nbytes += nbytes
                 if progress is not None:
                     progress.add(1, nbytes)
-        sent.errors += self._collect()
-        planner.acknowledged(plan, ok=not sent.errors)
-        return sent
 
     def _send_big(self, rel: str, planner: Planner) -> int | None:
         """Stream one big file in chunks (the agent checks the digest before putting the file in
@@ -386,33 +391,43 @@ class ShellChannel(Channel):
         return f"{_sync.TRASH}/{_stamp()}" if self.cfg.backup else None
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
+        """Per stage (see :class:`Plan`): its deletes, then its folders, links and files by rsync."""
         sent = Sent()
-        listed = [rel for op, rel, *_ in plan if op in (_agent.OP_MKDIR, _agent.OP_LINK)]
-        sent.ops = len(listed) + len(plan.deletes)
+        for stage in plan.stages():
+            ops = list(stage.ops)
+            deletes = [rel for op, rel, *_ in ops if op == _agent.OP_DELETE]
+            listed = [rel for op, rel, *_ in ops if op in (_agent.OP_MKDIR, _agent.OP_LINK)]
+            sent.ops += len(listed) + len(deletes)
+            if deletes:
+                self._delete(deletes)
+            self._rsync(listed + stage.big, plan.planner.root, sent)
         sent.deletes = len(plan.deletes)
-        if plan.deletes:
-            script = _sync.remote_delete_script(plan.deletes, _stamp(), backup=self.cfg.backup)
-            folder = shlex.quote(_sync.remote_path(self.link.dest.path))
-            done = _proc.run(self.link.mux(f"cd -- {folder} && exec sh -s"), input=script, timeout=120,
-                             check=False, error=MirrorError)
-            if done.returncode == 255:
-                raise ConnectionLost(done.stderr)
-        files = listed + plan.big
-        if files:
-            argv = _sync.rsync_files_argv(self.cfg.rsync, self.link.rsync_e(), plan.planner.root,
-                                          self.link.rsync_dest, backup_dir=self._backup_dir())
-            warning = self.link.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in files))
-            if warning:
-                sent.errors.append(["", warning])
-            for rel in files:
-                try:
-                    st = os.lstat(os.path.join(plan.planner.root, rel))
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    sent.files += 1
-                    sent.nbytes += st.st_size
         return sent
+
+    def _delete(self, paths: list[str]) -> None:
+        script = _sync.remote_delete_script(paths, _stamp(), backup=self.cfg.backup)
+        folder = shlex.quote(_sync.remote_path(self.link.dest.path))
+        done = _proc.run(self.link.mux(f"cd -- {folder} && exec sh -s"), input=script, timeout=120,
+                         check=False, error=MirrorError)
+        if done.returncode == 255:
+            raise ConnectionLost(done.stderr)
+
+    def _rsync(self, files: list[str], root: str, sent: Sent) -> None:
+        if not files:
+            return
+        argv = _sync.rsync_files_argv(self.cfg.rsync, self.link.rsync_e(), root,
+                                      self.link.rsync_dest, backup_dir=self._backup_dir())
+        warning = self.link.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in files))
+        if warning:
+            sent.errors.append(["", warning])
+        for rel in files:
+            try:
+                st = os.lstat(os.path.join(root, rel))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sent.files += 1
+                sent.nbytes += st.st_size
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
                    listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:

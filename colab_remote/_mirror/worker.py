@@ -24,11 +24,12 @@ from typing import Any
 from .. import _net, _proc, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
+from . import git
 from .channel import Channel, Sent, open_channel
 from .config import MirrorConfig
 from .control import ControlServer
 from .link import ConnectionLost, Link
-from .plan import Entry, Planner, scan_local
+from .plan import Entry, Plan, Planner, scan_local
 from .report import Progress, Reporter
 from .watch import Watcher
 
@@ -170,7 +171,12 @@ class Worker:
         """
         assert self.channel is not None
         t0 = time.monotonic()
-        sent = self.channel.send(self.planner.plan(paths, added, deleted), progress)
+        added, deleted = set() if added is None else added, set() if deleted is None else deleted
+
+        def catch_up() -> Plan | None:
+            return self._objects_meanwhile(paths, added, deleted)
+
+        sent = self.channel.send(self.planner.plan(paths, added, deleted, catch_up), progress)
         took = time.monotonic() - t0
         if took > 0.2:
             log.info("pushed %d files (%d ops, %d big) in %.3f s", sent.files, sent.ops, sent.big, took)
@@ -192,6 +198,25 @@ class Worker:
                 self.full_due = self.last_push_end + BURST_QUIET
         self.report.dirty = True
         return sent
+
+    def _objects_meanwhile(self, paths: set[str], added: set[str], deleted: set[str]) -> Plan | None:
+        """A batch has read a repository's names (the index, refs): the objects git wrote before
+        may still be on their way here. Every event up to now, and the objects among them join
+        the batch (``paths``, ``added``, ``deleted``: kept again if the push fails)."""
+        if self.watcher is None or not self.watcher.sync(5):
+            return None
+        with self.cond:
+            take = {p for p in self.pending if git.is_object(p)}
+            if not take:
+                return None
+            self.pending -= take
+            more_added, more_deleted = self.added & take, self.deleted & take
+            self.added -= more_added
+            self.deleted -= more_deleted
+        paths |= take
+        added |= more_added
+        deleted |= more_deleted
+        return self.planner.plan(take, more_added, more_deleted)
 
     def _errors(self, sent: Sent) -> None:
         if not sent.errors:
