@@ -13,16 +13,17 @@ P2 = RTT 200 ms, 20 Mbit/s up, 50 down; loopback = no relay) for the mirror and 
 in the same run: ``rsync -a`` over a warm ControlMaster, and lsyncd (default.rsync, delay=0, rsync
 through that ControlMaster). The floor is what physics allows: one-way delay + size / bandwidth.
 Trees and server copies live on a tmpfs, so the disk is not what is measured. Each figure starts
-once the machine is quiet (``sync``, then < 5 % busy over half a second, at most 20 s).
+once the machine is quiet (``sync``, then < 5 % busy over half a second, at most 5 s).
 
 Figures (``--only NAME``):
   sanity    the relay meets its profile: scp of 50 MiB within 10 % of size/bandwidth + handshake
   edit      a 1 KiB edit in a 2,000-file tree, until complete on the server
   burst     2,000 new 4 KiB files in 20 new folders, until all are on the server
   first     first push of a 2,000-file tree (mirror() + flush()) vs rsync -a with a fresh login
-  bigedit   a 1 KiB edit written 1 s after a 200 MiB file starts
-  cut       a 200 MiB file, the link cut for 10 s halfway: time after the link returns, and the
-            bytes that crossed the link / the file's size (counted at the relay)
+  bigedit   a 1 KiB edit written 1 s after a 200 MiB file starts crossing the link
+  cut       a 200 MiB file, the link cut for 10 s (and 30 s: ``--cut-seconds``) halfway: time
+            after the link returns, and the bytes that crossed the link / the file's size
+            (counted at the relay)
   reverse   100 MiB read through reverse_forward()'s tunnel vs plain ``ssh -R``
   compress  a 10 MiB text tree and a 10 MiB random tree (P1/P2): the mirror, rsync -a, rsync -az
   startup   loopback only: mirror() + flush() vs rsync -a, fresh (empty server copy) and restart
@@ -68,10 +69,10 @@ class Sizes:
     firsts: int = 2
     big: int = 200 * MiB
     reverse: int = 100 * MiB
-    reverse_runs: int = 2
+    reverse_runs: int = 1
     sanity: int = 50 * MiB
     compress: int = 10 * MiB
-    cut_s: float = 10.0
+    cuts: tuple[float, ...] = (10.0, 30.0)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -454,42 +455,53 @@ def first(b: Bench, link: Link) -> None:
 
 
 def bigedit(b: Bench, link: Link, t: Trees) -> None:
+    """A 1 KiB edit written 1 s after a big file's first bytes cross the link (on loopback: 1 s
+    after the big file was written): does the edit wait for the whole big file?"""
     size = b.sizes.big
     data = b.random_bytes(size)
     timeout = 3 * link.wire_time(size) + 120
+    relay = link.relay
 
-    def run(local: Path, server: Path, label: str) -> tuple[float | None, float | None]:
+    def run(local: Path, server: Path, label: str) -> tuple[float | None, float | None, float]:
         C.settle()
         content = b"after the big file " + secrets.token_hex(8).encode() + b"e" * 990
+        base = relay.up_bytes() if relay else 0
         t0 = time.perf_counter()
         write_file(local / f"big-{label}.bin", data)
-        time.sleep(max(0.0, t0 + 1 - time.perf_counter()))
+        if relay is not None and not C.wait_until(lambda: relay.up_bytes() - base > MiB, timeout,
+                                                  0.005):
+            raise RuntimeError("the big file never started crossing the link")
+        started = time.perf_counter() - t0
+        time.sleep(1)
         t1 = time.perf_counter()
         (local / "edit.txt").write_bytes(content)
         arrived = C.wait_content(server / "edit.txt", content, timeout)
         big = C.wait_size(server / f"big-{label}.bin", size, timeout)
-        return (None if arrived is None else arrived - t1), (None if big is None else big - t0)
+        return ((None if arrived is None else arrived - t1), (None if big is None else big - t0),
+                started)
 
-    ours, ours_big = run(t.ours, t.ours_server, "ours")
+    ours, ours_big, ours_start = run(t.ours, t.ours_server, "ours")
     t.m.flush(timeout)
     lsy = lsy_big = None
     if t.lsyncd is not None:
-        lsy, lsy_big = run(t.ls, t.ls_server, "lsyncd")
+        lsy, lsy_big, _ = run(t.ls, t.ls_server, "lsyncd")
     b.add(Result("bigedit", link.name, ours, link.floor(1024), None, lsy, "s", [
-        f"the {size // MiB} MiB file complete after ours {fmt(ours_big, 's')}, lsyncd "
-        f"{fmt(lsy_big, 's')} (floor {fmt(link.floor(size), 's')}); rsync: one rsync carries both"]))
+        f"the {size // MiB} MiB file on the wire {ours_start:.2f} s after it was written; complete "
+        f"after ours {fmt(ours_big, 's')}, lsyncd {fmt(lsy_big, 's')} (floor "
+        f"{fmt(link.floor(size), 's')}); rsync: one rsync carries both"]))
     for path in (t.ours / "big-ours.bin", t.ls / "big-lsyncd.bin"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     t.m.flush(300)
 
 
-def cut(b: Bench, link: Link, t: Trees) -> None:
+def cut(b: Bench, link: Link, t: Trees, pause: float) -> None:
+    """A big file, the link cut for ``pause`` s once half of it crossed: seconds after the link
+    returns until the server has it, and the bytes that crossed / its size."""
     assert link.relay is not None
     size = b.sizes.big
     data = b.random_bytes(size, 1)
-    timeout = 4 * link.wire_time(size) + 180
-    pause = b.sizes.cut_s
+    timeout = 4 * link.wire_time(size) + 180 + pause
 
     relay = link.relay
 
@@ -522,7 +534,7 @@ def cut(b: Bench, link: Link, t: Trees) -> None:
     rs, rs_bytes, _ = run(lambda: subprocess.Popen(link.rsync_argv(f"{src}/cut.bin", t.rs_server)),
                           t.rs_server / "cut.bin")
     ok = hashlib.sha256((t.ours_server / "cut.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
-    b.add(Result("cut", link.name, ours, link.floor(size - size // 2), rs, None, "s", [
+    b.add(Result(f"cut-{pause:g}s", link.name, ours, link.floor(size - size // 2), rs, None, "s", [
         f"cut {pause:g} s after {before:.1f} s; bytes over the link / file size: ours "
         f"{ours_bytes:.2f}, rsync {rs_bytes:.2f}; server copy intact: {ok}; floor = delay + "
         f"the half left / bandwidth; rsync = rsync -a over the warm ControlMaster, same cut"]))
@@ -658,18 +670,18 @@ def startup(b: Bench, sizes: list[int]) -> None:
             say(f"  [startup] made {n} files in {time.perf_counter() - t0:.1f} s")
             dest_m = b.remote(link, f"startup-{n}-ours")
             dest_r = b.remote(link, f"startup-{n}-rsync")
-            C.settle(60)
+            C.settle(15)
             rs_fresh = link.rsync(f"{src}/", dest_r, warm=False)
-            C.settle(60)
+            C.settle(15)
             t0 = time.perf_counter()
             m = link.mirror(src, dest_m, timeout=3600)
             returned = time.perf_counter() - t0
             m.flush(3600)
             fresh = time.perf_counter() - t0
             m.stop()
-            C.settle(60)
+            C.settle(15)
             rs_again = link.rsync(f"{src}/", dest_r, warm=False)
-            C.settle(60)
+            C.settle(15)
             t0 = time.perf_counter()
             m = link.mirror(src, dest_m, timeout=3600)
             m.flush(3600)
@@ -688,9 +700,9 @@ def startup(b: Bench, sizes: list[int]) -> None:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run_link(b: Bench, profile: Profile | None, only: str | None, rt: Runtime | None) -> None:
+def run_link(b: Bench, profile: Profile | None, only: set[str], rt: Runtime | None) -> None:
     def want(name: str) -> bool:
-        return only is None or only == name
+        return name in only
 
     link = Link(b, profile)
     say(f"== {profile.describe() if profile else 'loopback (no relay)'}; port {link.port}")
@@ -715,7 +727,8 @@ def run_link(b: Bench, profile: Profile | None, only: str | None, rt: Runtime | 
         if trees is not None and want("bigedit"):
             bigedit(b, link, trees)
         if trees is not None and profile is not None and want("cut"):
-            cut(b, link, trees)
+            for pause in b.sizes.cuts:
+                cut(b, link, trees, pause)
     finally:
         if trees is not None:
             trees.close()
@@ -730,7 +743,8 @@ WORK = {
     "burst": "2,000 x 4 KiB burst",
     "first": "first push of a 2,000-file tree (rsync: fresh login)",
     "bigedit": "1 KiB edit written 1 s after a big file starts",
-    "cut": "big file, link cut halfway: done after the link returns",
+    "cut-10s": "big file, link cut 10 s halfway: done after the link returns",
+    "cut-30s": "big file, link cut 30 s halfway (beyond ssh's 15 s keepalive): done after return",
     "reverse": "read through the reverse tunnel (rsync column: plain ssh -R)",
     "compress-text": "text tree (rsync column: rsync -a)",
     "compress-random": "random tree (rsync column: rsync -a)",
@@ -771,17 +785,21 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="50 MiB big files, 10 edits, one run of each burst and first push")
-    parser.add_argument("--only", choices=FIGURES, help="one figure only")
+    parser.add_argument("--only", help=f"these figures only (comma-separated: {', '.join(FIGURES)})")
     parser.add_argument("--profiles", default="loopback,P1,P2",
                         help="comma-separated: loopback, P1, P2 (default all three)")
     parser.add_argument("--startup-sizes", default="10000",
                         help="file counts for the start-up figure (the issue's: 10000,100000,300000)")
     parser.add_argument("--big-mb", type=int, help="size of the big files in MiB")
+    parser.add_argument("--cut-seconds", default="10,30",
+                        help="how long the link is cut halfway through the big file (default "
+                             "10 s, the issue's, and 30 s, longer than ssh's keepalive allows)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: the benchmark creates throwaway users and sshd servers", file=sys.stderr)
         return 2
+    C.exit_on_sigterm()
     profiles: list[Profile | None] = []
     names = [p.strip() for p in args.profiles.split(",") if p.strip()]
     for name in names:
@@ -789,6 +807,9 @@ def main() -> int:
             parser.error(f"unknown profile {name!r}")
         profiles.append({"loopback": None, "P1": P1, "P2": P2}[name])
     sizes = [int(x) for x in args.startup_sizes.split(",") if x.strip()]
+    only = set(args.only.split(",")) if args.only else set(FIGURES)
+    if only - set(FIGURES):
+        parser.error(f"unknown figures {sorted(only - set(FIGURES))}; known: {', '.join(FIGURES)}")
     base = Path(tempfile.mkdtemp(prefix="bench-wan-"))
     os.chmod(base, 0o755)
     started = time.monotonic()
@@ -800,15 +821,15 @@ def main() -> int:
             b = Bench(args, base, fast)
             if args.big_mb:
                 b.sizes.big = args.big_mb * MiB
+            b.sizes.cuts = tuple(float(x) for x in args.cut_seconds.split(",") if x.strip())
             say(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; trees on "
                 f"{fast}; {'quick' if args.quick else 'full'} sizes: {b.sizes}")
-            if args.only in (None, "reverse"):
+            if "reverse" in only:
                 rt = Runtime(b)
             for profile in profiles:
-                if args.only == "startup":
-                    break
-                run_link(b, profile, args.only, rt)
-            if args.only in (None, "startup") and "loopback" in names:
+                if only - {"startup"}:
+                    run_link(b, profile, only, rt)
+            if "startup" in only and "loopback" in names:
                 say("== start-up, loopback, tmpfs")
                 startup(b, sizes)
     finally:
