@@ -666,7 +666,8 @@ class SoakReport:
         if lies:
             out.append(f"3' flush() returned ok with only ghosts or temporary files left over at "
                        f"{len(lies)} checkpoints")
-        bad_fsck = [c for c in self.checkpoints if c.fsck not in ("", "ok")]
+        bad_fsck = [c for c in self.checkpoints if c.fsck not in ("", "ok")
+                    and not c.fsck.startswith("SOAK ERROR")]
         if bad_fsck:
             out.append(f"4 (a restored git repository is broken): {len(bad_fsck)} checkpoints")
         temps = max((c.temp_files for c in self.checkpoints), default=0)
@@ -1050,9 +1051,12 @@ class Soak:
                 changed.append((path, st))
         try:
             self.work_for(n)
-            # the same entries, changed here too, while they are read-only on the server
+            # the same entries, changed here too, while they are read-only on the server (not
+            # inside the git repository's own folder: git writes there, nobody else)
             for path, _ in changed:
                 rel = path.relative_to(self.dest)
+                if rel.parts[:2] == ("repo", ".git"):
+                    continue
                 local = self.local / rel
                 with contextlib.suppress(OSError):
                     if local.is_dir() and not local.is_symlink():
@@ -1191,6 +1195,11 @@ class Soak:
             diff.missing = [p for p in diff.missing if TMP_INFIX not in p]
             what = "equal" if diff.clean else diff.describe(5)
             fsck = ""
+            here = git(self.local / "repo", "fsck", "--no-progress", "--strict", check=False)
+            if here.returncode != 0:
+                # the runtime's own repository is broken: the soak's doing, not the mirror's
+                return what, "SOAK ERROR: the runtime's repository fails git fsck: " + " ".join(
+                    here.stderr.split())[:200]
             if (fresh / "repo" / ".git").is_dir():
                 done = git(fresh / "repo", "fsck", "--no-progress", "--strict", check=False)
                 head = git(fresh / "repo", "rev-parse", "--verify", "HEAD", check=False)
@@ -1227,7 +1236,7 @@ class Soak:
 
 def soak(seconds: float = 60, *, seed: int = 1, fault_seconds: float = 3.0,
          faults: tuple[str, ...] = FAULTS, converge_limit: float = 60, disk_mb: int = 256,
-         say: Callable[[str], None] | None = None) -> SoakReport:
+         say: Callable[[str], None] | None = None, keep: Path | None = None) -> SoakReport:
     """Run the soak for ``seconds`` (a 60-second version for a test); the report (``.ok``).
 
     Needs root (a throwaway user, an sshd of its own, a tmpfs mount). Everything it starts is
@@ -1258,6 +1267,9 @@ def soak(seconds: float = 60, *, seed: int = 1, fault_seconds: float = 3.0,
             finally:
                 s.report.seconds = time.monotonic() - s.t_start
                 s.close()
+                if keep is not None:   # the mirrors' logs and status files, for a post-mortem
+                    shutil.copytree(s.state, keep / "state", dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("ctl", "cm"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return s.report
@@ -1275,6 +1287,7 @@ def main() -> int:
     parser.add_argument("--converge", type=float, default=90.0,
                         help="how long a checkpoint waits for the copy to become equal")
     parser.add_argument("--disk-mb", type=int, default=256, help="the server's disk (a tmpfs)")
+    parser.add_argument("--keep", type=Path, help="copy the mirrors' logs and status here at the end")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: the soak creates a throwaway user, an sshd and a tmpfs", file=sys.stderr)
@@ -1282,7 +1295,8 @@ def main() -> int:
     faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     C.exit_on_sigterm()
     report = soak(args.minutes * 60, seed=args.seed, fault_seconds=args.fault_seconds,
-                  faults=faults, converge_limit=args.converge, disk_mb=args.disk_mb, say=log_line)
+                  faults=faults, converge_limit=args.converge, disk_mb=args.disk_mb, say=log_line,
+                  keep=args.keep)
     print()
     print(report.summary())
     return 0 if report.ok else 1
