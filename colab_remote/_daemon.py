@@ -66,6 +66,7 @@ class State(str, enum.Enum):
     RESTORING = "restoring"
     FIRST_PUSH = "first push"
     UP = "up"
+    REFUSED = "refused"  # a mirror whose server refuses some changes (a full disk): retrying
     RECONNECTING = "reconnecting"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -77,7 +78,7 @@ class State(str, enum.Enum):
     def busy(self) -> bool:
         """On its way (amber in a card), as opposed to up (green), failed (red) or stopped."""
         return self in (State.STARTING, State.CONNECTING, State.RESTORING, State.FIRST_PUSH,
-                        State.RECONNECTING)
+                        State.REFUSED, State.RECONNECTING)
 
     @classmethod
     def of(cls, value: object) -> State:

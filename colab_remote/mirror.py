@@ -342,7 +342,7 @@ def mirror(
                      progress.get("text", "") if mine else "")
         elif bar.phase is not None:
             bar.close(done=alive and state not in ("failed", "stopped"))
-        return state in ("up", "failed", "stopped", "reconnecting") or not alive
+        return state in ("up", "refused", "failed", "stopped", "reconnecting") or not alive
 
     try:
         _proc.wait_until(settled, timeout, interval=0.02)

@@ -37,7 +37,9 @@ log = logging.getLogger("colab_remote.mirror")
 
 BURST_PATHS = 200           # pushes this big together are a burst: a whole-tree pass follows once quiet
 BURST_QUIET = 0.3           # seconds without events before that pass
-FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
+VERIFY_EVERY = 60.0         # a verification (a whole-tree pass) at most this often while anything changes,
+VERIFY_SHARE = 0.02         # ... and never more than this share of the time (a pass of 3 s: every 150 s)
+VERIFY_IDLE = 3600.0        # ... and this often anyway (a change no event reported)
 RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-tree pass this much later
 PRUNE_EVERY = 6 * 3600.0
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
@@ -65,16 +67,22 @@ class Worker:
         self.stop_flush_until = 0.0
         self.full_due: float | None = None
         self.last_full = 0.0
+        self.full_took = 0.0
+        self.verify_asked = 0       # flush() asks for a verification after the events it waits for
+        self.verify_after = 0       # ... have been pushed
+        self.verify_done = 0
+        self.verify_errors = False  # the last verification met errors
+        self.verifying = 0          # the flush requests the whole-tree pass under way answers
         self.last_prune = time.monotonic()
         self.changed_since_full = False
         self.run_paths = 0          # paths pushed since the last quiet spell (see push())
         self.last_push_end = 0.0
         self.stats: dict[str, Any] = {"files": 0, "bytes": 0, "pushes": 0, "full_passes": 0,
                                       "deleted": 0, "last_push": None, "last_error": None,
-                                      "reconnects": 0}
+                                      "reconnects": 0, "verified": None, "verify_seconds": None,
+                                      "verify_fixed": 0}
         self.watcher: Watcher | None = None
         self.connected = False
-        self.error_count = 0
         self.report = Reporter(Path(cfg.run_dir), {
             "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
             "sock_dir": cfg.sock_dir}, self.snapshot)
@@ -136,24 +144,23 @@ class Worker:
         return {"error": f"unknown command {words[0]!r}"}
 
     def flush(self, timeout: float) -> str:
-        """Wait until everything changed before the call is on the server: '' when it is,
-        "timeout", or "errors" (the server refused some of it)."""
+        """Wait until the server holds the folder as it was at the call: every change reported
+        until then pushed, then a verification (the server's listing against the folder: what an
+        event missed or the server refused is sent again). '' when it holds it, "timeout", or
+        "errors" (the server refuses some of it)."""
         deadline = time.monotonic() + timeout
-        errors_before = self.error_count
         if self.watcher is not None and not self.watcher.sync(min(timeout, 10)):
             return "timeout"
         with self.cond:
-            target = self.events
-            if self.full_due is not None:
-                self.full_due = time.monotonic()
+            self.verify_asked += 1
+            token = self.verify_asked
+            self.verify_after = max(self.verify_after, self.events)
             self.cond.notify_all()
-            done = self.cond.wait_for(
-                lambda: self.pushed_events >= target and not self.pending and not self.in_flight
-                and self.full_due is None and self.connected,
-                max(0.0, deadline - time.monotonic()))
-        if not done:
-            return "timeout"
-        return "" if self.error_count == errors_before else "errors"
+            done = self.cond.wait_for(lambda: self.verify_done >= token,
+                                      max(0.0, deadline - time.monotonic()))
+            if not done:
+                return "timeout"
+            return "errors" if self.verify_errors else ""
 
     def request_stop(self, flush_timeout: float) -> None:
         with self.cond:
@@ -219,12 +226,13 @@ class Worker:
         return self.planner.plan(take, more_added, more_deleted)
 
     def _errors(self, sent: Sent) -> None:
+        """The server refused some changes (a full disk, a read-only folder): the state says so
+        until a whole-tree pass gets everything there; that pass comes a little later."""
         if not sent.errors:
             return
-        self.error_count += 1
-        self.stats["last_error"] = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
-        log.warning("server errors: %s", self.stats["last_error"])
-        # what failed (a full disk, say) is sent again by a whole-tree pass a little later
+        error = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
+        log.warning("server errors: %s", error)
+        self.set_state(State.REFUSED, error)
         retry = time.monotonic() + RETRY_AFTER_ERROR
         self.full_due = retry if self.full_due is None else min(self.full_due, retry)
 
@@ -240,7 +248,20 @@ class Worker:
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
-        log.info("whole-tree pass in %.3f s", self.last_full - t0)
+        self.full_took = self.last_full - t0
+        self.verify_errors = bool(sent.errors)
+        if not sent.errors:  # the server holds the folder as it was at the pass's listing
+            self.stats.update(verified=time.time(), verify_seconds=round(self.full_took, 4),
+                              last_error=None)
+            self.report.error = None
+            if phase is None:
+                self.stats["verify_fixed"] = sent.ops
+                if sent.ops:
+                    log.warning("the whole-tree pass sent %d changes no event had reported", sent.ops)
+            if self.state is State.REFUSED:
+                self.set_state(State.UP)
+                log.info("the server takes every change again")
+        log.info("whole-tree pass in %.3f s", self.full_took)
 
     def prune(self) -> None:
         assert self.channel is not None
@@ -297,15 +318,19 @@ class Worker:
             if self.stop_asked and (not self.pending and self.full_due is None
                                     or now >= self.stop_flush_until):
                 return None
-            if self.pending:
+            verify = self.verify_asked > self.verify_done and self.pushed_events >= self.verify_after
+            if self.pending and not verify:
                 paths, added, deleted = self.pending, self.added, self.deleted
                 self.pending, self.added, self.deleted = set(), set(), set()
                 self.in_flight = True
                 return "push", paths, added, deleted, self.events
-            if self.full_due is not None and now >= self.full_due or (
-                    self.changed_since_full and now - self.last_full > FULL_PASS_EVERY):
+            every = max(VERIFY_EVERY, self.full_took / VERIFY_SHARE)
+            if verify or self.full_due is not None and now >= self.full_due or (
+                    self.changed_since_full and now - self.last_full > every) or (
+                    now - self.last_full > VERIFY_IDLE):
                 self.full_due, self.changed_since_full = None, False
                 self.in_flight = True
+                self.verifying = self.verify_asked
                 return "full", set(), set(), set(), self.events
             if now - self.last_prune > PRUNE_EVERY:
                 self.in_flight = True
@@ -359,6 +384,8 @@ class Worker:
                 continue
             with self.cond:
                 self.pushed_events = max(self.pushed_events, target)
+                if kind == "full":
+                    self.verify_done = max(self.verify_done, self.verifying)
                 if not self.pending:
                     self.in_flight = False
                 self.cond.notify_all()
@@ -415,7 +442,8 @@ class Worker:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
         self.changed_since_full = False
-        self.set_state(State.UP)  # with the first push's last progress, for the bar
+        if self.state is not State.REFUSED:
+            self.set_state(State.UP)  # with the first push's last progress, for the bar
 
     def shutdown(self) -> None:
         if self.watcher is not None:
