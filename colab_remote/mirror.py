@@ -15,6 +15,7 @@ process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -349,7 +350,8 @@ def _prepare(local_dir: object, destination: object, *, port: object, password: 
     """Validate every argument (ValueError/TypeError before anything runs)."""
     local = _local_dir(local_dir)
     dest = _ssh.parse_destination(destination, with_path=True)
-    _sync.check_remote_path(dest.path)
+    # one spelling per folder (proj, ~/proj, proj/): one mirror, one key, one run folder
+    dest = dataclasses.replace(dest, path=_sync.check_remote_path(dest.path))
     _ssh.check_port(port)
     if password is not None:
         _ssh.check_password(password)
