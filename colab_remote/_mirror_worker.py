@@ -402,7 +402,7 @@ class Connection:
             rc, output = _proc.run_bytes(argv, data, timeout=timeout)
         else:
             rc, output = _proc.run_bytes_watched(argv, data, timeout=timeout, on_output=on_output)
-        if _sync.rsync_exit_ok(rc):
+        if _sync.rsync_exit_ok(rc, output):  # 23 for files deleted meanwhile: no error
             return ""
         if rc in (255, 12, 10, 30, 35, -9) or not self.up:
             raise ConnectionLost(f"rsync exit {rc}: {output[-500:]}")

@@ -6,10 +6,7 @@ The disk cases mount a small tmpfs as the server destination (root only; unmount
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,4 +44,51 @@ def test_a_folder_deleted_right_after_it_was_made_never_comes_back(tmp_path: Pat
     try:
         assert not list(fresh.glob("C*/s1")) and tree(fresh) == tree(local)
     finally:
+        m.stop()
+
+
+def test_files_deleted_while_rsync_sends_them_are_no_server_error(tmp_path: Path, server,
+                                                                   monkeypatch) -> None:
+    """A server without python3 (rsync only): files deleted in the runtime during a burst were
+    logged as ``server errors: rsync exit 23 ... link_stat ... No such file or directory`` and
+    made flush() say the server refused changes (issue 13, item 9)."""
+    import random
+    import threading
+    import time
+
+    monkeypatch.setenv("COLAB_REMOTE_MIRROR_AGENT", "0")
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    m = start(tmp_path, server, local, restricted=False)
+    stop = threading.Event()
+
+    def churn() -> None:  # short-lived files: many are gone by the time rsync reads its list
+        rng = random.Random(13)
+        n = 0
+        while not stop.is_set():
+            batch = []
+            for _ in range(rng.randrange(5, 40)):
+                p = local / f"tmp{n}.txt"
+                n += 1
+                p.write_text("short-lived " * 20)
+                batch.append(p)
+            time.sleep(rng.random() * 0.03)
+            for p in batch:
+                p.unlink()
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        time.sleep(4)
+        stop.set()
+        writer.join()
+        (local / "last.txt").write_text("after the churn")
+        m.flush(60)
+        assert converged(local, server)
+        log = m.logs(2000)
+        assert "link_stat" not in log and "rsync exit 23" not in log, log[-2000:]
+        assert not m.stats["last_error"], m.stats["last_error"]
+    finally:
+        stop.set()
         m.stop()
