@@ -101,6 +101,7 @@ class Connection:
         self._buf = b""
         self.outstanding = 0
         self.sent_bytes = 0
+        self.trash: dict[str, Any] | None = None  # what the server's trash holds (the agent says)
 
     # ssh options of the master; every later command goes through its control socket.
     def options(self) -> dict[str, str | int]:
@@ -216,6 +217,12 @@ class Connection:
         self.outstanding = self.sent_bytes = 0
         try:
             op, _, _, _, _, data = self._record(time.monotonic() + 30)
+            if op == _agent.R_FAIL:  # another mirror writes there (the agent says which)
+                _proc.end_pipes(self.agent)
+                self.agent = None
+                raise MirrorError(data.decode(errors="replace"),
+                                  fix="stop that mirror first (.stop() in its runtime), or "
+                                      "mirror to another folder")
             hello = json.loads(data) if op == _agent.R_HELLO else {}
         except (ConnectionLost, ValueError) as e:
             _proc.end_pipes(self.agent)
@@ -230,6 +237,7 @@ class Connection:
                               f"this colab-remote {_agent.VERSION!r}",
                               fix="run mirror() again with the password: it installs this version")
         self.agent_ok = True
+        self.trash = hello.get("trash")
         log.info("agent on the server: pid %s, keeps the trash %s days", hello.get("pid"),
                  hello.get("keep_days"))
 
@@ -325,7 +333,9 @@ class Connection:
             op, _, _, _, _, data = self._record(deadline)
             if op != _agent.R_ACK:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
-            errors += json.loads(data)
+            answer = json.loads(data)
+            errors += answer["errors"]
+            self.trash = answer.get("trash") or self.trash
             self.outstanding -= 1
         self.sent_bytes = 0
         return errors
@@ -790,7 +800,7 @@ class Worker:
         with self.cond:
             pending = len(self.pending) + (1 if self.full_due is not None else 0)
         return {**self.stats, "pending": pending, "state": self.state,
-                "connected": self.connected, "in_flight": self.in_flight}
+                "connected": self.connected, "in_flight": self.in_flight, "trash": self.conn.trash}
 
     def write_status(self, force: bool = False) -> None:
         now = time.monotonic()
