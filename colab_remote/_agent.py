@@ -330,7 +330,7 @@ class Tree:
             _remove_at(fd, name)
             return
         tfd, target = self._trash_target(rel)
-        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        _move(fd, name, tfd, target)
 
     def _make_way(self, parent: int, name: bytes, rel: bytes) -> None:
         self.discard(parent, name, rel)  # a file or link where a folder belongs
@@ -1148,6 +1148,28 @@ def _end_agent(holder: dict, signalled: Dict[int, float]) -> None:
         os.kill(pid, signal.SIGKILL if time.monotonic() - first > 3 else signal.SIGTERM)
     except OSError:
         pass
+
+
+def _move(fd: int, name: bytes, tfd: int, target: bytes) -> None:
+    """Rename ``name`` in ``fd`` to ``target`` in ``tfd``. A folder of ours without write permission
+    for its owner (read-only on the server) cannot move to another folder (its ``..`` changes):
+    it gets the permission for the move and its own mode back in its new place."""
+    try:
+        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        return
+    except PermissionError:
+        st = _lstat(fd, name)
+        if st is None or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o200 \
+                or st.st_uid != os.getuid():
+            raise
+    mode = stat.S_IMODE(st.st_mode)
+    _chmod_nofollow(fd, name, mode | 0o700)
+    try:
+        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+    except BaseException:
+        _chmod_nofollow(fd, name, mode)
+        raise
+    _chmod_nofollow(tfd, target, mode)
 
 
 def _write_all(fd: int, data: bytes) -> None:

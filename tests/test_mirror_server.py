@@ -257,3 +257,31 @@ def test_one_destination_spelled_three_ways_is_one_mirror_and_a_second_runtime_i
     finally:
         for m in handles:
             m.stop()
+
+
+def test_a_folder_read_only_on_the_server_is_deleted_all_the_same(tmp_path: Path, server) -> None:
+    """A folder without write permission on the server cannot be moved into the trash as it is (its
+    '..' changes): it stayed there for good after its delete failed once (issue 13's soak, read-only
+    faults). The agent moves it with its own mode; a delete inside a read-only folder is refused
+    and reported, as before."""
+    local = tmp_path / "project"
+    (local / "ro" / "inner").mkdir(parents=True)
+    (local / "ro" / "f.txt").write_text("f")
+    (local / "locked").mkdir()
+    (local / "locked" / "g.txt").write_text("g")
+    srv = server_root(server)
+    m = start(tmp_path, server, local)
+    try:
+        (srv / "ro").chmod(0o555)        # read-only on the server (its owner may not write there)
+        (srv / "ro" / "inner").chmod(0o500)
+        (srv / "locked").chmod(0o555)
+        subprocess.run(["rm", "-r", str(local / "ro")], check=True)
+        (local / "locked" / "g.txt").unlink()
+        with pytest.raises(MirrorError, match="refused"):
+            m.flush(30)
+        assert not (srv / "ro").exists() and (srv / "locked" / "g.txt").exists()
+        (moved,) = (srv / TRASH).glob("20*/ro")
+        assert oct(moved.stat().st_mode & 0o777) == oct(0o555) and (moved / "f.txt").read_text() == "f"
+    finally:
+        (srv / "locked").chmod(0o755)
+        m.stop(flush=False)
