@@ -100,3 +100,27 @@ def test_a_file_deleted_before_rsync_read_it_is_no_error(tmp_path: Path) -> None
     done = subprocess.run(argv, input=listed, capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert (dst / "here.txt").read_text() == "here"
+
+
+@pytest.mark.parametrize(("kw", "error"), [
+    ({"trash_share": 0}, ValueError), ({"trash_share": 1.5}, ValueError),
+    ({"trash_share": -0.1}, ValueError), ({"trash_share": "half"}, TypeError),
+    ({"trash_share": True}, TypeError), ({"trash_max_gb": 0}, ValueError),
+    ({"trash_max_gb": -1}, ValueError), ({"trash_max_gb": float("inf")}, ValueError),
+    ({"trash_max_gb": float("nan")}, ValueError), ({"trash_max_gb": None}, TypeError),
+])
+def test_the_trash_budget_is_checked_before_anything_runs(tmp_path: Path, kw, error) -> None:
+    with pytest.raises(error, match="trash_"):
+        mirror(tmp_path, "bob@127.0.0.1:backup/p", state_dir=tmp_path / "state", quiet=True, **kw)
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_trash_text_on_the_card() -> None:
+    from colab_remote.mirror import _trash_text
+
+    assert ".colab-remote-trash" in _trash_text(None)
+    text = _trash_text({"bytes": 12_300_000, "versions": 45, "folders": 7, "limit": 9_000_000,
+                        "pruned": {"versions": 22, "bytes": 80_000_000, "folders": 5,
+                                   "reasons": {"space": 20, "full": 2}, "last": "full"}})
+    assert text == ("12.3 MB, 45 versions (at most 9.0 MB now); pruned 22 versions, 80.0 MB "
+                    "(disk space low: 20, disk full: 2)")
