@@ -764,8 +764,9 @@ class Tree:
         budget.load(trash)
         while True:
             reason = budget.over(self._avail())
-            if reason is None or not budget.book or not budget.drop(trash, min(budget.book), reason):
+            if reason is None or not budget.book:
                 break
+            budget.drop(trash, min(budget.book), reason)  # (one that cannot go leaves the book)
         budget.save(trash)
 
     def make_room(self, need: int) -> bool:
@@ -777,8 +778,8 @@ class Tree:
         freed = False
         while book and (not freed or self._avail() < need + ROOM_SLACK):
             freed = budget.drop(trash, min(book), "full") or freed
-        if not freed and self.stamp is not None and _lstat(trash.root, self.stamp) is not None:
-            budget.measured(trash, self.stamp)
+        if not freed and self.stamp is not None and _measure(trash.root, self.stamp)[1]:
+            budget.measured(trash, self.stamp)  # this batch's own versions, the newest
             freed = budget.drop(trash, self.stamp, "full")
         budget.save(trash)
         return freed
@@ -923,12 +924,17 @@ class Budget:
                                                     last=self.last)}
 
     def _read(self, fd: int) -> Dict[bytes, List[int]]:
+        for name in _names(fd):
+            if name.startswith(b"." + SIZES + b"."):
+                _remove_quietly(fd, name)  # a cache being written when its agent was killed
         try:
             f = os.open(SIZES, O_READ, dir_fd=fd)
         except OSError:
             return {}
         try:
-            data = os.read(f, 1 << 24)
+            data = os.read(f, 1 << 24) if stat.S_ISREG(os.fstat(f).st_mode) else b""
+        except OSError:
+            data = b""
         finally:
             os.close(f)
         found = {}
