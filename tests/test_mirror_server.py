@@ -285,3 +285,28 @@ def test_a_folder_read_only_on_the_server_is_deleted_all_the_same(tmp_path: Path
     finally:
         (srv / "locked").chmod(0o755)
         m.stop(flush=False)
+
+
+@pytest.mark.xfail(strict=True, reason="the worker's side (issue 13's soak, read-only faults): a "
+                   "delete the server refused is not tried again, and a whole-tree pass never deletes")
+def test_a_delete_the_server_refused_is_tried_again(tmp_path: Path, server) -> None:
+    """A file deleted here inside a folder that is read-only on the server: the delete is refused
+    (flush() says so); once the folder is writable again it must still happen. Today the file stays
+    on the server for good, and later flush() calls say all is well."""
+    from .conftest import wait_for
+
+    local = tmp_path / "project"
+    (local / "locked").mkdir(parents=True)
+    (local / "locked" / "g.txt").write_text("g")
+    srv = server_root(server)
+    m = start(tmp_path, server, local)
+    try:
+        (srv / "locked").chmod(0o555)
+        (local / "locked" / "g.txt").unlink()
+        with pytest.raises(MirrorError, match="refused"):
+            m.flush(30)
+        (srv / "locked").chmod(0o755)
+        wait_for(lambda: not (srv / "locked" / "g.txt").exists(), 45, "the delete tried again")
+    finally:
+        (srv / "locked").chmod(0o755)
+        m.stop(flush=False)
