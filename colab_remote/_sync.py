@@ -354,7 +354,7 @@ def rsync_exit_ok(code: int, output: str = "") -> bool:
 
 def only_vanished(output: str, exists: Callable[[str], bool] = os.path.lexists) -> bool:
     """True when rsync's messages in ``output`` are all about source files that are gone (and
-    ``exists`` says they still are), so its exit 23 names no real failure."""
+    ``exists`` agrees: none of them is there now), so its exit 23 names no real failure."""
     gone = 0
     for raw in output.replace("\r", "\n").splitlines():
         line = raw.strip()

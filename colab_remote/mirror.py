@@ -265,7 +265,7 @@ def _check_budget(trash_share: object, trash_max_gb: object) -> None:
 
 
 def _trash_text(trash: dict[str, Any] | None) -> str:
-    """What the server's trash holds and what was pruned, for the card and the repr."""
+    """What the server's trash holds and what was pruned (the card's trash row)."""
     if not trash:
         return f"deleted and overwritten files: {_sync.TRASH}/ on the server"
     text = (f"{trash.get('bytes', 0) / 1e6:.1f} MB, {trash.get('versions', 0)} versions "
