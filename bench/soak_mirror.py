@@ -78,6 +78,7 @@ FAULTS = ("worker-kill", "caller-kill", "ssh-kill", "ssh-stop", "sshd-restart", 
 # a file chmod'ed 664 here is 644 there.
 SERVER_MODES = 0o755
 LIVE_S = 5.0          # a version that stood this long, outside faults, must reach the server
+STUCK_S = 15.0        # a checkpoint stops waiting when nothing changed (nothing pending) this long
 MAX_FILES = 4000      # beyond this many files, the work deletes more than it creates
 GIT_ENV = {"GIT_AUTHOR_NAME": "soak", "GIT_AUTHOR_EMAIL": "soak@example.invalid",
            "GIT_COMMITTER_NAME": "soak", "GIT_COMMITTER_EMAIL": "soak@example.invalid"}
@@ -211,6 +212,16 @@ def all_digests(root: Path, digests: Digests) -> set[str]:
     return found
 
 
+def rel_paths(root: Path) -> set[str]:
+    """Every path under ``root``, relative (links not followed)."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        for name in dirs + files:
+            out.add(name if rel == "." else f"{rel}/{name}")
+    return out
+
+
 def du(root: Path) -> tuple[int, int]:
     """(bytes, entries) under ``root``."""
     size = n = 0
@@ -259,6 +270,13 @@ class Work:
         self.commits = 0
         self._listed: tuple[list[Path], list[Path], list[Path]] | None = None
         self._age = 0
+        # paths deleted or renamed away while no mirror watched (set by the soak around a kill):
+        # by design only deletions seen while watching reach the server
+        self.unwatched: set[str] | None = None
+
+    def forget(self) -> None:
+        """Something else changed the folder (a restore): list it again before the next step."""
+        self._listed = None
 
     # names ------------------------------------------------------------------------------------
     def name(self, prefix: str = "f") -> str:
@@ -321,6 +339,11 @@ class Work:
         return head + self.rng.randbytes(size - len(head))
 
     # bookkeeping ------------------------------------------------------------------------------
+    def _unwatched(self, path: Path) -> None:
+        if self.unwatched is not None:
+            with contextlib.suppress(ValueError):
+                self.unwatched.add(str(path.relative_to(self.root)))
+
     def _gone(self, path: Path) -> None:
         """The version(s) at ``path`` (or under it) stop standing now."""
         now = time.monotonic()
@@ -346,6 +369,7 @@ class Work:
 
     def remove(self, path: Path) -> None:
         self._gone(path)
+        self._unwatched(path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
@@ -428,6 +452,7 @@ class Work:
         dst = self.pick_folder(folders) / self.name("r")
         os.rename(src, dst)
         self._moved(src, dst)
+        self._unwatched(src)
 
     def op_rename_folder(self, files: list[Path], folders: list[Path], links: list[Path]) -> None:
         if not folders:
@@ -437,6 +462,7 @@ class Work:
         dst = parent / self.name("D")
         os.rename(src, dst)
         self._moved(src, dst)
+        self._unwatched(src)
 
     def op_mkdir(self, files: list[Path], folders: list[Path], links: list[Path]) -> None:
         d = self.pick_folder(folders) / self.name("D")
@@ -569,10 +595,17 @@ class Checkpoint:
     stats: dict[str, Any] = field(default_factory=dict)
     workers: int = 0
     orphan_ssh: list[int] = field(default_factory=list)
+    old_ghosts: int = 0            # ghosts, temporary files an earlier checkpoint reported, still there
+    unseen_ghosts: int = 0         # server entries deleted here while no mirror watched
 
     @property
     def lied(self) -> bool:
         return self.flush == "ok" and not self.first.clean
+
+    @property
+    def lied_content(self) -> bool:
+        """flush() said ok while content (or modes) had not arrived."""
+        return self.flush == "ok" and bool(self.first.missing or self.first.stale or self.first.mode)
 
     @property
     def failed(self) -> bool:
@@ -596,6 +629,7 @@ class SoakReport:
     commits: int = 0
     log_counts: Counter[str] = field(default_factory=Counter)
     error: str = ""
+    disk_bytes: int = 0
 
     @property
     def failures(self) -> list[Checkpoint]:
@@ -614,18 +648,31 @@ class SoakReport:
                          g.rsplit("/", 1)[-1].startswith("s1"))
             out.append(f"1 (deleted folders come back): {ghosts} ghost entries at checkpoints "
                        f"after waiting ({nested} of them a made-and-deleted s1 folder)")
-        full = [c for c in self.checkpoints if c.after == "disk-full"]
-        if any(c.converged_s is None for c in full) or any(
-                "No space" in str(c.stats.get("last_error")) for c in self.checkpoints
-                if c.after != "disk-full"):
-            out.append("2 (the trash fills the disk / ENOSPC lingers): see the disk-full checkpoints")
-        lies = [c for c in self.checkpoints if c.lied]
+        if self.checkpoints:
+            last = self.checkpoints[-1]
+            disk = self.disk_bytes or 1
+            if last.trash_bytes > disk / 2 or any(
+                    "No space" in str(c.stats.get("last_error")) for c in self.checkpoints
+                    if c.after != "disk-full"):
+                out.append(f"2 (the trash fills the disk): the trash grew to {last.trash_bytes / 2**20:.0f} "
+                           f"MiB of a {disk / 2**20:.0f} MiB disk ({last.disk_free / 2**20:.0f} MiB "
+                           f"left) in {self.seconds:.0f} s" + (
+                               "; ENOSPC still the last error after the disk-full fault ended"
+                               if any("No space" in str(c.stats.get("last_error"))
+                                      for c in self.checkpoints if c.after != "disk-full") else ""))
+        lies = [c for c in self.checkpoints if c.lied_content]
         if lies:
             out.append(f"3 (flush() says fine while the server lacks changes): {len(lies)} of "
                        f"{len(self.checkpoints)} checkpoints (" + ", ".join(
-                           f"#{c.n} after {c.after}: {c.first.count()} entries" for c in lies[:6])
+                           f"#{c.n} after {c.after}: {len(c.first.missing) + len(c.first.stale)} "
+                           f"missing or stale, {len(c.first.mode)} modes" for c in lies[:6])
                        + ")")
-        bad_fsck = [c for c in self.checkpoints if c.fsck not in ("", "ok")]
+        lies = [c for c in self.checkpoints if c.lied and not c.lied_content]
+        if lies:
+            out.append(f"3' flush() returned ok with only ghosts or temporary files left over at "
+                       f"{len(lies)} checkpoints")
+        bad_fsck = [c for c in self.checkpoints if c.fsck not in ("", "ok")
+                    and not c.fsck.startswith("SOAK ERROR")]
         if bad_fsck:
             out.append(f"4 (a restored git repository is broken): {len(bad_fsck)} checkpoints")
         temps = max((c.temp_files for c in self.checkpoints), default=0)
@@ -671,6 +718,9 @@ class SoakReport:
                 + "; disk free "
                 f"{c.disk_free / 2**20:.0f} MiB; temp files {c.temp_files}; state {c.state}; "
                 f"pending {c.stats.get('pending')}; workers {c.workers}"
+                + (f"; earlier ghosts/temp files still there {c.old_ghosts}" if c.old_ghosts else "")
+                + (f"; deleted while unwatched (kept by design) {c.unseen_ghosts}"
+                   if c.unseen_ghosts else "")
                 + (f"; restore: {c.restore}" if c.restore else "")
                 + (f"; git fsck: {c.fsck}" if c.fsck else "")
                 + (" FAILED" if c.failed else ""))
@@ -740,6 +790,12 @@ class Soak:
         self.checked_lived_since = 0.0
         self.seen_trash: dict[str, float] = {}
         self.trash_pruned = False
+        self.known_ghosts: set[str] = set()   # ghosts and temporary files already reported
+        self.lost: set[str] = set()           # versions already reported lost
+        self.old_ghosts: list[str] = []
+        self.unseen_ghosts: list[str] = []
+        self.unseen_deleted: set[str] = set()
+        self.gap_paths: set[str] | None = None
         self.t_start = time.monotonic()
 
     # set-up -----------------------------------------------------------------------------------
@@ -766,6 +822,7 @@ class Soak:
         self.work.init_repo()
         for _ in range(40):
             self.work.step()
+        self.report.disk_bytes = shutil.disk_usage(self.disk).total
         self.outside_skip = {self.dest, self.filler}
         self.outside_before: dict[str, tuple[str, int, int, int]] = {}
 
@@ -775,19 +832,43 @@ class Soak:
         return snap
 
     def start_mirror(self, why: str) -> Mirror:
-        """mirror() as a user calls it (again); retried while it fails (the server away, say)."""
+        """mirror() as a user calls it (again); retried while it fails (the server away, say).
+        Refused because the runtime holds fewer than half the server's files (deletions made
+        while no mirror watched), the user resumes with ``restore=True``, as the error says."""
         last = ""
+        restore = False
         for attempt in range(20):
             try:
                 self.m = mirror(self.local, f"{self.server.name}@127.0.0.1:{self.dest}",
                                 port=self.server.port, identity_file=self.server.key,
-                                state_dir=self.state, quiet=True, timeout=300)
+                                state_dir=self.state, quiet=True, timeout=300, restore=restore)
+                self.end_gap()
+                if restore:
+                    self.work.forget()   # the restore brought files back: list them again
                 return self.m
             except (MirrorError, OSError) as e:
-                last = str(e).splitlines()[0][:200]
-                self.event(f"mirror() ({why}) failed, attempt {attempt + 1}: {last}")
+                last = " ".join(str(e).split())[:300]
+                self.event(f"mirror() ({why}{', restore=True' if restore else ''}) failed, "
+                           f"attempt {attempt + 1}: {last}")
+                if "refusing to mirror" in last and not restore:
+                    restore = True
+                    continue
                 time.sleep(2)
         raise RuntimeError(f"mirror() keeps failing: {last}")
+
+    def begin_gap(self) -> None:
+        """No mirror watches from now on (killed, or being replaced): what is deleted meanwhile
+        (by the work, or by git's own housekeeping) never reaches the server, by design."""
+        self.work.unwatched = set()
+        self.gap_paths = rel_paths(self.local)
+
+    def end_gap(self) -> None:
+        if self.work.unwatched is not None:
+            self.unseen_deleted |= self.work.unwatched
+            self.work.unwatched = None
+        if self.gap_paths is not None:
+            self.unseen_deleted |= self.gap_paths - rel_paths(self.local)
+            self.gap_paths = None
 
     def event(self, text: str) -> None:
         self.report.events.append(f"{time.monotonic() - self.t_start:.0f}s {text}")
@@ -878,11 +959,15 @@ class Soak:
             assert self.m is not None and self.m.pid
             master = self.master()
             os.kill(self.m.pid, signal.SIGKILL)
+            self.begin_gap()
             self.work_for(self.rng.uniform(1, n))
+            if master and C.pid_alive(master):
+                self.event(f"worker-kill: the killed worker's ssh ControlMaster (pid {master}) "
+                           "still runs")
             self.start_mirror("after worker-kill")
             if master and C.pid_alive(master):
                 self.event(f"worker-kill: the killed worker's ssh ControlMaster (pid {master}) "
-                           "still runs after mirror() was re-run")
+                           "still runs after mirror() was re-run; killing it")
                 C.kill_pids([master])
         elif kind == "caller-kill":
             self.caller_kill()
@@ -927,6 +1012,8 @@ class Soak:
                 "else:\n"
                 "    [m.flush(60) for m in find_mirrors(state) if m.alive]\n")
         self.work.step()
+        if which == "mirror":
+            self.begin_gap()   # a mirror() call replaces the running one
         proc = subprocess.Popen([sys.executable, "-c", code, str(self.local),
                                  f"{self.server.name}@127.0.0.1:{self.dest}", str(self.server.port),
                                  str(self.server.key), str(self.state), which], cwd=REPO,
@@ -965,10 +1052,7 @@ class Soak:
 
     def read_only(self, n: float) -> None:
         """Server folders and files of the copy made read-only for n s (then as they were)."""
-        # (not inside the git repository's own folder: the writes below would corrupt it here)
-        git_dir = self.dest / "repo" / ".git"
-        entries = [(p, st) for p, st in self.server_entries()
-                   if p.name != TRASH and p != git_dir and git_dir not in p.parents]
+        entries = [(p, st) for p, st in self.server_entries() if p.name != TRASH]
         folders = [(p, st) for p, st in entries if stat.S_ISDIR(st.st_mode)]
         files = [(p, st) for p, st in entries if stat.S_ISREG(st.st_mode)]
         chosen = self.rng.sample(folders, min(3, len(folders))) + self.rng.sample(files, min(5, len(files)))
@@ -979,9 +1063,12 @@ class Soak:
                 changed.append((path, st))
         try:
             self.work_for(n)
-            # the same entries, changed here too, while they are read-only on the server
+            # the same entries, changed here too, while they are read-only on the server (not
+            # inside the git repository's own folder: git writes there, nobody else)
             for path, _ in changed:
                 rel = path.relative_to(self.dest)
+                if rel.parts[:2] == ("repo", ".git"):
+                    continue
                 local = self.local / rel
                 with contextlib.suppress(OSError):
                     if local.is_dir() and not local.is_symlink():
@@ -1016,8 +1103,9 @@ class Soak:
         flush = self.m_flush(60)
         flush_s = time.monotonic() - t0
         local = snapshot(self.local, self.digests)
-        first = compare(local, snapshot(self.dest, self.digests))
+        first = self.diff(local)
         last, converged = first, (time.monotonic() - t0 if first.clean else None)
+        same_since, seen = time.monotonic(), first.describe(10**6)
         while converged is None and time.monotonic() - t0 < self.converge_limit:
             time.sleep(0.5)
             if self.m is None or not self.m.alive:
@@ -1025,9 +1113,16 @@ class Soak:
                            f"{self.m.state if self.m else '-'}); re-running mirror()")
                 self.start_mirror("checkpoint")
             self.m_flush(30)
-            last = compare(local, snapshot(self.dest, self.digests))
+            last = self.diff(local)
             if last.clean:
                 converged = time.monotonic() - t0
+            elif last.describe(10**6) != seen:
+                same_since, seen = time.monotonic(), last.describe(10**6)
+            elif time.monotonic() - same_since > STUCK_S and not self.pending():
+                break   # nothing pending, nothing changing: it will not converge by waiting
+        self.known_ghosts.update(last.ghost)
+        self.known_ghosts.update(last.temp)
+        self.known_ghosts.update(self.unseen_ghosts)
         # versions: every one standing at an earlier checkpoint, and those that stood long enough;
         # the trash keeps a budget (oldest folders pruned first), so a version replaced before the
         # oldest trash folder left may be gone once the trash was pruned at all
@@ -1039,8 +1134,9 @@ class Soak:
                 continue
             if self.replaced_before(d, pruned_before):
                 pruned += 1
-            else:
+            elif d not in self.lost:  # (each reported once)
                 lost.append(p)
+                self.lost.add(d)
         lived = self.work.lived_versions(self.fault_windows, self.checked_lived_since)
         lived_missing = [p for d, p in lived.items() if d not in on_server
                          and not self.replaced_before(d, pruned_before)]
@@ -1057,8 +1153,11 @@ class Soak:
                         lived_missing, outside, pruned_versions=pruned, trash_bytes=trash_bytes,
                         trash_entries=trash_entries,
                         disk_free=shutil.disk_usage(self.disk).free,
-                        temp_files=len(last.temp), workers=len(self.workers()),
-                        orphan_ssh=self.orphan_ssh())
+                        temp_files=len(last.temp) + sum(1 for g in self.old_ghosts
+                                                         if TMP_INFIX in g.rsplit("/", 1)[-1]),
+                        workers=len(self.workers()),
+                        orphan_ssh=self.orphan_ssh(), old_ghosts=len(self.old_ghosts),
+                        unseen_ghosts=len(self.unseen_ghosts))
         if self.m is not None:
             cp.state = self.m.state
             with contextlib.suppress(Exception):
@@ -1114,6 +1213,28 @@ class Soak:
         replaced = time.time() - (time.monotonic() - lived[2])
         return replaced < when
 
+    def diff(self, local: dict[str, Entry]) -> Diff:
+        """The copy against the runtime, ghosts and temporary files reported at an earlier
+        checkpoint left out (they failed that one; counted in :attr:`old_ghosts`)."""
+        d = compare(local, snapshot(self.dest, self.digests))
+        self.old_ghosts = [g for g in d.ghost + d.temp if g in self.known_ghosts]
+        d.temp = [g for g in d.temp if g not in self.known_ghosts]
+        self.unseen_ghosts = [g for g in d.ghost if g not in self.known_ghosts and self.unseen(g)]
+        d.ghost = [g for g in d.ghost if g not in self.known_ghosts and not self.unseen(g)]
+        return d
+
+    def unseen(self, rel: str) -> bool:
+        """Deleted (or renamed away) here while no mirror was watching: by design such a
+        deletion never reaches the server (the copy is only added to), so it is no ghost."""
+        parts = rel.split("/")
+        return any("/".join(parts[:i]) in self.unseen_deleted for i in range(1, len(parts) + 1))
+
+    def pending(self) -> int:
+        with contextlib.suppress(Exception):
+            if self.m is not None:
+                return int(self.m.stats.get("pending") or 0)
+        return 0
+
     def restore_check(self, n: int) -> tuple[str, str]:
         """A fresh runtime restores from the server: equal to the server copy? git fsck?
 
@@ -1140,6 +1261,11 @@ class Soak:
             diff.missing = [p for p in diff.missing if TMP_INFIX not in p]
             what = "equal" if diff.clean else diff.describe(5)
             fsck = ""
+            here = git(self.local / "repo", "fsck", "--no-progress", "--strict", check=False)
+            if here.returncode != 0:
+                # the runtime's own repository is broken: the soak's doing, not the mirror's
+                return what, "SOAK ERROR: the runtime's repository fails git fsck: " + " ".join(
+                    here.stderr.split())[:200]
             if (fresh / "repo" / ".git").is_dir():
                 done = git(fresh / "repo", "fsck", "--no-progress", "--strict", check=False)
                 head = git(fresh / "repo", "rev-parse", "--verify", "HEAD", check=False)
@@ -1176,7 +1302,7 @@ class Soak:
 
 def soak(seconds: float = 60, *, seed: int = 1, fault_seconds: float = 3.0,
          faults: tuple[str, ...] = FAULTS, converge_limit: float = 60, disk_mb: int = 256,
-         say: Callable[[str], None] | None = None) -> SoakReport:
+         say: Callable[[str], None] | None = None, keep: Path | None = None) -> SoakReport:
     """Run the soak for ``seconds`` (a 60-second version for a test); the report (``.ok``).
 
     Needs root (a throwaway user, an sshd of its own, a tmpfs mount). Everything it starts is
@@ -1205,7 +1331,11 @@ def soak(seconds: float = 60, *, seed: int = 1, fault_seconds: float = 3.0,
                 s.report.error = f"{type(e).__name__}: {e}"
                 s.say(f"the soak itself failed: {s.report.error}")
             finally:
+                s.report.seconds = time.monotonic() - s.t_start
                 s.close()
+                if keep is not None:   # the mirrors' logs and status files, for a post-mortem
+                    shutil.copytree(s.state, keep / "state", dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("ctl", "cm"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return s.report
@@ -1223,6 +1353,7 @@ def main() -> int:
     parser.add_argument("--converge", type=float, default=90.0,
                         help="how long a checkpoint waits for the copy to become equal")
     parser.add_argument("--disk-mb", type=int, default=256, help="the server's disk (a tmpfs)")
+    parser.add_argument("--keep", type=Path, help="copy the mirrors' logs and status here at the end")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: the soak creates a throwaway user, an sshd and a tmpfs", file=sys.stderr)
@@ -1230,7 +1361,8 @@ def main() -> int:
     faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     C.exit_on_sigterm()
     report = soak(args.minutes * 60, seed=args.seed, fault_seconds=args.fault_seconds,
-                  faults=faults, converge_limit=args.converge, disk_mb=args.disk_mb, say=log_line)
+                  faults=faults, converge_limit=args.converge, disk_mb=args.disk_mb, say=log_line,
+                  keep=args.keep)
     print()
     print(report.summary())
     return 0 if report.ok else 1
