@@ -43,6 +43,7 @@ For a test: :func:`soak` runs a short version and returns a :class:`SoakReport` 
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import errno
 import hashlib
@@ -73,6 +74,9 @@ TRASH = ".colab-remote-trash"
 TMP_INFIX = ".colab-remote-tmp."
 FAULTS = ("worker-kill", "caller-kill", "ssh-kill", "ssh-stop", "sshd-restart", "sshd-down",
           "disk-full", "read-only")
+# The server copy never holds group/world-writable, setuid or setgid modes (the agent's MODE_MASK):
+# a file chmod'ed 664 here is 644 there.
+SERVER_MODES = 0o755
 LIVE_S = 5.0          # a version that stood this long, outside faults, must reach the server
 STUCK_S = 15.0        # a checkpoint stops waiting when nothing changed (nothing pending) this long
 MAX_FILES = 4000      # beyond this many files, the work deletes more than it creates
@@ -187,7 +191,7 @@ def compare(local: dict[str, Entry], server: dict[str, Entry]) -> Diff:
             d.missing.append(rel)
         elif (s.kind, s.digest, s.target) != (e.kind, e.digest, e.target):
             d.stale.append(rel)
-        elif s.kind != "l" and s.mode != e.mode:
+        elif s.kind != "l" and s.mode != e.mode & SERVER_MODES:
             d.mode.append(rel)
     for rel in server:
         if rel not in local:
@@ -529,9 +533,9 @@ class Work:
             else:
                 target = src / f"m{self.serial}.py"
                 self.serial += 1
-            target.write_bytes(self.content(self.rng.choice([200, 2000, 20_000])))
+            self.write(target, self.content(self.rng.choice([200, 2000, 20_000])))
         if self.rng.random() < 0.15 and len(list(src.iterdir())) > 3:
-            self.rng.choice(sorted(src.iterdir())).unlink()
+            self.remove(self.rng.choice(sorted(src.iterdir())))
         git(self.repo, "add", "-A")
         git(self.repo, "commit", "-q", "--allow-empty", "-m", f"change {self.commits}")
         self.commits += 1
@@ -580,6 +584,7 @@ class Checkpoint:
     lost_versions: list[str]       # versions standing at an earlier checkpoint, now nowhere
     lived_missing: list[str]       # versions that stood >= LIVE_S, nowhere
     outside: list[str]             # entries outside the destination that changed
+    pruned_versions: int = 0       # versions gone with trash folders its budget pruned
     restore: str = ""              # "" (not checked), "equal", or what differed
     fsck: str = ""                 # "" (not checked), "ok", or git's complaint
     trash_bytes: int = 0
@@ -708,7 +713,9 @@ class SoakReport:
                 f"  #{c.n:<3} {c.at:6.0f} s after {c.after:<12} flush {c.flush[:60]} "
                 f"({c.flush_s:.2f} s); right after: {c.first.count()} differ; "
                 f"{conv}"
-                f"; trash {c.trash_bytes / 2**20:.1f} MiB / {c.trash_entries} entries; disk free "
+                f"; trash {c.trash_bytes / 2**20:.1f} MiB / {c.trash_entries} entries"
+                + (f", {c.pruned_versions} versions pruned" if c.pruned_versions else "")
+                + "; disk free "
                 f"{c.disk_free / 2**20:.0f} MiB; temp files {c.temp_files}; state {c.state}; "
                 f"pending {c.stats.get('pending')}; workers {c.workers}"
                 + (f"; earlier ghosts/temp files still there {c.old_ghosts}" if c.old_ghosts else "")
@@ -781,6 +788,8 @@ class Soak:
         self.fault_windows: list[tuple[float, float]] = []
         self.must_have: dict[str, str] = {}     # digest -> path it stood at
         self.checked_lived_since = 0.0
+        self.seen_trash: dict[str, float] = {}
+        self.trash_pruned = False
         self.known_ghosts: set[str] = set()   # ghosts and temporary files already reported
         self.lost: set[str] = set()           # versions already reported lost
         self.old_ghosts: list[str] = []
@@ -815,7 +824,7 @@ class Soak:
             self.work.step()
         self.report.disk_bytes = shutil.disk_usage(self.disk).total
         self.outside_skip = {self.dest, self.filler}
-        self.outside_before = self.outside()
+        self.outside_before: dict[str, tuple[str, int, int, int]] = {}
 
     def outside(self) -> dict[str, tuple[str, int, int, int]]:
         snap = {f"home/{k}": v for k, v in meta_snapshot(self.server.home, set()).items()}
@@ -910,6 +919,9 @@ class Soak:
     def run(self) -> SoakReport:
         t0 = time.monotonic()
         self.start_mirror("start")
+        # the first mirror() installs the server half (~/.colab-remote/agent-*.py): from then on,
+        # nothing outside the destination may change
+        self.outside_before = self.outside()
         self.m_flush(120)
         self.checkpoint("start")
         order = list(self.fault_kinds)
@@ -1111,12 +1123,23 @@ class Soak:
         self.known_ghosts.update(last.ghost)
         self.known_ghosts.update(last.temp)
         self.known_ghosts.update(self.unseen_ghosts)
-        # versions: every one standing at an earlier checkpoint, and those that stood long enough
+        # versions: every one standing at an earlier checkpoint, and those that stood long enough;
+        # the trash keeps a budget (oldest folders pruned first), so a version replaced before the
+        # oldest trash folder left may be gone once the trash was pruned at all
         on_server = all_digests(self.dest, self.digests)
-        lost = [p for d, p in self.must_have.items() if d not in on_server and d not in self.lost]
-        self.lost.update(d for d in self.must_have if d not in on_server)
+        pruned_before = self.pruned_before()
+        lost, pruned = [], 0
+        for d, p in self.must_have.items():
+            if d in on_server:
+                continue
+            if self.replaced_before(d, pruned_before):
+                pruned += 1
+            elif d not in self.lost:  # (each reported once)
+                lost.append(p)
+                self.lost.add(d)
         lived = self.work.lived_versions(self.fault_windows, self.checked_lived_since)
-        lived_missing = [p for d, p in lived.items() if d not in on_server]
+        lived_missing = [p for d, p in lived.items() if d not in on_server
+                         and not self.replaced_before(d, pruned_before)]
         self.checked_lived_since = time.monotonic()
         for rel, e in local.items():
             if e.kind == "f" and not rel.startswith("repo/.git/"):
@@ -1127,7 +1150,8 @@ class Soak:
                          if now_outside.get(k) != self.outside_before.get(k))
         trash_bytes, trash_entries = du(self.dest / TRASH)
         cp = Checkpoint(n, after, t0 - self.t_start, flush, flush_s, first, converged, last, lost,
-                        lived_missing, outside, trash_bytes=trash_bytes, trash_entries=trash_entries,
+                        lived_missing, outside, pruned_versions=pruned, trash_bytes=trash_bytes,
+                        trash_entries=trash_entries,
                         disk_free=shutil.disk_usage(self.disk).free,
                         temp_files=len(last.temp) + sum(1 for g in self.old_ghosts
                                                          if TMP_INFIX in g.rsplit("/", 1)[-1]),
@@ -1138,7 +1162,7 @@ class Soak:
             cp.state = self.m.state
             with contextlib.suppress(Exception):
                 cp.stats = {k: v for k, v in self.m.stats.items() if k in (
-                    "pending", "pushes", "full_passes", "reconnects", "last_error", "files")}
+                    "pending", "pushes", "full_passes", "reconnects", "last_error", "files", "trash")}
         if restore or (restore is None and n % 3 == 2):
             cp.restore, cp.fsck = self.restore_check(n)
         self.report.checkpoints.append(cp)
@@ -1148,11 +1172,46 @@ class Soak:
                  + (f"converged in {converged:.2f} s" if converged is not None
                     else f"NOT converged: {last.describe(3)}")
                  + (f"; {len(lost)} versions lost" if lost else "")
+                 + (f"; {pruned} versions pruned by the trash's budget" if pruned else "")
                  + (f"; outside changed: {outside[:3]}" if outside else "")
                  + (f"; restore {cp.restore}" if cp.restore else "")
                  + (f"; fsck {cp.fsck[:80]}" if cp.fsck else "")
                  + f"; trash {trash_bytes / 2**20:.1f} MiB; state {cp.state}")
         return cp
+
+    def trash_folders(self) -> dict[str, float]:
+        """The server's trash folders: name -> its time (UTC seconds, from the name)."""
+        out = {}
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.dest / TRASH):
+                with contextlib.suppress(ValueError):
+                    out[name] = calendar.timegm(time.strptime(name[:19], "%Y-%m-%dT%H-%M-%S")) \
+                        + float(name[19:26] or 0)
+        return out
+
+    def pruned_before(self) -> float | None:
+        """Versions replaced here before this time (UTC seconds) may be gone from the trash:
+        the time of the oldest trash folder left, once the trash was pruned at all (a folder seen
+        at an earlier checkpoint is gone, or the agent says it pruned); None otherwise."""
+        folders = self.trash_folders()
+        if set(self.seen_trash) - set(folders):
+            self.trash_pruned = True
+        self.seen_trash = folders
+        with contextlib.suppress(Exception):
+            if self.m is not None and ((self.m.stats.get("trash") or {}).get("pruned") or {}).get(
+                    "folders"):
+                self.trash_pruned = True
+        if not self.trash_pruned:
+            return None
+        return min(folders.values(), default=float("inf"))
+
+    def replaced_before(self, digest: str, when: float | None) -> bool:
+        """Whether the version ``digest`` was replaced here before ``when`` (UTC seconds)."""
+        lived = self.work.lived_at.get(digest)
+        if when is None or lived is None:
+            return False
+        replaced = time.time() - (time.monotonic() - lived[2])
+        return replaced < when
 
     def diff(self, local: dict[str, Entry]) -> Diff:
         """The copy against the runtime, ghosts and temporary files reported at an earlier
@@ -1177,8 +1236,13 @@ class Soak:
         return 0
 
     def restore_check(self, n: int) -> tuple[str, str]:
-        """A fresh runtime restores from the server: equal to the server copy? git fsck?"""
+        """A fresh runtime restores from the server: equal to the server copy? git fsck?
+
+        One mirror writes a destination at a time: the soak's own mirror stops for the restore
+        (as a user would stop the old runtime's) and is started again afterwards."""
         fresh = self.rt_base / f"restore-{n}"
+        if self.m is not None:
+            self.m.stop()
         try:
             m = mirror(fresh, f"{self.server.name}@127.0.0.1:{self.dest}", port=self.server.port,
                        identity_file=self.server.key, state_dir=self.state, restore=True,
@@ -1187,6 +1251,8 @@ class Soak:
         except MirrorError as e:
             shutil.rmtree(fresh, ignore_errors=True)
             return "mirror(restore=True) failed: " + " ".join(str(e).split())[:200], ""
+        finally:
+            self.start_mirror("after the restore check")
         try:
             server = snapshot(self.dest, self.digests)
             restored = snapshot(fresh, self.digests)

@@ -10,8 +10,10 @@ run there by sshd as the forced command of a restricted key (``~/.ssh/authorized
 
 So whatever the runtime holds (that key, a ControlMaster socket) can only do what this file
 answers: write into one destination folder (everything it replaces or deletes goes to the trash,
-kept ``keep_days`` as the *server's* config says), read that folder back, list and reclaim the
-tunnel's own port. No shell, no other file, no pruning on request.
+kept ``keep_days`` and within a budget as the *server's* config says), read that folder back, list
+and reclaim the tunnel's own port. No shell, no other file, no pruning on request.
+
+One agent writes a destination at a time: it holds a lock there for its life (see :class:`Writer`).
 
 It is also the one home of the mirror's wire protocol: the client imports the constants below.
 
@@ -35,7 +37,7 @@ import sys
 import time
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
-VERSION = "2"  # the protocol: the client refuses an agent that speaks another one
+VERSION = "3"  # the protocol: the client refuses an agent that speaks another one
 
 # --- the wire protocol ------------------------------------------------------------------------
 #
@@ -55,8 +57,10 @@ OP_MANIFEST = b"M"  # list the copy: R_ENTRY for each entry, then R_DONE
 OP_GET = b"G"       # read one file back (restore): R_DATA chunks, then R_DONE, or R_FAIL
 
 # agent -> client
-R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, ...)
-R_ACK = b"A"        # a batch is applied: offset = ops, data = JSON list of [path, error]
+R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, trash, ...); or R_FAIL
+                    # (data: why) when another mirror writes this destination
+R_ACK = b"A"        # a batch is applied: offset = ops, data = JSON {"errors": [[path, error]...],
+                    # "trash": what it holds and what was pruned (see Tree.trash_report)}
 R_ENTRY = b"m"      # one entry of the manifest: mode (with the type bits), mtime, offset = size,
                     # data = a link's target
 R_DATA = b"g"       # a chunk of a file being read: mode, mtime, offset, data
@@ -71,6 +75,14 @@ CHUNK = 1 << 20                  # bytes per record when a file is read back
 MODE_MASK = 0o755                # nothing we create is group/world-writable, setuid or setgid
 DIGEST_SIZE = 16                 # blake2b digest of a big file, checked before it is put in place
 PRUNE_EVERY = 6 * 3600.0
+WRITER = b".writer"              # in the trash: the lock of the agent writing this copy, and who
+SIZES = b".sizes"                # in the trash: bytes and versions of each trash folder (a cache)
+TRASH_SHARE = 0.25               # the trash holds at most this share of the room it could use
+TRASH_MAX_GB = 10.0              # ... and at most this many GB (1e9 bytes)
+ROOM_SLACK = 1 << 20             # a full disk: prune until a write has this much room beyond it
+STALE_AFTER = 300.0              # a writer silent this long may be replaced by another mirror
+TOUCH_EVERY = 30.0               # how often the writer notes that it is still active
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 HOME_DIR = ".colab-remote"       # in the server account's home: agents, configs, the lock
 
@@ -263,10 +275,13 @@ class Tree:
     renamed into place when its batch ends (no temporary name per file, never visible half-built).
     """
 
-    def __init__(self, root: bytes, *, backup: bool = True) -> None:
+    def __init__(self, root: bytes, *, backup: bool = True, share: float = TRASH_SHARE,
+                 max_bytes: int = int(TRASH_MAX_GB * 1e9)) -> None:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
         self.live = Folders(self.root_fd)
         self.backup = backup
+        self.budget = Budget(share, max_bytes)
+        self.writer: Optional[Writer] = None
         self.stamp: Optional[bytes] = None
         self.trash: Optional[Folders] = None
         self.stage: Optional[Folders] = None
@@ -315,7 +330,7 @@ class Tree:
             _remove_at(fd, name)
             return
         tfd, target = self._trash_target(rel)
-        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        _move(fd, name, tfd, target)
 
     def _make_way(self, parent: int, name: bytes, rel: bytes) -> None:
         self.discard(parent, name, rel)  # a file or link where a folder belongs
@@ -328,8 +343,9 @@ class Tree:
         try:
             os.link(name, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
             return
-        except OSError:
-            pass
+        except OSError as e:
+            if e.errno in FULL:
+                raise  # a copy would need even more room
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(name, dir_fd=fd), target, dir_fd=tfd)
             return
@@ -342,8 +358,11 @@ class Tree:
                     if not chunk:
                         break
                     _write_all(dst, chunk)
-            finally:
+            except BaseException:
                 os.close(dst)
+                _remove_quietly(tfd, target)
+                raise
+            os.close(dst)
         finally:
             os.close(src)
 
@@ -440,8 +459,9 @@ class Tree:
         temporary file goes, so a full disk leaves no debris."""
         try:
             if st is not None:
-                self.keep_old(fd, name, p, st)
-            os.rename(tmp, name, src_dir_fd=src_fd, dst_dir_fd=fd)
+                old = st
+                self.roomy(lambda: self.keep_old(fd, name, p, old))
+            self.roomy(lambda: os.rename(tmp, name, src_dir_fd=src_fd, dst_dir_fd=fd))
         except BaseException:
             _remove_quietly(src_fd, tmp)
             raise
@@ -541,8 +561,7 @@ class Tree:
             have = os.fstat(out).st_size
             if have != offset:
                 raise ValueError("a chunk at %d does not follow the %d bytes received" % (offset, have))
-            os.lseek(out, offset, os.SEEK_SET)
-            _write_all(out, data)
+            self.roomy(lambda: _write_at(out, offset, data), len(data))
         except BaseException:
             os.close(out)
             _remove_quietly(fd, name)
@@ -607,6 +626,8 @@ class Tree:
             self.stage.forget()
         self.fresh.clear()
         self.tops, self.later = [], []
+        if self.stamp is not None and self.trash is not None:
+            self.budget.measured(self.trash, self.stamp)
         self.stamp = None
 
     def _settle(self, at: bytes, p: bytes) -> None:
@@ -721,22 +742,66 @@ class Tree:
         cut = (time.time() if now is None else now) - keep_days * 86400
         trash = self._trash()
         removed = 0
-        for name in _names(trash.root):
-            if name == STAGING:
-                continue
+        for name in sorted(self.budget.load(trash)):
             try:
                 old = calendar.timegm(time.strptime(name[:19].decode(), STAMP_FORMAT)) < cut
             except ValueError:
                 st = _lstat(trash.root, name)
                 old = st is not None and st.st_mtime < cut
-            if old:
-                trash.forget(name)
-                try:
-                    _remove_at(trash.root, name)
-                    removed += 1
-                except OSError:
-                    pass
+            if old and self.budget.drop(trash, name, "age"):
+                removed += 1
         return removed
+
+    # -- the trash's budget (the server's config: a share of the room and a cap) ---------------
+    def _avail(self) -> int:
+        st = os.fstatvfs(self.root_fd)
+        return st.f_bavail * st.f_frsize
+
+    def keep_within_budget(self) -> None:
+        """Prune the trash, oldest first, while it holds more than its budget allows."""
+        trash = self._trash()
+        budget = self.budget
+        budget.load(trash)
+        while True:
+            reason = budget.over(self._avail())
+            if reason is None or not budget.book:
+                break
+            budget.drop(trash, min(budget.book), reason)  # (one that cannot go leaves the book)
+        budget.save(trash)
+
+    def make_room(self, need: int) -> bool:
+        """A write found the disk full: prune the trash, oldest first, until ``need`` bytes fit
+        (the live copy wins over old versions, this batch's own last). False: nothing to prune."""
+        trash = self._trash()
+        budget = self.budget
+        book = budget.load(trash)
+        freed = False
+        while book and (not freed or self._avail() < need + ROOM_SLACK):
+            freed = budget.drop(trash, min(book), "full") or freed
+        if not freed and self.stamp is not None and _measure(trash.root, self.stamp)[1]:
+            budget.measured(trash, self.stamp)  # this batch's own versions, the newest
+            freed = budget.drop(trash, self.stamp, "full")
+        budget.save(trash)
+        return freed
+
+    def roomy(self, write: Callable[[], None], need: int = 0) -> None:
+        """``write()``; when the disk is full, prune the trash and write again while that helps."""
+        while True:
+            try:
+                write()
+                return
+            except OSError as e:
+                if e.errno not in FULL or not self.make_room(need):
+                    raise
+
+    def trash_report(self) -> dict:
+        return self.budget.report()
+
+    # -- one writer ------------------------------------------------------------------------------
+    def lock(self, key_id: str, root: str) -> Optional[str]:
+        """Become this destination's one writer (see :class:`Writer`); None, or why not."""
+        self.writer = Writer(self._trash().root, key_id, root)
+        return self.writer.acquire()
 
     def close(self) -> None:
         """Close every descriptor; the empty staging folder (and an empty trash) go."""
@@ -747,6 +812,13 @@ class Tree:
             self.stage = None
         if self.trash is not None:
             self.trash.forget()
+            try:
+                self.budget.close(self.trash)
+            except OSError:
+                pass
+            if self.writer is not None:
+                self.writer.release()
+                self.writer = None
             for parent, name in ((STAGING, self.stage_name), (b"", STAGING)):
                 pfd = self.trash.get(parent, create=False)
                 if pfd is not None:
@@ -771,10 +843,359 @@ def _in_place(p: bytes) -> bool:
     return len(parts) >= 3 and parts[-2] == b"objects" and b".git" in parts[:-2]
 
 
+class Budget:
+    """What the trash holds, folder by folder, and the room it may take (the server's config): at
+    most ``share`` of the room it could use (the free space plus itself) and at most
+    ``max_bytes``. Oldest folders go first. The sizes are kept in ``TRASH/.sizes`` for the next
+    agent (a folder whose time changed since is measured again)."""
+
+    SAVE_EVERY = 60.0
+
+    def __init__(self, share: float, max_bytes: int) -> None:
+        self.share, self.max_bytes = share, max_bytes
+        self.book: Optional[Dict[bytes, List[int]]] = None  # folder -> [bytes, versions, mtime_ns]
+        self.bytes = self.versions = 0
+        self.limit = max_bytes
+        self.pruned = {"versions": 0, "bytes": 0, "folders": 0}  # type: Dict[str, int]
+        self.reasons: Dict[str, int] = {}  # why -> versions pruned for that reason
+        self.last: Optional[str] = None
+        self.dirty = False
+        self.saved = 0.0
+
+    def load(self, trash: Folders) -> Dict[bytes, List[int]]:
+        if self.book is not None:
+            return self.book
+        cached = self._read(trash.root)
+        book: Dict[bytes, List[int]] = {}
+        for name in _names(trash.root):
+            if name.startswith(b"."):
+                continue  # the staging folder, the lock, this cache
+            st = _lstat(trash.root, name)
+            if st is None:
+                continue
+            known = cached.get(name)
+            if known is not None and known[2] == st.st_mtime_ns:
+                book[name] = known
+            else:
+                book[name] = _measure(trash.root, name)
+                self.dirty = True
+        self.book = book
+        self.bytes = sum(v[0] for v in book.values())
+        self.versions = sum(v[1] for v in book.values())
+        if set(cached) != set(book):
+            self.dirty = True
+        return book
+
+    def measured(self, trash: Folders, name: bytes) -> None:
+        """Note what folder ``name`` holds now (a batch's trash folder once the batch is done)."""
+        book = self.load(trash)
+        old = book.pop(name, [0, 0, 0])
+        new = _measure(trash.root, name) if _lstat(trash.root, name) is not None else None
+        if new is not None:
+            book[name] = new
+        self.bytes += (new[0] if new else 0) - old[0]
+        self.versions += (new[1] if new else 0) - old[1]
+        self.dirty = True
+
+    def over(self, avail: int) -> Optional[str]:
+        """Why the trash must shrink now ("cap", "space"), or None."""
+        self.limit = min(self.max_bytes, int(self.share * (avail + self.bytes)))
+        if self.bytes > self.max_bytes:
+            return "cap"
+        if self.bytes > self.limit:
+            return "space"
+        return None
+
+    def drop(self, trash: Folders, name: bytes, reason: str) -> bool:
+        """Remove trash folder ``name`` (for ``reason``); False when it could not be removed."""
+        book = self.load(trash)
+        size, versions, _ = book.pop(name, [0, 0, 0])
+        self.bytes -= size
+        self.versions -= versions
+        self.dirty = True
+        trash.forget(name)
+        try:
+            _remove_tree(trash.root, name)
+        except OSError:
+            return False  # left out of the book: the next agent measures it again
+        self.pruned["versions"] += versions
+        self.pruned["bytes"] += size
+        self.pruned["folders"] += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + versions
+        self.last = reason
+        return True
+
+    def report(self) -> dict:
+        return {"bytes": self.bytes, "versions": self.versions, "folders": len(self.book or ()),
+                "limit": self.limit, "pruned": dict(self.pruned, reasons=dict(self.reasons),
+                                                    last=self.last)}
+
+    def _read(self, fd: int) -> Dict[bytes, List[int]]:
+        for name in _names(fd):
+            if name.startswith(b"." + SIZES + b"."):
+                _remove_quietly(fd, name)  # a cache being written when its agent was killed
+        try:
+            f = os.open(SIZES, O_READ, dir_fd=fd)
+        except OSError:
+            return {}
+        try:
+            data = os.read(f, 1 << 24) if stat.S_ISREG(os.fstat(f).st_mode) else b""
+        except OSError:
+            data = b""
+        finally:
+            os.close(f)
+        found = {}
+        for line in data.splitlines():
+            words = line.split()
+            try:
+                if len(words) == 4:
+                    found[bytes.fromhex(words[0].decode())] = [int(w) for w in words[1:]]
+            except ValueError:
+                continue
+        return found
+
+    def save(self, trash: Folders, force: bool = False) -> None:
+        if self.book is None or not self.dirty or not force and \
+                time.monotonic() - self.saved < self.SAVE_EVERY:
+            return
+        self.saved = time.monotonic()
+        text = "".join("%s %d %d %d\n" % (name.hex(), v[0], v[1], v[2])
+                       for name, v in sorted(self.book.items()))
+        try:
+            _write_file_at(trash.root, SIZES.decode(), text.encode(), sync=False)
+            self.dirty = False
+        except OSError:
+            pass  # a cache: measured again next time
+
+    def close(self, trash: Folders) -> None:
+        if self.book is not None and not self.book:
+            _remove_quietly(trash.root, SIZES)  # an empty trash: nothing to remember
+        else:
+            self.save(trash, force=True)
+
+
+def _measure(fd: int, name: bytes) -> List[int]:
+    """[bytes on disk, versions (files and links), mtime_ns] of trash folder ``name`` in ``fd``."""
+    st = _lstat(fd, name)
+    if st is None:
+        return [0, 0, 0]
+    if not stat.S_ISDIR(st.st_mode):
+        return [st.st_blocks * 512, 1, st.st_mtime_ns]
+    total, versions = st.st_blocks * 512, 0
+    for _, dirs, files, dfd in os.fwalk(os.fsdecode(name), dir_fd=fd):
+        for n in dirs + files:
+            sub = _lstat(dfd, os.fsencode(n))
+            if sub is None:
+                continue
+            total += sub.st_blocks * 512
+            if not stat.S_ISDIR(sub.st_mode):
+                versions += 1
+    return [total, versions, st.st_mtime_ns]
+
+
+def _remove_tree(fd: int, name: bytes) -> None:
+    """Remove ``name`` in folder ``fd`` whole, never following a link, also what sits in folders
+    the trash keeps read-only (their own mode, as they were in the runtime)."""
+    st = _lstat(fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=fd)
+        return
+    try:
+        sub = os.open(name, O_DIR, dir_fd=fd)
+    except PermissionError:
+        _chmod_nofollow(fd, name, 0o700)
+        sub = os.open(name, O_DIR, dir_fd=fd)
+    try:
+        if stat.S_IMODE(os.fstat(sub).st_mode) & 0o700 != 0o700:
+            os.fchmod(sub, 0o700)
+        for entry in _names(sub):
+            _remove_tree(sub, entry)
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=fd)
+
+
+def _chmod_nofollow(fd: int, name: bytes, mode: int) -> None:
+    """chmod a folder that cannot be opened for reading (mode 0), never through a link."""
+    path_fd = os.open(name, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW
+                      | O_CLOEXEC, dir_fd=fd)
+    try:
+        os.chmod("/proc/self/fd/%d" % path_fd, mode)
+    finally:
+        os.close(path_fd)
+
+
+class Writer:
+    """One mirror writes a destination at a time: an flock on ``TRASH/.writer`` held for the
+    agent's life, the file saying who holds it (key id, pid, since when, last active).
+
+    An agent of the same key (the same mirror re-run, or logging in again while the server still
+    serves its old connection) replaces the holder. Another mirror is refused while the holder is
+    active, and replaces one silent for STALE_AFTER: a runtime that is gone leaves an agent waiting
+    on a dead connection, which sshd drops only hours later. A mirror replaced that way is refused
+    while its successor holds the lock, so two runtimes never take turns.
+    """
+
+    def __init__(self, trash_fd: int, key_id: str, root: str) -> None:
+        self.trash_fd, self.key_id, self.root = trash_fd, key_id, root
+        self.fd = -1
+        self.record: dict = {}
+        self.touched = 0.0
+
+    def acquire(self, wait: float = 15.0) -> Optional[str]:
+        """None once this agent holds the lock; else why not (for the client)."""
+        deadline = time.monotonic() + wait
+        took_from: Optional[dict] = None
+        signalled: Dict[int, float] = {}
+        while True:
+            holder: dict = {}
+            fd = os.open(WRITER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC, 0o600,
+                         dir_fd=self.trash_fd)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                    raise PermissionError("%s is not a file of this user" % WRITER.decode())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = _read_record_file(fd)
+                else:
+                    now = _lstat(self.trash_fd, WRITER)
+                    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                        continue  # replaced meanwhile (by hand?): the file at that name counts
+                    self._hold(fd, took_from)
+                    fd = -1
+                    return None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if holder:  # (empty: the holder has the lock but has not said who it is yet)
+                why = self._verdict(holder)
+                if why is not None:
+                    return why
+                took_from = holder
+                _end_agent(holder, signalled)
+            if time.monotonic() > deadline:
+                return "the agent that wrote %s before (pid %s) did not end" % (
+                    self.root, holder.get("pid", "?"))
+            time.sleep(0.05)
+
+    def _verdict(self, holder: dict) -> Optional[str]:
+        """None when this agent may replace ``holder``; else why not."""
+        key = str(holder.get("key", ""))
+        if key == self.key_id:
+            return None  # this same mirror, again
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(holder.get("since", 0))))
+        who = "runtime %s (key %s), since %s" % (holder.get("runtime") or "?", key or "?", since)
+        if self.key_id and self.key_id in holder.get("superseded", ()):
+            return ("%s was taken over by another mirror: %s; this mirror no longer writes there "
+                    "while that one runs" % (self.root, who))
+        idle = time.time() - float(holder.get("active", 0))
+        if idle >= STALE_AFTER:
+            return None  # silent that long: most likely a runtime that is gone
+        return ("another mirror writes to %s: %s, last active %d s ago (one mirror writes a "
+                "folder at a time; one whose runtime is gone is replaced once it has been silent "
+                "%d minutes)" % (self.root, who, max(0, idle), STALE_AFTER // 60))
+
+    def _hold(self, fd: int, took_from: Optional[dict]) -> None:
+        self.fd = fd
+        now = time.time()
+        me = _proc_stat(os.getpid())
+        superseded: List[str] = []
+        if took_from:
+            superseded = [str(k) for k in took_from.get("superseded", ())]
+            if took_from.get("key") != self.key_id:
+                superseded = [str(took_from.get("key"))] + superseded
+        self.record = {"key": self.key_id, "runtime": runtime_of(self.key_id) if self.key_id else "",
+                       "pid": os.getpid(), "start": me[2] if me else "", "since": now,
+                       "active": now, "superseded": superseded[:8]}
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self.record).encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same
+        self.touched = time.monotonic()
+
+    def touch(self) -> None:
+        """Note that the client is still there (at most every TOUCH_EVERY)."""
+        if self.fd >= 0 and time.monotonic() - self.touched > TOUCH_EVERY:
+            self.record["active"] = time.time()
+            self._write()
+
+    def release(self) -> None:
+        """The lock goes with the descriptor (the file stays: it belongs to the trash folder)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _read_record_file(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        found = json.loads(data.decode()) if data else {}
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _end_agent(holder: dict, signalled: Dict[int, float]) -> None:
+    """Ask the agent ``holder`` names to end (SIGTERM, then SIGKILL after 3 s): only while that pid
+    is still the same process (its start time), and only ever one of this account's (kill(2))."""
+    try:
+        pid = int(holder.get("pid", 0))
+    except (TypeError, ValueError):
+        return
+    info = _proc_stat(pid) if pid > 0 and pid != os.getpid() else None
+    if info is None or info[2] != holder.get("start"):
+        return  # gone (its lock goes with it), or the pid is another process now
+    first = signalled.setdefault(pid, time.monotonic())
+    try:
+        os.kill(pid, signal.SIGKILL if time.monotonic() - first > 3 else signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _move(fd: int, name: bytes, tfd: int, target: bytes) -> None:
+    """Rename ``name`` in ``fd`` to ``target`` in ``tfd``. A folder of ours without write permission
+    for its owner (read-only on the server) cannot move to another folder (its ``..`` changes):
+    it gets the permission for the move and its own mode back in its new place."""
+    try:
+        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        return
+    except PermissionError:
+        st = _lstat(fd, name)
+        if st is None or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o200 \
+                or st.st_uid != os.getuid():
+            raise
+    mode = stat.S_IMODE(st.st_mode)
+    _chmod_nofollow(fd, name, mode | 0o700)
+    try:
+        os.rename(name, target, src_dir_fd=fd, dst_dir_fd=tfd)
+    except BaseException:
+        _chmod_nofollow(fd, name, mode)
+        raise
+    _chmod_nofollow(tfd, target, mode)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _write_at(fd: int, offset: int, data: bytes) -> None:
+    """``data`` at ``offset`` of an open file, what was after it cut (a write tried again)."""
+    os.ftruncate(fd, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    _write_all(fd, data)
 
 
 def _write_new(fd: int, name: bytes, mode: int, mtime: int, data: bytes) -> None:
@@ -848,9 +1269,16 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
         if rec is None:
             break  # the channel broke (a cut record is not applied) or the client is done
         op, p, mode, mtime, offset, data = rec
+        if tree.writer is not None:
+            tree.writer.touch()
         if op == OP_END:
             tree.finish(errors)
-            out.write(pack(R_ACK, offset=n, data=json.dumps(errors[:50]).encode()))
+            try:
+                tree.keep_within_budget()
+            except OSError:
+                pass
+            out.write(pack(R_ACK, offset=n, data=json.dumps(
+                {"errors": errors[:50], "trash": tree.trash_report()}).encode()))
             out.flush()
             errors, n = [], 0
             if time.monotonic() - last_prune > PRUNE_EVERY:
@@ -884,50 +1312,78 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
             if op not in (OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_CHUNK, OP_COMMIT):
                 raise ValueError("unknown operation %r" % op)
             check_path(p)
-            if op == OP_PUT:
-                tree.put(p, mode, mtime, data)
-            elif op == OP_MKDIR:
-                tree.mkdir(p, mode)
-            elif op == OP_LINK:
-                tree.link(p, data)
-            elif op == OP_DELETE:
-                tree.delete(p)
-            elif op == OP_CHUNK:
+            if op == OP_CHUNK:  # (these two make room themselves: a failure drops the partial)
                 tree.chunk(p, offset, data)
-            else:
+            elif op == OP_COMMIT:
                 tree.commit(p, mode, mtime, offset, data)
+            else:  # a full disk: the trash is pruned and the op done again (the live copy wins)
+                tree.roomy(_op(tree, op, p, mode, mtime, data), len(data))
         except Exception as e:  # noqa: BLE001 - reported to the client, the agent goes on
             tree.live.forget()
             errors.append([p.decode("utf-8", "replace"), "%s: %s" % (type(e).__name__, e)])
     tree.finish(errors)  # the new folders of a cut batch hold whole files only: keep them
 
 
+def _op(tree: Tree, op: bytes, p: bytes, mode: int, mtime: int, data: bytes) -> Callable[[], None]:
+    if op == OP_PUT:
+        return lambda: tree.put(p, mode, mtime, data)
+    if op == OP_MKDIR:
+        return lambda: tree.mkdir(p, mode)
+    if op == OP_LINK:
+        return lambda: tree.link(p, data)
+    return lambda: tree.delete(p)
+
+
 def _prune_quietly(tree: Tree, keep_days: float) -> None:
     try:
         tree.prune(keep_days)
         tree.clean_staging()
+        tree.keep_within_budget()
     except OSError:
         pass
 
 
-def run_mirror(root: bytes, *, keep_days: float, backup: bool = True,
-               inp: Optional[BinaryIO] = None, out: Optional[BinaryIO] = None) -> int:
+def run_mirror(root: bytes, *, keep_days: float, backup: bool = True, share: float = TRASH_SHARE,
+               max_gb: float = TRASH_MAX_GB, key_id: str = "", inp: Optional[BinaryIO] = None,
+               out: Optional[BinaryIO] = None) -> int:
+    """Serve one client: write into ``root`` as its one writer, the trash within its budget (at
+    most ``share`` of the room it could use and ``max_gb``); 1 when another mirror writes there."""
     os.umask(0o077)
     try:  # 1 MiB pipe from sshd: fewer wake-ups per batch (Linux; fine without)
         fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ
     except (OSError, ValueError):
         pass
-    tree = Tree(root, backup=backup)
+    share, max_gb = check_budget(share, max_gb)
+    output = out or sys.stdout.buffer
+    where = root.decode("utf-8", "replace")
+    tree = Tree(root, backup=backup, share=share, max_bytes=int(max_gb * 1e9))
     try:
+        refused = tree.lock(key_id, where)
+        if refused is not None:
+            output.write(pack(R_FAIL, data=refused.encode()))
+            output.flush()
+            sys.stderr.write("colab-remote: refused: %s\n" % refused)
+            return 1
         if backup:
             _prune_quietly(tree, keep_days)
-        hello = {"protocol": VERSION, "sha": own_sha(), "root": root.decode("utf-8", "replace"),
-                 "keep_days": keep_days, "pid": os.getpid()}
-        serve(tree, inp or sys.stdin.buffer, out or sys.stdout.buffer, keep_days=keep_days,
-              hello=hello)
+        hello = {"protocol": VERSION, "sha": own_sha(), "root": where, "keep_days": keep_days,
+                 "pid": os.getpid(), "trash": tree.trash_report()}
+        serve(tree, inp or sys.stdin.buffer, output, keep_days=keep_days, hello=hello)
     finally:
         tree.close()
     return 0
+
+
+def check_budget(share: object, max_gb: object) -> Tuple[float, float]:
+    """The trash's budget as numbers, or a ValueError: a share in (0, 1] and a cap > 0 GB."""
+    try:
+        share_f, max_f = float(share), float(max_gb)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError("trash_share and trash_max_gb must be numbers") from None
+    if not 0 < share_f <= 1 or not max_f > 0 or max_f != max_f:
+        raise ValueError("trash_share must be in (0, 1] and trash_max_gb > 0, got %r and %r"
+                         % (share, max_gb))
+    return share_f, max_f
 
 
 # --- the tunnel's helper ----------------------------------------------------------------------
@@ -1080,16 +1536,21 @@ def _state_dir() -> int:
     return _own_folder(os.path.join(home(), HOME_DIR))
 
 
-def _write_file_at(fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+def _write_file_at(fd: int, name: str, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """Replace ``name`` in folder ``fd`` whole (a fresh temporary name, then a rename)."""
     tmp = ".%s.%d.%s" % (name, os.getpid(), os.urandom(4).hex())
     out = os.open(tmp, O_NEW, mode, dir_fd=fd)
     try:
-        _write_all(out, data)
-        os.fsync(out)
-    finally:
-        os.close(out)
-    os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        try:
+            _write_all(out, data)
+            if sync:
+                os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        _remove_quietly(fd, tmp.encode())
+        raise
 
 
 def runtime_of(key_id: str) -> str:
@@ -1269,9 +1730,9 @@ def setup(request: dict) -> dict:
 
     ``request``: ``source`` and ``sha`` (this file), ``restricted``, and ``keys``: a list of
     ``{"id", "purpose": "tunnel", "port", "pubkey", "days"}`` or ``{"id", "purpose": "mirror",
-    "dest", "keep_days", "backup", "pubkey", "days"}``. The reply says, for each, the port (a free
-    one for port 0), the destination's real path, when the key expires, and the command to run
-    the agent directly (without ``restricted``).
+    "dest", "keep_days", "backup", "trash_share", "trash_max_gb", "pubkey", "days"}``. The reply
+    says, for each, the port (a free one for port 0), the destination's real path, when the key
+    expires, and the command to run the agent directly (without ``restricted``).
     """
     source = request["source"].encode()
     sha = hashlib.sha256(source).hexdigest()
@@ -1301,12 +1762,16 @@ def setup(request: dict) -> dict:
                 options = ["restrict", "port-forwarding", 'permitlisten="localhost:%d"' % port,
                            'permitopen="localhost:%d"' % port]
             elif key["purpose"] == "mirror":
+                share, max_gb = check_budget(key.get("trash_share", TRASH_SHARE),
+                                             key.get("trash_max_gb", TRASH_MAX_GB))
                 config = {"root": resolve_dest(key["dest"]),
                           "keep_days": float(key.get("keep_days", 7)),
-                          "backup": bool(key.get("backup", True))}
+                          "backup": bool(key.get("backup", True)),
+                          "trash_share": share, "trash_max_gb": max_gb}
                 reply["dest"] = config["root"]
                 reply["command"] = run + ["mirror", "--root", config["root"], "--keep-days",
-                                          repr(config["keep_days"])] + \
+                                          repr(config["keep_days"]), "--trash-share", repr(share),
+                                          "--trash-max-gb", repr(max_gb), "--id", kid] + \
                     ([] if config["backup"] else ["--no-backup"])
                 forced = run + ["--forced", "mirror", kid]
                 options = ["restrict"]
@@ -1349,10 +1814,35 @@ def _mirror_config(key_id: str) -> dict:
         return dict(json.load(f))
 
 
+def _direct_mirror(args: List[str]) -> int:
+    """``--root PATH --keep-days N [--trash-share S] [--trash-max-gb G] [--id KEY] [--no-backup]``"""
+    values = {"--root": "", "--keep-days": "", "--trash-share": repr(TRASH_SHARE),
+              "--trash-max-gb": repr(TRASH_MAX_GB), "--id": ""}
+    backup, i = True, 0
+    while i < len(args):
+        if args[i] == "--no-backup":
+            backup, i = False, i + 1
+        elif args[i] in values and i + 1 < len(args):
+            values[args[i]], i = args[i + 1], i + 2
+        else:
+            return _refuse("unknown mirror option %r" % args[i])
+    if not values["--root"] or not values["--keep-days"]:
+        return _refuse("mirror needs --root PATH --keep-days N")
+    try:
+        keep_days = float(values["--keep-days"])
+        share, max_gb = check_budget(values["--trash-share"], values["--trash-max-gb"])
+        key_id = _ok_id(values["--id"]) if values["--id"] else ""
+    except ValueError as e:
+        return _refuse(str(e))
+    return run_mirror(values["--root"].encode(), keep_days=keep_days, backup=backup, share=share,
+                      max_gb=max_gb, key_id=key_id)
+
+
 def main(argv: List[str]) -> int:
     """``--forced mirror ID`` / ``--forced tunnel ID PORT`` (what restricted keys run: the request
-    is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [--no-backup]``, ``setup``
-    (request on stdin) and ``revoke [--all | RUNTIME]`` (run directly by the account)."""
+    is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [...]`` (see
+    :func:`_direct_mirror`), ``setup`` (request on stdin) and ``revoke [--all | RUNTIME]`` (run
+    directly by the account)."""
     if argv[:1] == ["--forced"]:
         words = (os.environ.get("SSH_ORIGINAL_COMMAND") or "").split()
         args = argv[1:]
@@ -1369,7 +1859,9 @@ def main(argv: List[str]) -> int:
                 return _refuse("this key only runs the colab-remote mirror agent")
             cfg = _mirror_config(kid)
             return run_mirror(cfg["root"].encode(), keep_days=float(cfg["keep_days"]),
-                              backup=bool(cfg.get("backup", True)))
+                              backup=bool(cfg.get("backup", True)),
+                              share=cfg.get("trash_share", TRASH_SHARE),
+                              max_gb=cfg.get("trash_max_gb", TRASH_MAX_GB), key_id=kid)
         return _refuse("unknown request")
     if argv[:1] == ["setup"]:
         try:
@@ -1378,8 +1870,8 @@ def main(argv: List[str]) -> int:
             reply = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
         sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
         return 0
-    if argv[:2] == ["mirror", "--root"] and len(argv) >= 5 and argv[3] == "--keep-days":
-        return run_mirror(argv[2].encode(), keep_days=float(argv[4]), backup="--no-backup" not in argv)
+    if argv[:1] == ["mirror"]:
+        return _direct_mirror(argv[1:])
     if argv in (["revoke"], ["revoke", "--all"]):
         return _print_revoked(revoke())
     if argv[:2] == ["revoke", "--runtime"] and len(argv) == 3:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _access, _html, _install, _proc, _ssh, _sync
+from . import _access, _agent, _html, _install, _proc, _ssh, _sync
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
 from ._mirror.channel import ShellChannel
@@ -152,8 +153,39 @@ class Mirror(Handle):
                 ("pending", str(s.get("pending", 0))),
                 ("last push", time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"),
                 ("last error", str(s.get("last_error") or "none")),
-                ("trash", f"deleted and overwritten files: {_sync.TRASH}/ on the server")]
+                ("trash", _trash_text(s.get("trash")))]
         return _html.card("mirror", State.of(state), rows)
+
+
+def _check_budget(trash_share: object, trash_max_gb: object) -> None:
+    """ValueError/TypeError unless the trash's budget is a share in (0, 1] and a cap > 0 GB."""
+    for name, value in (("trash_share", trash_share), ("trash_max_gb", trash_max_gb)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    assert isinstance(trash_share, (int, float)) and isinstance(trash_max_gb, (int, float))
+    if not 0 < trash_share <= 1:
+        raise ValueError(f"trash_share must be a share of the free space in (0, 1], e.g. 0.25, "
+                         f"got {trash_share!r}")
+    if not 0 < trash_max_gb < float("inf"):
+        raise ValueError(f"trash_max_gb must be a positive number of GB, got {trash_max_gb!r}")
+
+
+def _trash_text(trash: dict[str, Any] | None) -> str:
+    """What the server's trash holds and what was pruned (the card's trash row)."""
+    if not trash:
+        return f"deleted and overwritten files: {_sync.TRASH}/ on the server"
+    text = (f"{trash.get('bytes', 0) / 1e6:.1f} MB, {trash.get('versions', 0)} versions "
+            f"(at most {trash.get('limit', 0) / 1e6:.1f} MB now)")
+    pruned = trash.get("pruned") or {}
+    if pruned.get("versions") or pruned.get("folders"):
+        why = ", ".join(f"{_PRUNED.get(k, k)}: {v}" for k, v in (pruned.get("reasons") or {}).items())
+        text += (f"; pruned {pruned.get('versions', 0)} versions, "
+                 f"{pruned.get('bytes', 0) / 1e6:.1f} MB ({why})")
+    return text
+
+
+_PRUNED = {"cap": "over trash_max_gb", "space": "disk space low", "full": "disk full",
+           "age": "older than keep_days"}
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -228,7 +260,8 @@ def _prepare(local_dir: object, destination: object, *, port: object, password: 
     """Validate every argument (ValueError/TypeError before anything runs)."""
     local = _local_dir(local_dir)
     dest = _ssh.parse_destination(destination, with_path=True)
-    _sync.check_remote_path(dest.path)
+    # one spelling per folder (proj, ~/proj, proj/): one mirror, one key, one run folder
+    dest = dataclasses.replace(dest, path=_sync.check_remote_path(dest.path))
     _ssh.check_port(port)
     if password is not None:
         _ssh.check_password(password)
@@ -252,6 +285,8 @@ def mirror(
     restore: bool = False,
     host_key: str | None = None,
     keep_days: float = _sync.TRASH_KEEP_DAYS,
+    trash_share: float = _agent.TRASH_SHARE,
+    trash_max_gb: float = _agent.TRASH_MAX_GB,
     timeout: float = 600,
     restricted: bool = True,
     key_days: float = _access.KEY_DAYS,
@@ -284,6 +319,10 @@ def mirror(
             accept it the first time and check it afterwards.
         keep_days: trash older than this is pruned (the server keeps this number: a runtime
             cannot prune sooner).
+        trash_share: the trash holds at most this share of the room it could take on the
+            server's disk (its free space plus the trash itself); older versions are pruned
+            first, and a write that finds the disk full prunes the trash and is done again.
+        trash_max_gb: and at most this many GB (1e9 bytes). Both are kept by the server.
         timeout: how long to wait for the first push before returning anyway.
         restricted: log in once (password or your own key) to install a key for this mirror
             alone (the default): it can only write into ``destination`` through the server-side
@@ -315,14 +354,16 @@ def mirror(
         _check_bool(name, value)
     if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or keep_days <= 0:
         raise ValueError(f"keep_days must be a positive number of days, got {keep_days!r}")
+    _check_budget(trash_share, trash_max_gb)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     _check_bool("restricted", restricted)
     _access.check_days(key_days)
     _check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=keep_days, restricted=restricted, key_days=key_days,
-                                   quiet=quiet)
+                                   keep_days=keep_days, trash_share=float(trash_share),
+                                   trash_max_gb=float(trash_max_gb), restricted=restricted,
+                                   key_days=key_days, quiet=quiet)
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror", "--run-dir",
                                 str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
@@ -393,7 +434,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
                               pinned=pinned, identity_file=args["identity_file"])
         purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
-                   "keep_days": flags["keep_days"], "backup": flags["backup"]}
+                   "keep_days": flags["keep_days"], "backup": flags["backup"],
+                   "trash_share": flags["trash_share"], "trash_max_gb": flags["trash_max_gb"]}
         granted = _access.grant(state, login, purpose, password=args["password"], restricted=restricted,
                                 days=key_days, error=MirrorError, quiet=quiet)
         cfg.update(agent=granted.agent, key_id=granted.key_id, key_expires=granted.expires,
@@ -433,7 +475,8 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     _access.check_days(key_days)
     _check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=_sync.TRASH_KEEP_DAYS, restricted=restricted,
+                                   keep_days=_sync.TRASH_KEEP_DAYS, trash_share=_agent.TRASH_SHARE,
+                                   trash_max_gb=_agent.TRASH_MAX_GB, restricted=restricted,
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

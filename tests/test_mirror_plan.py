@@ -108,11 +108,15 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
                         (_agent.OP_LINK, "new/link"), (_agent.OP_DELETE, "gone"),
                         (_agent.OP_PUT, "skip.pyc")}  # asked for by name: the filter is the watcher's
     assert plan.big == ["big.bin"] and plan.deletes == ["gone"]
-    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc"}
+    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc", "big.bin"}
     assert sorted(watched) == ["new", "new/sub"]  # watched before they were listed
     planner.acknowledged(plan, ok=True)
-    again = [(op, rel) for op, rel, *_ in planner.plan({"new/a.txt", "new/sub/b.txt"})]
-    assert again == []  # acknowledged with the same content: not sent twice
+    again = planner.plan({"new/a.txt", "new/sub/b.txt", "big.bin"})
+    assert [(op, rel) for op, rel, *_ in again] == [] and again.big == []  # not sent twice
+    (root / "big.bin").write_bytes(b"y" * _sync.BIG_FILE)  # same size, new times
+    fresh = planner.plan({"big.bin"})
+    list(fresh)
+    assert fresh.big == ["big.bin"]
     (root / "new" / "a.txt").write_bytes(b"A")
     assert [rel for _, rel, *_ in planner.plan({"new/a.txt"})] == ["new/a.txt"]
     everything = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True, inline=False)

@@ -101,6 +101,9 @@ class Channel:
     def prune(self) -> None:
         """Remove old trash on the server (the agent does it itself)."""
 
+    def ping(self) -> None:
+        """Tell the server-side agent the mirror is still there (an idle mirror)."""
+
 
 def _stamp() -> str:
     t = time.time()
@@ -117,6 +120,7 @@ class AgentChannel(Channel):
         self._buf = b""
         self.outstanding = 0
         self.sent_bytes = 0
+        self.trash: dict[str, object] | None = None  # what the server's trash holds (the agent says)
 
     # --- start and stop ------------------------------------------------------------------------
     def open(self) -> None:
@@ -129,6 +133,11 @@ class AgentChannel(Channel):
         self.outstanding = self.sent_bytes = 0
         try:
             op, _, _, _, _, data = self._record(time.monotonic() + 30)
+            if op == _agent.R_FAIL:  # another mirror writes there (the agent says which)
+                self.close()
+                raise MirrorError(data.decode(errors="replace"),
+                                  fix="stop that mirror first (.stop() in its runtime), or "
+                                      "mirror to another folder")
             hello = json.loads(data) if op == _agent.R_HELLO else {}
         except (ConnectionLost, ValueError) as e:
             self.close()
@@ -140,6 +149,7 @@ class AgentChannel(Channel):
             raise MirrorError(f"the agent on the server speaks protocol {hello.get('protocol')!r}, "
                               f"this colab-remote {_agent.VERSION!r}",
                               fix="run mirror() again with the password: it installs this version")
+        self.trash = hello.get("trash")
         log.info("agent on the server: pid %s, keeps the trash %s days", hello.get("pid"),
                  hello.get("keep_days"))
 
@@ -215,7 +225,9 @@ class AgentChannel(Channel):
             op, _, _, _, _, data = self._record(deadline)
             if op != _agent.R_ACK:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
-            errors += json.loads(data)
+            answer = json.loads(data)
+            errors += answer["errors"]
+            self.trash = answer.get("trash") or self.trash
             self.outstanding -= 1
         self.sent_bytes = 0
         return errors
@@ -235,6 +247,12 @@ class AgentChannel(Channel):
             if op != _agent.R_ENTRY:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
             found[os.fsdecode(path)] = Entry(mode, size, mtime, data)
+
+    def ping(self) -> None:
+        self._send([])  # an empty batch: the agent notes the writer is active and answers
+        errors = self._collect()
+        if errors:
+            log.warning("server errors: %s", errors[:5])
 
     def count(self, listing: dict[str, Entry] | None) -> int:
         listing = self.listing() if listing is None else listing

@@ -27,7 +27,8 @@ from . import git
 
 # One op for the agent: (op, path relative to the root, mode, mtime in ns, data or link target)
 Op = tuple[bytes, str, int, int, bytes | None]
-Digest = tuple[int, int, int, bytes]  # size, mtime in ns, mode, blake2b-128 of the content
+Digest = tuple[int, int, int, bytes]  # size, mtime in ns, mode, blake2b-128 of the content (a big
+                                      # file: b"inode:ctime in ns" instead)
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
@@ -217,7 +218,15 @@ class Plan:
         p = self.planner
         if stat.S_ISREG(st.st_mode):
             if st.st_size >= _sync.BIG_FILE or not p.inline:
+                # not read here: its inode's size, times and mode stand for its content (the same
+                # change reported twice, by notify and by the doorbell, is sent once)
+                key = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                       b"%d:%d" % (st.st_ino, st.st_ctime_ns))
+                if p.inline and p.sent.get(rel) == key:
+                    return None
                 self._stage(rel).big.append(rel)
+                if p.inline:
+                    self.sending[rel] = key
                 return None
             try:  # mode and mtime from the lstat: a change since then has its own event
                 data = read_file(name, st.st_size, fd)

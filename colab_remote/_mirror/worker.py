@@ -42,6 +42,8 @@ VERIFY_SHARE = 0.02         # ... and never more than this share of the time (a 
 VERIFY_IDLE = 3600.0        # ... and this often anyway (a change no event reported)
 RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-tree pass this much later
 PRUNE_EVERY = 6 * 3600.0
+KEEPALIVE = 120.0           # an idle mirror tells its agent it is still there this often (the server
+                            # lets another runtime take the folder over from one silent 5 minutes)
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -73,7 +75,9 @@ class Worker:
         self.verify_done = 0
         self.verify_errors = False  # the last verification met errors
         self.verifying = 0          # the flush requests the whole-tree pass under way answers
+        self.refused: dict[str, bool] = {}  # what the server refused (path -> it was a delete)
         self.last_prune = time.monotonic()
+        self.last_ping = time.monotonic()
         self.changed_since_full = False
         self.run_paths = 0          # paths pushed since the last quiet spell (see push())
         self.last_push_end = 0.0
@@ -103,6 +107,9 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         with self.cond:
             pending = len(self.pending) + (1 if self.full_due is not None else 0)
+        trash = getattr(self.channel, "trash", None)
+        if trash is not None:
+            self.stats["trash"] = trash  # kept while disconnected
         return {**self.stats, "pending": pending, "state": self.report.state.value,
                 "connected": self.connected, "in_flight": self.in_flight}
 
@@ -230,6 +237,9 @@ class Worker:
         until a whole-tree pass gets everything there; that pass comes a little later."""
         if not sent.errors:
             return
+        for rel, _ in sent.errors:
+            if rel:  # sent again by the next whole-tree pass (which never deletes by itself)
+                self.refused[rel] = not os.path.lexists(os.path.join(self.root, rel))
         error = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
         log.warning("server errors: %s", error)
         self.set_state(State.REFUSED, error)
@@ -243,8 +253,13 @@ class Worker:
         assert self.channel is not None
         t0 = time.monotonic()
         progress = self.report.phase(phase, *estimate) if phase else None
-        sent = self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
-                                       self.root, self.flt, listing, progress)
+        sent = Sent()
+        if self.refused:  # what the server refused, deletes too, first
+            retry, self.refused = self.refused, {}
+            sent.add(self.push(set(retry), set(), {p for p, gone in retry.items() if gone},
+                               whole=True))
+        sent.add(self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
+                                         self.root, self.flt, listing, progress))
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
@@ -267,6 +282,11 @@ class Worker:
         assert self.channel is not None
         self.last_prune = time.monotonic()
         self.channel.prune()
+
+    def ping(self) -> None:
+        assert self.channel is not None
+        self.last_ping = time.monotonic()
+        self.channel.ping()
 
     # -- the connection ------------------------------------------------------------------------
     def connect(self) -> None:
@@ -302,8 +322,12 @@ class Worker:
                     self.stats["last_error"] = what
                     log.warning("reconnect failed: %s", what)
                     self.disconnect()
-                    if isinstance(e, AuthenticationError):
-                        # a changed password: keep trying, but slowly (no lockouts, no log spam)
+                    if isinstance(e, ColabRemoteError) and not isinstance(e, AuthenticationError):
+                        # refused by the server's agent (another mirror writes the folder now)
+                        self.set_state(State.REFUSED, what)
+                    if isinstance(e, ColabRemoteError):
+                        # a changed password, another writer: keep trying, but slowly (no
+                        # lockouts, no log spam)
                         backoff = Backoff(30.0, 60.0)
             with self.cond:
                 self.cond.wait(backoff.next())
@@ -335,6 +359,9 @@ class Worker:
             if now - self.last_prune > PRUNE_EVERY:
                 self.in_flight = True
                 return "prune", set(), set(), set(), self.events
+            if now - max(self.last_push_end, self.last_full, self.last_ping) > KEEPALIVE:
+                self.in_flight = True
+                return "ping", set(), set(), set(), self.events
             if self.watcher is not None and (self.watcher.error is not None
                                              or not self.watcher.is_alive()):
                 # notify failed (the folder vanished, say): watch again, then a whole pass covers
@@ -346,7 +373,7 @@ class Worker:
                     self._start_watcher()
                     self.full_due = now + 1
                 continue
-            wait = 30.0 if self.full_due is None else self.full_due - now
+            wait = min(30.0, KEEPALIVE) if self.full_due is None else self.full_due - now
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -366,6 +393,8 @@ class Worker:
                     self.whole_pass()
                 elif kind == "prune":
                     self.prune()
+                elif kind == "ping":
+                    self.ping()
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
