@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import dataclasses
 import logging
 import os
-import pwd
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -32,11 +29,13 @@ from typing import Any
 from . import _access, _agent, _html, _install, _proc, _ssh, _sync
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
+from ._mirror import checks
 from ._mirror.channel import ShellChannel
 from ._mirror.config import MirrorConfig
 from ._mirror.control import query
 from ._mirror.link import ConnectionLost, Link
 from ._mirror.plan import scan_local
+from ._mirror.report import trash_text
 from ._progress import Bar
 from .errors import AuthenticationError, MirrorError
 
@@ -153,122 +152,8 @@ class Mirror(Handle):
                 ("pending", str(s.get("pending", 0))),
                 ("last push", time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"),
                 ("last error", str(s.get("last_error") or "none")),
-                ("trash", _trash_text(s.get("trash")))]
+                ("trash", trash_text(s.get("trash")))]
         return _html.card("mirror", State.of(state), rows)
-
-
-def _check_budget(trash_share: object, trash_max_gb: object) -> None:
-    """ValueError/TypeError unless the trash's budget is a share in (0, 1] and a cap > 0 GB."""
-    for name, value in (("trash_share", trash_share), ("trash_max_gb", trash_max_gb)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-    assert isinstance(trash_share, (int, float)) and isinstance(trash_max_gb, (int, float))
-    if not 0 < trash_share <= 1:
-        raise ValueError(f"trash_share must be a share of the free space in (0, 1], e.g. 0.25, "
-                         f"got {trash_share!r}")
-    if not 0 < trash_max_gb < float("inf"):
-        raise ValueError(f"trash_max_gb must be a positive number of GB, got {trash_max_gb!r}")
-
-
-def _trash_text(trash: dict[str, Any] | None) -> str:
-    """What the server's trash holds and what was pruned (the card's trash row)."""
-    if not trash:
-        return f"deleted and overwritten files: {_sync.TRASH}/ on the server"
-    text = (f"{trash.get('bytes', 0) / 1e6:.1f} MB, {trash.get('versions', 0)} versions "
-            f"(at most {trash.get('limit', 0) / 1e6:.1f} MB now)")
-    pruned = trash.get("pruned") or {}
-    if pruned.get("versions") or pruned.get("folders"):
-        why = ", ".join(f"{_PRUNED.get(k, k)}: {v}" for k, v in (pruned.get("reasons") or {}).items())
-        text += (f"; pruned {pruned.get('versions', 0)} versions, "
-                 f"{pruned.get('bytes', 0) / 1e6:.1f} MB ({why})")
-    return text
-
-
-_PRUNED = {"cap": "over trash_max_gb", "space": "disk space low", "full": "disk full",
-           "age": "older than keep_days"}
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _local_dir(local_dir: object) -> str:
-    if not isinstance(local_dir, (str, os.PathLike)):
-        raise TypeError(f"local_dir must be a path, got {local_dir!r}")
-    text = os.fspath(local_dir)
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("local_dir must not be empty")
-    path = os.path.realpath(os.path.expanduser(text))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"local_dir {text} is a file; mirror() takes a folder")
-    if _sync.TRASH in Path(path).parts:
-        raise ValueError(f"local_dir {text} is (inside) a {_sync.TRASH} folder; mirror the project instead")
-    if path == "/":
-        raise ValueError("local_dir must not be /")
-    return path
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
-
-
-def _check_local_folder(path: str, given: object, *, create: bool) -> None:
-    """ValueError naming ``path`` unless this user can list it (or, with ``create``, make it)."""
-    user = _user_name()
-    try:
-        st = os.stat(path)
-    except PermissionError:
-        raise ValueError(f"local_dir {given} cannot be reached by {user}: a folder above it cannot "
-                         "be entered (permission denied)") from None
-    except FileNotFoundError:
-        if not create:
-            raise ValueError(f"local_dir {given} does not exist; check the path (a typo?), create "
-                             "the folder first, or pass restore=True to fetch the server copy into "
-                             "it") from None
-        parent = os.path.dirname(path)
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"local_dir {given} does not exist and {user} cannot create it: "
-                             f"{parent} is not writable") from None
-        return
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ValueError(f"local_dir {given} cannot be read by {user} (mode "
-                         f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}); fix its permissions "
-                         "or mirror it as its owner")
-
-
-def _identity(identity_file: object) -> str | None:
-    if identity_file is None:
-        return None
-    if not isinstance(identity_file, (str, os.PathLike)):
-        raise TypeError(f"identity_file must be a path, got {identity_file!r}")
-    path = os.path.expanduser(os.fspath(identity_file))
-    if not os.path.isfile(path):
-        raise ValueError(f"identity_file {path} does not exist")
-    return os.path.abspath(path)
-
-
-def _prepare(local_dir: object, destination: object, *, port: object, password: object,
-             identity_file: object, state_dir: object, exclude: object, host_key: object
-             ) -> dict[str, Any]:
-    """Validate every argument (ValueError/TypeError before anything runs)."""
-    local = _local_dir(local_dir)
-    dest = _ssh.parse_destination(destination, with_path=True)
-    # one spelling per folder (proj, ~/proj, proj/): one mirror, one key, one run folder
-    dest = dataclasses.replace(dest, path=_sync.check_remote_path(dest.path))
-    _ssh.check_port(port)
-    if password is not None:
-        _ssh.check_password(password)
-    key = _ssh.check_host_key(host_key) if host_key is not None else None
-    return {"local_dir": local, "dest": dest, "port": port, "password": password,
-            "identity_file": _identity(identity_file), "state": state_path(state_dir),
-            "exclude": list(_sync.check_excludes(exclude)), "host_key": key}
 
 
 def mirror(
@@ -347,19 +232,19 @@ def mirror(
         >>> m.flush(); m.stats["pending"]  # doctest: +SKIP
         0
     """
-    args = _prepare(local_dir, destination, port=port, password=password,
+    args = checks.prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
     for name, value in (("delete", delete), ("backup", backup), ("restore", restore)):
-        _check_bool(name, value)
+        checks.check_bool(name, value)
     if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or keep_days <= 0:
         raise ValueError(f"keep_days must be a positive number of days, got {keep_days!r}")
-    _check_budget(trash_share, trash_max_gb)
+    checks.check_budget(trash_share, trash_max_gb)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    _check_bool("restricted", restricted)
+    checks.check_bool("restricted", restricted)
     _access.check_days(key_days)
-    _check_local_folder(args["local_dir"], local_dir, create=restore)
+    checks.check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=keep_days, trash_share=float(trash_share),
                                    trash_max_gb=float(trash_max_gb), restricted=restricted,
@@ -469,11 +354,11 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
     from ._mirror import worker
 
-    args = _prepare(local_dir, destination, port=port, password=password,
+    args = checks.prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
     _access.check_days(key_days)
-    _check_local_folder(args["local_dir"], local_dir, create=restore)
+    checks.check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=_sync.TRASH_KEEP_DAYS, trash_share=_agent.TRASH_SHARE,
                                    trash_max_gb=_agent.TRASH_MAX_GB, restricted=restricted,
@@ -552,7 +437,7 @@ def push(
         ...      setup="pip install -r requirements.txt")  # doctest: +SKIP
         0
     """
-    args = _prepare(local_dir, destination, port=port, password=password,
+    args = checks.prepare(local_dir, destination, port=port, password=password,
                     identity_file=identity_file, state_dir=state_dir, exclude=exclude,
                     host_key=host_key)
     if not os.path.isdir(args["local_dir"]):

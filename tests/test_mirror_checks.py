@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from colab_remote import _install, _ssh, _sync
-from colab_remote.mirror import _prepare, mirror, push
+from colab_remote._mirror.checks import prepare
+from colab_remote.mirror import mirror, push
 
 
 def prepared(tmp_path: Path, destination: str, **kw):
-    return _prepare(tmp_path, destination, port=22, password=None, identity_file=None,
+    return prepare(tmp_path, destination, port=22, password=None, identity_file=None,
                     state_dir=tmp_path / "state", exclude=kw.get("exclude"), host_key=None)
 
 
@@ -116,10 +117,10 @@ def test_the_trash_budget_is_checked_before_anything_runs(tmp_path: Path, kw, er
 
 
 def test_the_trash_text_on_the_card() -> None:
-    from colab_remote.mirror import _trash_text
+    from colab_remote._mirror.report import trash_text
 
-    assert ".colab-remote-trash" in _trash_text(None)
-    text = _trash_text({"bytes": 12_300_000, "versions": 45, "folders": 7, "limit": 9_000_000,
+    assert ".colab-remote-trash" in trash_text(None)
+    text = trash_text({"bytes": 12_300_000, "versions": 45, "folders": 7, "limit": 9_000_000,
                         "pruned": {"versions": 22, "bytes": 80_000_000, "folders": 5,
                                    "reasons": {"space": 20, "full": 2}, "last": "full"}})
     assert text == ("12.3 MB, 45 versions (at most 9.0 MB now); pruned 22 versions, 80.0 MB "
