@@ -24,6 +24,10 @@ Figures (``--only NAME``):
   cut       a 200 MiB file, the link cut for 10 s (and 30 s: ``--cut-seconds``) halfway: time
             after the link returns, and the bytes that crossed the link / the file's size
             (counted at the relay)
+  killed    a 200 MiB file, the mirror process SIGKILLed once half of it crossed, mirror() run
+            again: time from that call until the server has it, bytes over the link / its size
+  growing   a 200 MiB file on the server grows by 1 MiB here (a log, a checkpoint written in
+            pieces): time until the server has it, bytes over the link / 1 MiB; rsync -a the same
   reverse   100 MiB read through reverse_forward()'s tunnel vs plain ``ssh -R``
   compress  a 10 MiB text tree and a 10 MiB random tree (P1/P2): the mirror, rsync -a, rsync -az
   startup   loopback only: mirror() + flush() vs rsync -a, fresh (empty server copy) and restart
@@ -57,7 +61,8 @@ from bench import _common as C  # noqa: E402
 from bench.wan import P1, P2, Profile, WanRelay  # noqa: E402
 from colab_remote import Mirror, mirror, reverse_forward, start_sshd  # noqa: E402
 
-FIGURES = ("sanity", "edit", "burst", "first", "bigedit", "cut", "reverse", "compress", "startup")
+FIGURES = ("sanity", "edit", "burst", "first", "bigedit", "cut", "killed", "growing", "reverse",
+           "compress", "startup")
 MiB = 1 << 20
 TREE_FILES, TREE_SIZE, TREE_PER_DIR = 2000, 4096, 100
 
@@ -542,6 +547,82 @@ def cut(b: Bench, link: Link, t: Trees, pause: float) -> None:
     t.m.flush(300)
 
 
+def killed(b: Bench, link: Link, t: Trees) -> None:
+    """A big file, the mirror process SIGKILLed once half of it crossed, then mirror() run again
+    (a new kernel): seconds from that call until the server has the file, and the bytes that
+    crossed / its size."""
+    assert link.relay is not None
+    relay = link.relay
+    size = b.sizes.big
+    data = b.random_bytes(size, 3)
+    timeout = 4 * link.wire_time(size) + 180
+    local, server_file = t.ours / "killed.bin", t.ours_server / "killed.bin"
+    C.settle()
+    base = relay.up_bytes()
+    write_file(local, data)
+    if not C.wait_until(lambda: relay.up_bytes() - base >= size // 2, timeout, 0.01):
+        raise RuntimeError("half the file never crossed the link")
+    pid = t.m.pid
+    assert pid is not None
+    os.kill(pid, 9)
+    C.wait_until(lambda: not C.pid_alive(pid), 10)
+    t0 = time.perf_counter()
+    t.m = link.mirror(t.ours, t.ours_server)
+    returned = time.perf_counter() - t0
+    done = C.wait_size(server_file, size, timeout, 0.02)
+    time.sleep(1)
+    sent = (relay.up_bytes() - base) / size
+    ok = done is not None and hashlib.sha256(server_file.read_bytes()).digest() == \
+        hashlib.sha256(data).digest()
+    b.add(Result("killed", link.name, None if done is None else done - t0,
+                 link.floor(size - size // 2), None, None, "s", [
+                     f"mirror() re-run returned after {returned:.2f} s; bytes over the link / file "
+                     f"size {sent:.2f} (the re-run's first pass over the 2,000-file tree included); "
+                     f"server copy intact: {ok}; floor = delay + the half left / bandwidth"]))
+    local.unlink()
+    t.m.flush(300)
+
+
+def growing(b: Bench, link: Link, t: Trees) -> None:
+    """A big file on the server that grows by 1 MiB here: seconds until the server has it, and
+    the bytes that crossed / 1 MiB (ours, then rsync -a over the warm ControlMaster)."""
+    relay = link.relay
+    size, extra = b.sizes.big, MiB
+    data, more = b.random_bytes(size, 4), os.urandom(extra)
+    timeout = 4 * link.wire_time(size) + 180
+
+    def run(local: Path, server_file: Path, after: Callable[[], Any]) -> tuple[float | None, float | None]:
+        C.settle()
+        base = relay.up_bytes() if relay else 0
+        t0 = time.perf_counter()
+        with open(local, "ab") as f:
+            f.write(more)
+        after()
+        done = C.wait_size(server_file, size + extra, timeout, 0.02)
+        time.sleep(1)  # what still crosses counts too
+        sent = (relay.up_bytes() - base) / extra if relay else None
+        return (None if done is None else done - t0), sent
+
+    local = t.ours / "grow.bin"
+    write_file(local, data)
+    t.m.flush(timeout)
+    ours, ours_bytes = run(local, t.ours_server / "grow.bin", lambda: None)
+    t.m.flush(timeout)
+    src = b.local(link, "grow-rsync")
+    write_file(src / "grow.bin", data)
+    link.rsync(f"{src}/grow.bin", t.rs_server)
+    rs, rs_bytes = run(src / "grow.bin", t.rs_server / "grow.bin",
+                       lambda: link.rsync(f"{src}/grow.bin", t.rs_server))
+    ok = hashlib.sha256((t.ours_server / "grow.bin").read_bytes()).digest() == \
+        hashlib.sha256(data + more).digest()
+    b.add(Result("growing", link.name, ours, link.floor(extra), rs, None, "s", [
+        f"{size // MiB} MiB + 1 MiB; bytes over the link / 1 MiB: ours "
+        f"{'-' if ours_bytes is None else f'{ours_bytes:.2f}'}, rsync -a "
+        f"{'-' if rs_bytes is None else f'{rs_bytes:.2f}'}; server copy intact: {ok}"]))
+    local.unlink()
+    t.m.flush(300)
+
+
 class Runtime:
     """The runtime's sshd (start_sshd) with a throwaway login user, for the reverse tunnel."""
 
@@ -710,8 +791,9 @@ def run_link(b: Bench, profile: Profile | None, only: set[str], rt: Runtime | No
     try:
         if profile is not None and want("sanity"):
             sanity(b, link)
-        needs_trees = [f for f in ("edit", "burst", "bigedit", "cut", "compress") if want(f)
-                       and (profile is not None or f not in ("cut", "compress"))]
+        needs_trees = [f for f in ("edit", "burst", "bigedit", "cut", "killed", "growing",
+                                   "compress") if want(f)
+                       and (profile is not None or f not in ("cut", "killed", "compress"))]
         if needs_trees:
             trees = Trees(b, link, need_lsyncd=bool({"edit", "burst", "bigedit"} & set(needs_trees)))
         if trees is not None and want("edit"):
@@ -729,6 +811,10 @@ def run_link(b: Bench, profile: Profile | None, only: set[str], rt: Runtime | No
         if trees is not None and profile is not None and want("cut"):
             for pause in b.sizes.cuts:
                 cut(b, link, trees, pause)
+        if trees is not None and profile is not None and want("killed"):
+            killed(b, link, trees)
+        if trees is not None and want("growing"):
+            growing(b, link, trees)
     finally:
         if trees is not None:
             trees.close()
@@ -745,6 +831,8 @@ WORK = {
     "bigedit": "1 KiB edit written 1 s after a big file starts",
     "cut-10s": "big file, link cut 10 s halfway: done after the link returns",
     "cut-30s": "big file, link cut 30 s halfway (beyond ssh's 15 s keepalive): done after return",
+    "killed": "big file, mirror process killed halfway, mirror() re-run: done after the re-run",
+    "growing": "big file grows by 1 MiB: done after the append (rsync column: rsync -a)",
     "reverse": "read through the reverse tunnel (rsync column: plain ssh -R)",
     "compress-text": "text tree (rsync column: rsync -a)",
     "compress-random": "random tree (rsync column: rsync -a)",
