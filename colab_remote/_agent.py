@@ -14,6 +14,9 @@ kept ``keep_days`` and within a budget as the *server's* config says), read that
 and reclaim the tunnel's own port. No shell, no other file, no pruning on request.
 
 One agent writes a destination at a time: it holds a lock there for its life (see :class:`Writer`).
+A second session of the same mirror, its big-file lane (:func:`run_lane`), joins that writer with
+the token of its hello and only receives big files into partial files in the staging folder,
+kept across agents (:class:`Partials`); the writer puts them in place (``OP_PLACE``).
 
 It is also the one home of the mirror's wire protocol: the client imports the constants below.
 
@@ -25,6 +28,8 @@ import calendar
 import errno
 import fcntl
 import hashlib
+import hmac
+import io
 import json
 import os
 import pwd
@@ -35,9 +40,10 @@ import stat
 import struct
 import sys
 import time
+import zlib
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
-VERSION = "3"  # the protocol: the client refuses an agent that speaks another one
+VERSION = "4"  # the protocol: the client refuses an agent that speaks another one
 
 # --- the wire protocol ------------------------------------------------------------------------
 #
@@ -55,6 +61,18 @@ OP_COMMIT = b"F"    # a big file is whole: mode, mtime, offset = its size, data 
 OP_END = b"E"       # end of a batch: the agent applies what is pending and answers R_ACK
 OP_MANIFEST = b"M"  # list the copy: R_ENTRY for each entry, then R_DONE
 OP_GET = b"G"       # read one file back (restore): R_DATA chunks, then R_DONE, or R_FAIL
+OP_PLACE = b"Q"     # a big file a lane received is whole: put it in place: mode, mtime, offset =
+                    # its size, data = its digest (the lane checked it: see Partials)
+OP_ZIP = b"Z"       # records compressed together (zlib): unpacked and applied in their place
+
+# client -> lane (the big-file lane: a second session of the same mirror, see run_lane); every
+# record but OP_DROP gets one answer, in order
+OP_JOIN = b"J"      # the first record: data = the lane token of the writer's hello
+OP_HAVE = b"W"      # what the server holds of this file to build on: offset = its size here now
+                    # -> R_HAVE
+# OP_CHUNK          # a part of the file into its partial (offset 0 starts it anew) -> R_GOT
+OP_FINISH = b"N"    # the partial is whole: offset = its size, data = its digest -> R_DONE
+OP_DROP = b"R"      # forget this file's partial (no answer)
 
 # agent -> client
 R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, trash, ...); or R_FAIL
@@ -65,10 +83,14 @@ R_ENTRY = b"m"      # one entry of the manifest: mode (with the type bits), mtim
                     # data = a link's target
 R_DATA = b"g"       # a chunk of a file being read: mode, mtime, offset, data
 R_DONE = b"z"       # the end of a manifest (offset = entries) or of a file (offset = size)
-R_FAIL = b"!"       # a file could not be read: data is why
+R_FAIL = b"!"       # a file could not be read: data is why (a lane: the request failed)
+R_HAVE = b"w"       # offset = bytes the server holds of the file (its partial, or the file itself
+                    # when it may have grown), data = their digest; offset 0: nothing to build on
+R_GOT = b"k"        # a chunk is written: offset = the partial's size now
 
 TRASH = b".colab-remote-trash"   # in the destination: what was replaced or deleted, by time
 STAGING = b".staging"            # in the trash: new folders and big files being built
+PARTIALS = b"partial"            # in the staging folder: what lanes received, one file per path
 TMP_INFIX = b".colab-remote-tmp."  # our temporary names: ``.NAME.colab-remote-tmp.PID``
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%S"  # trash folders: STAMP_FORMAT + ".ffffffZ" (UTC)
 CHUNK = 1 << 20                  # bytes per record when a file is read back
@@ -83,6 +105,7 @@ ROOM_SLACK = 1 << 20             # a full disk: prune until a write has this muc
 STALE_AFTER = 300.0              # a writer silent this long may be replaced by another mirror
 TOUCH_EVERY = 30.0               # how often the writer notes that it is still active
 FULL = (errno.ENOSPC, errno.EDQUOT)
+MAX_ZIP = 64 << 20               # the most an OP_ZIP record may unpack to
 
 HOME_DIR = ".colab-remote"       # in the server account's home: agents, configs, the lock
 
@@ -110,6 +133,32 @@ def read_record(read: Callable[[int], bytes]) -> Optional[Tuple[bytes, bytes, in
     if len(path) < plen or len(data) < dlen:
         return None
     return op, path, mode, mtime, offset, data
+
+
+def records(read: Callable[[int], bytes]) -> Iterator[Tuple[bytes, bytes, int, int, int, bytes]]:
+    """The client's records until the stream ends, those packed in an OP_ZIP unpacked in their
+    place (one that unpacks to more than MAX_ZIP, or not at all, ends the stream)."""
+    while True:
+        rec = read_record(read)
+        if rec is None:
+            return
+        if rec[0] != OP_ZIP:
+            yield rec
+            continue
+        unzip = zlib.decompressobj()
+        try:
+            inner = unzip.decompress(rec[5], MAX_ZIP)
+        except zlib.error:
+            inner = b""
+        if unzip.unconsumed_tail or not unzip.eof:
+            sys.stderr.write("colab-remote: a compressed record did not unpack; the stream ends\n")
+            return
+        stream = io.BytesIO(inner).read
+        while True:
+            one = read_record(stream)
+            if one is None:
+                break
+            yield one
 
 
 def digest(data: bytes) -> bytes:
@@ -291,6 +340,7 @@ class Tree:
         self.tops: List[Tuple[bytes, bytes]] = []  # (built at, real path), in order
         self.later: List[Tuple[bytes, int]] = []  # folder modes set once their files are in
         self.big: Dict[bytes, bytes] = {}  # big file -> its partial file (in the stage)
+        self.partials = Partials(self.root_fd, self.roomy)  # what lanes receive (OP_PLACE)
         self.counter = 0
         self.tmp_end = TMP_INFIX + b"%d" % os.getpid()
 
@@ -594,6 +644,21 @@ class Tree:
             _remove_quietly(sfd, name)
             raise
         os.close(fd)
+        self._put_whole(sfd, name, p)
+
+    def place(self, p: bytes, mode: int, mtime: int, size: int, want: bytes) -> None:
+        """A big file a lane received and checked (its partial named by its digest): in place."""
+        sfd, name = self.partials.whole(p, size, want)
+        fd = os.open(name, O_READ, dir_fd=sfd)
+        try:
+            os.fchmod(fd, mode & MODE_MASK)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+        self._put_whole(sfd, name, p)
+
+    def _put_whole(self, sfd: int, name: bytes, p: bytes) -> None:
+        """Rename a whole file from the staging area to ``p`` (what it replaces to the trash)."""
         staged = self._in_stage(p)
         if staged is not None:
             dfd, dname, _ = staged
@@ -806,6 +871,7 @@ class Tree:
     def close(self) -> None:
         """Close every descriptor; the empty staging folder (and an empty trash) go."""
         self.live.forget()
+        self.partials.close()
         if self.stage is not None:
             self.stage.forget()
             os.close(self.stage.root)
@@ -819,7 +885,7 @@ class Tree:
             if self.writer is not None:
                 self.writer.release()
                 self.writer = None
-            for parent, name in ((STAGING, self.stage_name), (b"", STAGING)):
+            for parent, name in ((STAGING, self.stage_name), (STAGING, PARTIALS), (b"", STAGING)):
                 pfd = self.trash.get(parent, create=False)
                 if pfd is not None:
                     try:
@@ -914,6 +980,8 @@ class Budget:
         self.versions -= versions
         self.dirty = True
         trash.forget(name)
+        if _lstat(trash.root, name) is None:
+            return True  # pruned by a lane that found the disk full: gone already
         try:
             _remove_tree(trash.root, name)
         except OSError:
@@ -1043,6 +1111,7 @@ class Writer:
         self.fd = -1
         self.record: dict = {}
         self.touched = 0.0
+        self.lane_token = ""  # what a lane of this writer joins with (only its hash is on disk)
 
     def acquire(self, wait: float = 15.0) -> Optional[str]:
         """None once this agent holds the lock; else why not (for the client)."""
@@ -1110,9 +1179,11 @@ class Writer:
             superseded = [str(k) for k in took_from.get("superseded", ())]
             if took_from.get("key") != self.key_id:
                 superseded = [str(took_from.get("key"))] + superseded
+        self.lane_token = hashlib.sha256(os.urandom(32)).hexdigest()
         self.record = {"key": self.key_id, "runtime": runtime_of(self.key_id) if self.key_id else "",
                        "pid": os.getpid(), "start": me[2] if me else "", "since": now,
-                       "active": now, "superseded": superseded[:8]}
+                       "active": now, "superseded": superseded[:8],
+                       "lane": hashlib.sha256(self.lane_token.encode()).hexdigest()}
         self._write()
 
     def _write(self) -> None:
@@ -1264,10 +1335,7 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
     errors: List[List[str]] = []
     n = 0
     last_prune = 0.0
-    while True:
-        rec = read_record(inp.read)
-        if rec is None:
-            break  # the channel broke (a cut record is not applied) or the client is done
+    for rec in records(inp.read):  # until the channel breaks (a cut record is not applied) or ends
         op, p, mode, mtime, offset, data = rec
         if tree.writer is not None:
             tree.writer.touch()
@@ -1309,13 +1377,15 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
             continue
         n += 1
         try:
-            if op not in (OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_CHUNK, OP_COMMIT):
+            if op not in (OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_CHUNK, OP_COMMIT, OP_PLACE):
                 raise ValueError("unknown operation %r" % op)
             check_path(p)
             if op == OP_CHUNK:  # (these two make room themselves: a failure drops the partial)
                 tree.chunk(p, offset, data)
             elif op == OP_COMMIT:
                 tree.commit(p, mode, mtime, offset, data)
+            elif op == OP_PLACE:  # (makes room itself, as a put into place)
+                tree.place(p, mode, mtime, offset, data)
             else:  # a full disk: the trash is pruned and the op done again (the live copy wins)
                 tree.roomy(_op(tree, op, p, mode, mtime, data), len(data))
         except Exception as e:  # noqa: BLE001 - reported to the client, the agent goes on
@@ -1338,6 +1408,7 @@ def _prune_quietly(tree: Tree, keep_days: float) -> None:
     try:
         tree.prune(keep_days)
         tree.clean_staging()
+        tree.partials.clean(keep_days * 86400)
         tree.keep_within_budget()
     except OSError:
         pass
@@ -1366,12 +1437,343 @@ def run_mirror(root: bytes, *, keep_days: float, backup: bool = True, share: flo
             return 1
         if backup:
             _prune_quietly(tree, keep_days)
+        assert tree.writer is not None
         hello = {"protocol": VERSION, "sha": own_sha(), "root": where, "keep_days": keep_days,
-                 "pid": os.getpid(), "trash": tree.trash_report()}
+                 "pid": os.getpid(), "trash": tree.trash_report(), "lane": tree.writer.lane_token}
         serve(tree, inp or sys.stdin.buffer, output, keep_days=keep_days, hello=hello)
     finally:
         tree.close()
     return 0
+
+
+# --- the big-file lane -----------------------------------------------------------------------
+
+
+class Partials:
+    """Big files a lane receives, one partial file per path in ``TRASH/.staging/partial``, kept
+    across agents: a cut link or a killed mirror resumes where it was, and a file that grew is
+    sent from where the server's copy ends (the client checks the digest of what is there first:
+    :meth:`have`).
+
+    A partial is named by the digest of its path (no name the runtime picks) while it grows, and
+    ``<that>-<digest of its content>`` once whole and checked (:meth:`finish`): what OP_PLACE puts
+    in place. The lane writing one holds an flock on it; a lane of an agent that is not gone yet
+    (its link was just cut) never writes into its successor's partial (a partial begun anew is a
+    new file).
+    """
+
+    LOCK_WAIT = 3.0
+
+    def __init__(self, root_fd: int, roomy: Callable[[Callable[[], None], int], None]) -> None:
+        self.root_fd, self.roomy = root_fd, roomy  # a full disk: the trash is pruned, then again
+        self.fd = -1
+        self.files: Dict[bytes, list] = {}  # path -> [partial fd or -1, size, hasher, live fd or -1]
+
+    def folder(self, create: bool = True) -> int:
+        """The partials' folder (-1 when it is not there and not ``create``)."""
+        if self.fd < 0:
+            fd = open_folder(self.root_fd, TRASH, create)
+            for name in (STAGING, PARTIALS):
+                if fd is None:
+                    return -1
+                try:
+                    sub = open_folder(fd, name, create)
+                finally:
+                    os.close(fd)
+                fd = sub
+            if fd is None:
+                return -1
+            self.fd = fd
+        return self.fd
+
+    @staticmethod
+    def name(p: bytes) -> bytes:
+        return hashlib.blake2b(p, digest_size=DIGEST_SIZE).hexdigest().encode()
+
+    def have(self, p: bytes, size: int, live: Folders) -> Tuple[int, bytes]:
+        """(bytes, their digest) the server holds of ``p`` to build on, at most ``size``: its
+        partial, else the file in place (it may have grown here); (0, b"") for nothing."""
+        self.forget(p)
+        fd, name = self.folder(), self.name(p)
+        for other in _names(fd):
+            if other.startswith(name + b"-"):  # whole but never placed: the file changed since
+                if _lstat(fd, name) is None:
+                    os.rename(other, name, src_dir_fd=fd, dst_dir_fd=fd)
+                else:
+                    _remove_quietly(fd, other)
+        f, base = self._take(fd, name), -1
+        if f is None:
+            base = self._live(p, live, size)
+            live.forget()  # a folder moved meanwhile is looked up again next time
+            if base < 0:
+                return 0, b""
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        got = 0
+        src = f if f is not None else base
+        while got < size:
+            chunk = os.pread(src, min(CHUNK, size - got), got)
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+        self.files[p] = [f if f is not None else -1, got, h, base]
+        return got, (h.digest() if got else b"")
+
+    def _take(self, fd: int, name: bytes) -> Optional[int]:
+        """The partial ``name``, open for writing with its lock held; None when there is none (or
+        another lane holds it for longer than LOCK_WAIT)."""
+        try:
+            f = os.open(name, os.O_RDWR | os.O_NOFOLLOW | O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            return None
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                if not stat.S_ISREG(os.fstat(f).st_mode):
+                    break
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return f
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) \
+                        or time.monotonic() > deadline:
+                    break
+            time.sleep(0.05)
+        os.close(f)
+        return None
+
+    @staticmethod
+    def _live(p: bytes, live: Folders, size: int) -> int:
+        """The file at ``p`` open for reading when it is one of at most ``size`` bytes; else -1."""
+        d, name = _split(p)
+        dfd = live.get(d, create=False)
+        if dfd is None:
+            return -1
+        try:
+            f = os.open(name, O_READ, dir_fd=dfd)
+        except OSError:
+            return -1
+        st = os.fstat(f)
+        if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= size:
+            os.close(f)
+            return -1
+        return f
+
+    def _new(self, p: bytes) -> int:
+        """A new partial for ``p`` (an older one unlinked: a lane still writing it writes alone)."""
+        fd, name = self.folder(), self.name(p)
+        _remove_quietly(fd, name)
+        f = os.open(name, O_NEW, 0o600, dir_fd=fd)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+
+    def chunk(self, p: bytes, offset: int, data: bytes) -> int:
+        """Write a part of ``p`` at ``offset`` (0: anew; else where the partial or the file in
+        place that :meth:`have` reported ends); the partial's size now."""
+        f = self.files.get(p)
+        if offset == 0:
+            self.forget(p)
+            f = self.files[p] = [self._new(p), 0, hashlib.blake2b(digest_size=DIGEST_SIZE), -1]
+        elif f is None or f[1] != offset:
+            raise ValueError("a chunk at %d does not follow the %d bytes held" % (
+                offset, f[1] if f is not None else 0))
+        try:
+            if f[0] < 0:  # building on the file in place: a partial of its first bytes first
+                f[0] = self._new(p)
+                self._copy(f, offset)
+            out = f[0]
+            self.roomy(lambda: _write_at(out, offset, data), len(data))
+        except BaseException:
+            self.forget(p)  # what it holds now is asked for again
+            raise
+        f[1] = offset + len(data)
+        f[2].update(data)
+        return f[1]
+
+    def _copy(self, f: list, n: int) -> None:
+        """The first ``n`` bytes of the file in place (``f[3]``) into the new partial ``f[0]``."""
+        src, dst = f[3], f[0]
+
+        def copy() -> None:  # (again after a full disk: from the start)
+            os.ftruncate(dst, 0)
+            os.lseek(dst, 0, os.SEEK_SET)
+            _copy_head(src, dst, n)
+
+        self.roomy(copy, n)
+        os.close(src)
+        f[3] = -1
+
+    def finish(self, p: bytes, size: int, want: bytes) -> None:
+        """The partial of ``p`` is whole: checked against ``size`` and digest ``want``, it is kept
+        under that digest for OP_PLACE; a damaged one goes (sent anew next time)."""
+        f = self.files.get(p)
+        fd, name = self.folder(), self.name(p)
+        if f is not None and f[0] < 0 <= f[3] and f[1] == size:  # the file in place, whole: its
+            f[0] = self._new(p)                                 # mode or time changed, say
+            self._copy(f, size)
+        ok = f is not None and f[0] >= 0 and f[1] == size and hmac.compare_digest(f[2].digest(), want)
+        if ok:
+            os.rename(name, name + b"-" + _hex(want), src_dir_fd=fd, dst_dir_fd=fd)
+        self.forget(p)
+        if not ok:
+            _remove_quietly(fd, name)
+            raise ValueError("the file arrived damaged (%d of %d bytes)" % (
+                f[1] if f is not None else 0, size))
+
+    def whole(self, p: bytes, size: int, want: bytes) -> Tuple[int, bytes]:
+        """(folder, name) of the whole partial of ``p`` with this size and digest (OP_PLACE)."""
+        fd = self.folder()
+        name = self.name(p) + b"-" + _hex(want)
+        st = _lstat(fd, name)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ValueError("no whole copy of this file arrived (its lane did not finish it)")
+        return fd, name
+
+    def drop(self, p: bytes) -> None:
+        """Forget the partial of ``p`` (the file was deleted, or is no longer big)."""
+        self.forget(p)
+        fd, name = self.folder(create=False), self.name(p)
+        if fd < 0:
+            return
+        for other in _names(fd):
+            if other == name or other.startswith(name + b"-"):
+                _remove_quietly(fd, other)
+
+    def clean(self, max_age: float) -> None:
+        """Remove partials nobody has written for ``max_age`` seconds (files deleted meanwhile)."""
+        fd = self.folder(create=False)
+        if fd < 0:
+            return
+        cut = time.time() - max_age
+        for name in _names(fd):
+            st = _lstat(fd, name)
+            if st is None or st.st_mtime >= cut:
+                continue
+            f = self._take(fd, name) if b"-" not in name else None
+            _remove_quietly(fd, name)
+            if f is not None:
+                os.close(f)
+
+    def forget(self, p: bytes) -> None:
+        f = self.files.pop(p, None)
+        for fd in (f[0], f[3]) if f is not None else ():
+            if fd >= 0:
+                os.close(fd)
+
+    def close(self) -> None:
+        for p in list(self.files):
+            self.forget(p)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hex(data: bytes) -> bytes:
+    return data.hex().encode()
+
+
+def _copy_head(src: int, dst: int, n: int) -> None:
+    """The first ``n`` bytes of file ``src`` written at ``dst``'s position (in the kernel where it
+    can)."""
+    done = 0
+    while done < n:
+        try:
+            sent = os.sendfile(dst, src, done, n - done)
+        except OSError:
+            sent = 0
+        if sent <= 0:
+            chunk = os.pread(src, min(CHUNK, n - done), done)
+            if not chunk:
+                raise ValueError("the file in place shrank while it was copied")
+            _write_all(dst, chunk)
+            sent = len(chunk)
+        done += sent
+
+
+def serve_lane(partials: Partials, live: Folders, inp: BinaryIO, out: BinaryIO) -> None:
+    """Answer a lane's records (one answer each, in order; none for OP_DROP) until it ends."""
+    for op, p, _, _, offset, data in records(inp.read):
+        try:
+            check_path(p)
+            if op == OP_HAVE:
+                size, got = partials.have(p, offset, live)
+                reply = pack(R_HAVE, p, offset=size, data=got)
+            elif op == OP_CHUNK:
+                reply = pack(R_GOT, p, offset=partials.chunk(p, offset, data))
+            elif op == OP_FINISH:
+                partials.finish(p, offset, data)
+                reply = pack(R_DONE, p, offset=offset)
+            elif op == OP_DROP:
+                partials.drop(p)
+                continue
+            else:
+                raise ValueError("unknown operation %r" % op)
+        except Exception as e:  # noqa: BLE001 - reported to the client, the lane goes on
+            if op == OP_DROP:
+                continue
+            reply = pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode())
+        out.write(reply)
+        out.flush()
+
+
+def run_lane(root: bytes, *, key_id: str = "", share: float = TRASH_SHARE,
+             max_gb: float = TRASH_MAX_GB, inp: Optional[BinaryIO] = None,
+             out: Optional[BinaryIO] = None) -> int:
+    """Serve one big-file lane of the mirror that writes ``root``: it joins that writer with the
+    token of the writer's hello (it takes no lock: the writer holds it); 1 when it may not. It
+    writes only partials, and prunes the trash only when it finds the disk full."""
+    os.umask(0o077)
+    source, output = inp or sys.stdin.buffer, out or sys.stdout.buffer
+    share, max_gb = check_budget(share, max_gb)
+    tree = Tree(root, share=share, max_bytes=int(max_gb * 1e9))
+    partials, live = tree.partials, Folders(tree.root_fd)
+
+    def roomy(write: Callable[[], None], need: int) -> None:
+        tree.budget.book = None  # the writer keeps the trash: its folders are looked at afresh
+        tree.roomy(write, need)
+
+    partials.roomy = roomy
+    try:
+        first = read_record(source.read)
+        why = ("a lane first joins its mirror's writer" if first is None or first[0] != OP_JOIN
+               else _lane_refusal(tree.root_fd, key_id, first[5]))
+        if why is not None:
+            output.write(pack(R_FAIL, data=why.encode()))
+            output.flush()
+            sys.stderr.write("colab-remote: refused: %s\n" % why)
+            return 1
+        output.write(pack(R_HELLO, data=json.dumps({"protocol": VERSION, "pid": os.getpid(),
+                                                     "lane": True}).encode()))
+        output.flush()
+        serve_lane(partials, live, source, output)
+    finally:
+        live.forget()
+        tree.close()
+    return 0
+
+
+def _lane_refusal(root_fd: int, key_id: str, token: bytes) -> Optional[str]:
+    """None when ``token`` is the lane token of the agent that writes this copy now; else why."""
+    holder: dict = {}
+    trash = open_folder(root_fd, TRASH, False)
+    if trash is not None:
+        try:
+            fd = os.open(WRITER, O_READ, dir_fd=trash)
+            try:
+                holder = _read_record_file(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(trash)
+    want = str(holder.get("lane", ""))
+    pid = holder.get("pid")
+    info = _proc_stat(pid) if isinstance(pid, int) and pid > 0 else None
+    if str(holder.get("key", "")) != key_id or not want or info is None \
+            or info[2] != holder.get("start") \
+            or not hmac.compare_digest(want, hashlib.sha256(token).hexdigest()):
+        return "this lane's mirror no longer writes here (it was replaced, or it ended)"
+    return None
 
 
 def check_budget(share: object, max_gb: object) -> Tuple[float, float]:
@@ -1815,13 +2217,16 @@ def _mirror_config(key_id: str) -> dict:
 
 
 def _direct_mirror(args: List[str]) -> int:
-    """``--root PATH --keep-days N [--trash-share S] [--trash-max-gb G] [--id KEY] [--no-backup]``"""
+    """``--root PATH --keep-days N [--trash-share S] [--trash-max-gb G] [--id KEY] [--no-backup]
+    [--lane]`` (``--lane``: the big-file lane of the agent that writes there, see run_lane)"""
     values = {"--root": "", "--keep-days": "", "--trash-share": repr(TRASH_SHARE),
               "--trash-max-gb": repr(TRASH_MAX_GB), "--id": ""}
-    backup, i = True, 0
+    backup, lane, i = True, False, 0
     while i < len(args):
         if args[i] == "--no-backup":
             backup, i = False, i + 1
+        elif args[i] == "--lane":
+            lane, i = True, i + 1
         elif args[i] in values and i + 1 < len(args):
             values[args[i]], i = args[i + 1], i + 2
         else:
@@ -1834,6 +2239,8 @@ def _direct_mirror(args: List[str]) -> int:
         key_id = _ok_id(values["--id"]) if values["--id"] else ""
     except ValueError as e:
         return _refuse(str(e))
+    if lane:
+        return run_lane(values["--root"].encode(), key_id=key_id, share=share, max_gb=max_gb)
     return run_mirror(values["--root"].encode(), keep_days=keep_days, backup=backup, share=share,
                       max_gb=max_gb, key_id=key_id)
 
@@ -1855,9 +2262,13 @@ def main(argv: List[str]) -> int:
                 return 0
             if words == ["revoke"]:
                 return _print_revoked(revoke(runtime=runtime_of(kid)))
-            if words != ["colab-remote", "agent"]:
+            if words not in (["colab-remote", "agent"], ["colab-remote", "lane"]):
                 return _refuse("this key only runs the colab-remote mirror agent")
             cfg = _mirror_config(kid)
+            if words[1] == "lane":
+                return run_lane(cfg["root"].encode(), key_id=kid,
+                                share=cfg.get("trash_share", TRASH_SHARE),
+                                max_gb=cfg.get("trash_max_gb", TRASH_MAX_GB))
             return run_mirror(cfg["root"].encode(), keep_days=float(cfg["keep_days"]),
                               backup=bool(cfg.get("backup", True)),
                               share=cfg.get("trash_share", TRASH_SHARE),

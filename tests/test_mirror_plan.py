@@ -108,9 +108,14 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
                         (_agent.OP_LINK, "new/link"), (_agent.OP_DELETE, "gone"),
                         (_agent.OP_PUT, "skip.pyc")}  # asked for by name: the filter is the watcher's
     assert plan.big == ["big.bin"] and plan.deletes == ["gone"]
-    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc", "big.bin"}
+    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc"}
+    assert set(plan.big_keys) == {"big.bin"}  # the lane's: on the server once placed, not before
     assert sorted(watched) == ["new", "new/sub"]  # watched before they were listed
     planner.acknowledged(plan, ok=True)
+    waiting = planner.plan({"big.bin"})
+    list(waiting)
+    assert waiting.big == ["big.bin"]
+    planner.placed("big.bin", plan.big_keys["big.bin"])
     again = planner.plan({"new/a.txt", "new/sub/b.txt", "big.bin"})
     assert [(op, rel) for op, rel, *_ in again] == [] and again.big == []  # not sent twice
     (root / "big.bin").write_bytes(b"y" * _sync.BIG_FILE)  # same size, new times

@@ -2,7 +2,9 @@
 
 - :class:`AgentChannel`: the server runs our agent (:mod:`colab_remote._agent`, the only thing a
   restricted key may run); records go both ways over one ssh channel: changed files, new folders
-  built whole, big files in checked chunks, the listing for whole-tree passes, files read back.
+  built whole, the listing for whole-tree passes, files read back; big files go to the big-file
+  lane (:mod:`.lane`, a second session) and are put in place from here once it delivered them.
+  Records are compressed where it pays (:mod:`.squeeze`).
 - :class:`ShellChannel`: the server has no python3 (``restricted=False`` only): deletes as a small
   ``sh`` script, everything else through rsync (no ``--delete``; the trash as ``--backup-dir``).
 
@@ -12,7 +14,7 @@ The worker calls the same methods on either: :meth:`Channel.send`, :meth:`Channe
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import json
 import logging
 import os
@@ -27,17 +29,18 @@ from pathlib import Path
 
 from .. import _agent, _proc, _sync
 from ..errors import MirrorError
+from . import git
+from .lane import Finished, Lane
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, Stage, changed_paths
+from .plan import Entry, Plan, Planner, Stage, changed_paths, identity
 from .report import Progress
 from .restore import Selection, Writer
+from .squeeze import Squeeze
 
 log = logging.getLogger("colab_remote.mirror")
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 500
-BIG_CHUNK = 1 << 20  # a big file goes to the agent in records of this size
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -104,6 +107,10 @@ class Channel:
     def ping(self) -> None:
         """Tell the server-side agent the mirror is still there (an idle mirror)."""
 
+    def place(self, done: list[Finished], planner: Planner) -> Sent:
+        """Put big files the lane delivered in place (only the agent has a lane)."""
+        return Sent()
+
 
 def _stamp() -> str:
     t = time.time()
@@ -112,15 +119,19 @@ def _stamp() -> str:
 
 class AgentChannel(Channel):
     """Records to and from the agent over one ssh channel (non-blocking I/O with deadlines, so a
-    dead link never hangs the mirror)."""
+    dead link never hangs the mirror); big files through ``lane``."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, lane: Lane, squeeze: Squeeze) -> None:
         super().__init__(link)
+        self.lane, self.squeeze = lane, squeeze
         self.proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
         self.outstanding = 0
         self.sent_bytes = 0
+        self.batches: collections.deque[tuple[float, int]] = collections.deque()  # (sent, bytes)
+        self.last_answer = 0.0
         self.trash: dict[str, object] | None = None  # what the server's trash holds (the agent says)
+        self.lane_token = ""  # how the lane joins this agent (its hello says)
 
     # --- start and stop ------------------------------------------------------------------------
     def open(self) -> None:
@@ -131,6 +142,7 @@ class AgentChannel(Channel):
         os.set_blocking(self.proc.stdin.fileno(), False)
         self._buf = b""
         self.outstanding = self.sent_bytes = 0
+        self.batches.clear()
         try:
             op, _, _, _, _, data = self._record(time.monotonic() + 30)
             if op == _agent.R_FAIL:  # another mirror writes there (the agent says which)
@@ -150,6 +162,7 @@ class AgentChannel(Channel):
                               f"this colab-remote {_agent.VERSION!r}",
                               fix="run mirror() again with the password: it installs this version")
         self.trash = hello.get("trash")
+        self.lane_token = str(hello.get("lane", ""))
         log.info("agent on the server: pid %s, keeps the trash %s days", hello.get("pid"),
                  hello.get("keep_days"))
 
@@ -210,12 +223,26 @@ class AgentChannel(Channel):
         data = self._read(dlen, deadline) if dlen else b""
         return op, path, mode, mtime, offset, data
 
-    def _send(self, records: list[bytes], *, end: bool = True) -> None:
-        """Send records (and an end mark) without waiting; :meth:`_collect` reads the answers."""
-        data = b"".join(records) + (_agent.pack(_agent.OP_END) if end else b"")
+    def _send(self, records: list[bytes]) -> None:
+        """Send records (compressed where it pays) and an end mark without waiting;
+        :meth:`_collect` reads the answers."""
+        data = (self.squeeze.pack(b"".join(records)) if records else b"") + _agent.pack(_agent.OP_END)
         self._write(data, time.monotonic() + 30 + len(data) / 2e6)
-        self.outstanding += int(end)
+        self.batches.append((time.monotonic(), len(data)))
+        self.outstanding += 1
         self.sent_bytes += len(data)
+
+    def _timed(self, now: float) -> None:
+        """A batch was answered: a round trip (a small batch) or a delivery rate (a big one: its
+        bytes over the time since the answer before, or since it was sent) for :mod:`.squeeze`."""
+        if not self.batches:
+            return
+        at, nbytes = self.batches.popleft()
+        if nbytes <= 16384:
+            self.squeeze.note_rtt(now - at)
+        elif nbytes >= 256 * 1024 and now > max(at, self.last_answer):
+            self.squeeze.note_rate(nbytes / (now - max(at, self.last_answer)))
+        self.last_answer = now
 
     def _collect(self) -> list[list[str]]:
         """Wait for the answer to every batch sent; the errors the agent reported."""
@@ -225,6 +252,7 @@ class AgentChannel(Channel):
             op, _, _, _, _, data = self._record(deadline)
             if op != _agent.R_ACK:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
+            self._timed(time.monotonic())
             answer = json.loads(data)
             errors += answer["errors"]
             self.trash = answer.get("trash") or self.trash
@@ -237,11 +265,14 @@ class AgentChannel(Channel):
         errors = self._collect()  # nothing may be in flight: the listing comes in the same stream
         if errors:
             log.warning("server errors: %s", errors[:5])
-        self._write(_agent.pack(_agent.OP_MANIFEST), time.monotonic() + 30)
+        asked = time.monotonic()
+        self._write(_agent.pack(_agent.OP_MANIFEST), asked + 30)
         found: dict[str, Entry] = {}
         deadline = time.monotonic() + 300
         while True:
             op, path, mode, mtime, size, data = self._record(deadline)
+            if not found:
+                self.squeeze.note_rtt(time.monotonic() - asked)
             if op == _agent.R_DONE:
                 return found
             if op != _agent.R_ENTRY:
@@ -259,21 +290,63 @@ class AgentChannel(Channel):
         return sum(1 for e in listing.values() if not stat.S_ISDIR(e.mode))
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
-        """Each stage's records, then its big files, before the next stage (see :class:`Plan`)."""
+        """Each stage's records, its big files to the lane; a stage of a repository that follows
+        big files of one is sent once those are in place (see :class:`Plan`)."""
         sent = Sent()
+        before: list[str] = []  # a repository's big files the next stage may name
         for stage in plan.stages():
-            self._send_stage(stage, plan.planner, sent, progress)
+            if before:
+                sent.errors += self._collect()
+                self.lane.wait_for(before)
+                sent.add(self.place(self.lane.take_finished(before), plan.planner))
+            self._send_stage(stage, plan, sent, progress)
+            before = [rel for rel in stage.big if git.in_repository(rel)]
         sent.deletes = len(plan.deletes)
         sent.errors += self._collect()
         plan.planner.acknowledged(plan, ok=not sent.errors)
         return sent
 
-    def _send_stage(self, stage: Stage, planner: Planner, sent: Sent, progress: Progress | None) -> None:
+    def place(self, done: list[Finished], planner: Planner) -> Sent:
+        """Put big files the lane delivered in place: those that have not changed since it opened
+        them, and (without noting them as sent) those that only grew, as the prefix they were
+        (a log: the rest follows, built on it). One that changed otherwise has its own event."""
+        sent = Sent()
+        records, placed = [], []
+        for f in done:
+            try:
+                st = os.lstat(os.path.join(planner.root, f.rel))
+            except OSError:
+                continue  # deleted meanwhile: its event deletes it there (and drops the partial)
+            same = identity(st) == f.key and f.size == f.key[0]
+            grew = not same and f.key[3].startswith(b"%d:" % st.st_ino) and st.st_size > f.size
+            if not same and not grew:
+                continue
+            records.append(_agent.pack(_agent.OP_PLACE, os.fsencode(f.rel), mode=f.key[2],
+                                       mtime_ns=f.key[1], offset=f.size, data=f.digest))
+            if same:
+                placed.append(f)
+        if not records:
+            return sent
+        self._send(records)
+        sent.errors = self._collect()
+        failed = {path for path, _ in sent.errors}
+        for f in placed:
+            if f.rel not in failed:
+                planner.placed(f.rel, f.key)
+                sent.files += 1
+                sent.big += 1
+                sent.nbytes += f.size
+        return sent
+
+    def _send_stage(self, stage: Stage, plan: Plan, sent: Sent, progress: Progress | None) -> None:
         records: list[bytes] = []
         size = 0
         pack = _agent.pack
+        planner, lane = plan.planner, self.lane
         for op, rel, mode, mtime, data in stage.ops:
             sent.ops += 1
+            if not lane.idle and lane.busy_at(rel) or op == _agent.OP_DELETE:
+                lane.cancel(rel, below=op != _agent.OP_PUT)  # never overtaken by an older big file
             if op == _agent.OP_PUT:
                 sent.files += 1
                 sent.nbytes += len(data or b"")
@@ -293,41 +366,10 @@ class AgentChannel(Channel):
             if progress is not None:
                 progress.add(len(records), size)
         for rel in stage.big:
-            nbytes = self._send_big(rel, planner)
-            if nbytes is not None:
-                sent.files += 1
-                sent.big += 1
-                sent.nbytes += nbytes
+            if lane.submit(rel, plan.big_keys[rel]):
+                sent.ops += 1  # (counted as pushed once placed)
                 if progress is not None:
-                    progress.add(1, nbytes)
-
-    def _send_big(self, rel: str, planner: Planner) -> int | None:
-        """Stream one big file in chunks (the agent checks the digest before putting the file in
-        place); its size, or None when it is gone or no longer a file."""
-        try:
-            fd = os.open(os.path.join(planner.root, rel), _READ_FLAGS)
-        except OSError:
-            return None  # gone (or a link now): its event follows
-        path = os.fsencode(rel)
-        h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            offset = 0
-            while True:
-                chunk = os.read(fd, BIG_CHUNK)
-                h.update(chunk)
-                self._send([_agent.pack(_agent.OP_CHUNK, path, offset=offset, data=chunk)], end=False)
-                offset += len(chunk)
-                if not chunk:
-                    break
-        finally:
-            os.close(fd)
-        self._send([_agent.pack(_agent.OP_COMMIT, path, mode=stat.S_IMODE(st.st_mode),
-                                mtime_ns=st.st_mtime_ns, offset=offset, data=h.digest())])
-        planner.forget(rel)
-        return offset
+                    progress.add(1, plan.big_keys[rel][0])
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
                    listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:
@@ -472,8 +514,8 @@ class ShellChannel(Channel):
                   timeout=300, check=False, error=MirrorError)
 
 
-def open_channel(link: Link) -> Channel:
+def open_channel(link: Link, lane: Lane, squeeze: Squeeze) -> Channel:
     """The channel this mirror's server takes (the set-up found out whether it has python3)."""
-    channel: Channel = AgentChannel(link) if link.cfg.agent else ShellChannel(link)
+    channel: Channel = AgentChannel(link, lane, squeeze) if link.cfg.agent else ShellChannel(link)
     channel.open()
     return channel

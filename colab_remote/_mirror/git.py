@@ -46,6 +46,11 @@ def _inside(rel: str) -> list[str] | None:
     return inside
 
 
+def in_repository(rel: str) -> bool:
+    """``rel`` is inside a repository's ``.git`` (its order matters: :meth:`Plan.stages`)."""
+    return _inside(rel) is not None
+
+
 def is_object(rel: str) -> bool:
     """``rel`` is an object, a pack or a pack's index (what a batch's names may be waiting for),
     or a folder of them."""

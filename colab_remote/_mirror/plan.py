@@ -4,8 +4,10 @@ The watcher says *which* paths changed; a :class:`Plan` looks at each of them no
 the truth, not the event) and yields the agent's ops in order: a folder before its files, a new
 folder's whole content (files may have landed before its watch existed), deletes for what is gone.
 Files too big for one record, and every file when the server has no agent, are listed apart
-(:attr:`Plan.big`) for the channel to stream. Each file's (size, mtime, mode, digest) is noted in
-:attr:`Plan.sending`; a file the agent already acknowledged with the same four is not sent again.
+(:attr:`Plan.big`) for the channel to stream (the big-file lane, :mod:`.lane`, with the
+:func:`identity` of each in :attr:`Plan.big_keys`). Each small file's (size, mtime, mode, digest) is
+noted in :attr:`Plan.sending`; a file the agent already acknowledged with the same four (a big one:
+placed with the same identity) is not sent again.
 
 A git repository's files travel in stages (:meth:`Plan.stages`, :mod:`.git`): blobs and packs,
 what indexes packs, trees and commits (each after what it names), then refs, ``HEAD`` and the
@@ -41,6 +43,13 @@ class Entry(NamedTuple):
     size: int
     mtime_ns: int
     target: bytes  # a link's target
+
+
+def identity(st: os.stat_result) -> Digest:
+    """What stands for a big file's content (it is not read to plan it): size, mtime, mode, and
+    inode:ctime (the same change reported twice, by notify and by the doorbell, is sent once)."""
+    return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+            b"%d:%d" % (st.st_ino, st.st_ctime_ns))
 
 
 def join(rel: str | None, name: str) -> str:
@@ -104,10 +113,11 @@ class Stage:
 class Plan:
     """The ops for one batch (iterate it once), and what iterating it found.
 
-    ``big``: files for the channel to stream (big ones; every file without ``inline``);
-    ``deletes``: paths deleted; ``sending``: the digest of each file op, for :attr:`Planner.sent`
-    once the agent has acknowledged the batch. A channel sends :meth:`stages` one after the other
-    (each stage's big files before the next stage starts); iterating the plan gives every op.
+    ``big``: files for the channel to stream (big ones; every file without ``inline``), with
+    ``big_keys`` their :func:`identity`; ``deletes``: paths deleted; ``sending``: the digest of each
+    file op, for :attr:`Planner.sent` once the agent has acknowledged the batch. A channel sends
+    :meth:`stages` one after the other (a repository's stage after the big files of the one before
+    are in place); iterating the plan gives every op.
     """
 
     def __init__(self, planner: Planner, paths: set[str], added: set[str] | None = None,
@@ -118,6 +128,7 @@ class Plan:
         self.added, self.deleted = added or set(), deleted or set()
         self.deletes: list[str] = []
         self.sending: dict[str, Digest] = {}
+        self.big_keys: dict[str, Digest] = {}
         self._stages: dict[int, Stage] = {git.BLOBS: Stage()}
         self._seen: set[str] = set()
         self._linked: dict[str, bool] = {}  # folder -> is a link
@@ -140,6 +151,7 @@ class Plan:
                 if extra is not None:
                     yield from extra.stages()
                     self.sending.update(extra.sending)
+                    self.big_keys.update(extra.big_keys)
                     self.deletes += extra.deletes
             if n == git.OBJECTS:
                 self._stages[n].ops = git.ordered(list(self._stages[n].ops))
@@ -218,15 +230,11 @@ class Plan:
         p = self.planner
         if stat.S_ISREG(st.st_mode):
             if st.st_size >= _sync.BIG_FILE or not p.inline:
-                # not read here: its inode's size, times and mode stand for its content (the same
-                # change reported twice, by notify and by the doorbell, is sent once)
-                key = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
-                       b"%d:%d" % (st.st_ino, st.st_ctime_ns))
+                key = identity(st)  # not read here: the lane reads it
                 if p.inline and p.sent.get(rel) == key:
-                    return None
+                    return None  # placed on the server as it is now
                 self._stage(rel).big.append(rel)
-                if p.inline:
-                    self.sending[rel] = key
+                self.big_keys[rel] = key
                 return None
             try:  # mode and mtime from the lstat: a change since then has its own event
                 data = read_file(name, st.st_size, fd)
@@ -304,6 +312,12 @@ class Planner:
             self.sent.clear()  # a folder: whatever was under it is gone too
         else:
             self.sent.pop(rel, None)
+
+    def placed(self, rel: str, key: Digest) -> None:
+        """A big file is in place on the server as ``key`` says."""
+        if len(self.sent) >= SENT_MAX:
+            self.sent.clear()
+        self.sent[rel] = key
 
     def acknowledged(self, plan: Plan, ok: bool) -> None:
         """The agent answered ``plan``'s batch: what it sent is now on the server (unless errors)."""

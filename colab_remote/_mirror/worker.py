@@ -3,7 +3,8 @@
 It merges changes while a push is in flight, keeps them through outages (reconnecting with a
 backoff), ends a burst with a whole-tree pass, refuses to start from an empty folder while the
 server copy is not, and answers ``stats``/``flush``/``stop`` on its control socket. The pieces it
-holds: a :class:`Link` and a :class:`Channel` (the server), a :class:`Watcher` (the folder), a
+holds: a :class:`Link` and a :class:`Channel` (the server), a :class:`Lane` (big files, beside the
+batches: the worker puts what it delivered in place), a :class:`Watcher` (the folder), a
 :class:`Planner` (what changes mean), a :class:`Reporter` (its status file) and a
 :class:`ControlServer`.
 """
@@ -28,9 +29,11 @@ from . import git
 from .channel import Channel, Sent, open_channel
 from .config import MirrorConfig
 from .control import ControlServer
+from .lane import Lane
 from .link import ConnectionLost, Link
 from .plan import Entry, Plan, Planner, scan_local
 from .report import Progress, Reporter
+from .squeeze import Squeeze
 from .watch import Watcher
 
 log = logging.getLogger("colab_remote.mirror")
@@ -87,6 +90,8 @@ class Worker:
                                       "verify_fixed": 0}
         self.watcher: Watcher | None = None
         self.connected = False
+        self.squeeze = Squeeze()
+        self.lane = Lane(self.root, self.squeeze, self._wake, Path(cfg.run_dir) / "mirror.log")
         self.report = Reporter(Path(cfg.run_dir), {
             "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
             "sock_dir": cfg.sock_dir}, self.snapshot)
@@ -111,7 +116,8 @@ class Worker:
         if trash is not None:
             self.stats["trash"] = trash  # kept while disconnected
         return {**self.stats, "pending": pending, "state": self.report.state.value,
-                "connected": self.connected, "in_flight": self.in_flight}
+                "connected": self.connected, "in_flight": self.in_flight,
+                "big_files": self.lane.report(), "compression": self.squeeze.report()}
 
     # -- events --------------------------------------------------------------------------------
     def deliver(self, changes: list[tuple[int, str]]) -> None:
@@ -132,6 +138,10 @@ class Worker:
             due = max(time.monotonic(), self.last_full + 1.0)
             self.full_due = due if self.full_due is None else min(self.full_due, due)
             self.changed_since_full = True
+            self.cond.notify_all()
+
+    def _wake(self) -> None:
+        with self.cond:
             self.cond.notify_all()
 
     def _watch_folder(self, path: str, rel: str) -> None:
@@ -163,11 +173,12 @@ class Worker:
             token = self.verify_asked
             self.verify_after = max(self.verify_after, self.events)
             self.cond.notify_all()
-            done = self.cond.wait_for(lambda: self.verify_done >= token,
+            done = self.cond.wait_for(lambda: self.verify_done >= token and self.lane.idle
+                                      and not self.in_flight,  # (placing what the lane delivered)
                                       max(0.0, deadline - time.monotonic()))
             if not done:
                 return "timeout"
-            return "errors" if self.verify_errors else ""
+            return "errors" if self.verify_errors or self.state is State.REFUSED else ""
 
     def request_stop(self, flush_timeout: float) -> None:
         with self.cond:
@@ -278,6 +289,21 @@ class Worker:
                 log.info("the server takes every change again")
         log.info("whole-tree pass in %.3f s", self.full_took)
 
+    def place(self) -> None:
+        """Put in place what the big-file lane delivered; what it failed to send is refused."""
+        assert self.channel is not None
+        done = self.lane.take_finished()
+        try:
+            sent = self.channel.place(done, self.planner)
+        except (ConnectionLost, OSError):
+            self.lane.put_back(done)  # the server keeps the partials: placed after a reconnect
+            raise
+        sent.errors += self.lane.take_errors()
+        self.stats["files"] += sent.files
+        self.stats["bytes"] += sent.nbytes
+        self._errors(sent)
+        self.report.dirty = True
+
     def prune(self) -> None:
         assert self.channel is not None
         self.last_prune = time.monotonic()
@@ -292,11 +318,14 @@ class Worker:
     def connect(self) -> None:
         """Log in and start the channel (the set-up found out which one)."""
         self.link.open()
-        self.channel = open_channel(self.link)
+        self.channel = open_channel(self.link, self.lane, self.squeeze)
+        if self.cfg.agent:
+            self.lane.attach(self.link, getattr(self.channel, "lane_token", ""))
         self.connected = True
 
     def disconnect(self) -> None:
         self.connected = False
+        self.lane.detach()
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -339,7 +368,7 @@ class Worker:
         events), ("full", ...), ("prune", ...); None to stop."""
         while True:
             now = time.monotonic()
-            if self.stop_asked and (not self.pending and self.full_due is None
+            if self.stop_asked and (not self.pending and self.full_due is None and self.lane.idle
                                     or now >= self.stop_flush_until):
                 return None
             verify = self.verify_asked > self.verify_done and self.pushed_events >= self.verify_after
@@ -348,6 +377,9 @@ class Worker:
                 self.pending, self.added, self.deleted = set(), set(), set()
                 self.in_flight = True
                 return "push", paths, added, deleted, self.events
+            if self.lane.finished or self.lane.errors or self.lane.broken is not None:
+                self.in_flight = True  # (a broken lane: is the link still there?)
+                return "place" if self.lane.broken is None else "lane", set(), set(), set(), self.events
             every = max(VERIFY_EVERY, self.full_took / VERIFY_SHARE)
             if verify or self.full_due is not None and now >= self.full_due or (
                     self.changed_since_full and now - self.last_full > every) or (
@@ -394,6 +426,12 @@ class Worker:
                 elif kind == "prune":
                     self.prune()
                 elif kind == "ping":
+                    self.ping()
+                elif kind == "place":
+                    self.place()
+                elif kind == "lane":
+                    self.stats["last_error"] = f"big-file lane: {self.lane.broken}"
+                    self.lane.checked()
                     self.ping()
                 else:
                     self.push(paths, added, deleted)
@@ -479,6 +517,7 @@ class Worker:
             self.watcher.stop()
         self.control.close()
         self.disconnect()
+        self.lane.close()
         if Path(self.cfg.sock_dir) != Path(self.cfg.run_dir):  # a short folder in /tmp of our own
             with contextlib.suppress(OSError):
                 Path(self.cfg.sock_dir).rmdir()
