@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,93 @@ def test_big_files_in_chunks_checked_before_they_are_put_in_place(tmp_path: Path
         assert not [p for p in (dest / TRASH / ".staging").rglob("*") if p.is_file()]
     finally:
         agent.close()
+
+
+class Lane:
+    """``_agent.py mirror --root DEST --lane``: the big-file lane of the agent that writes DEST."""
+
+    def __init__(self, dest: Path, token: str) -> None:
+        argv = [sys.executable, "-I", "-B", str(AGENT), "mirror", "--root", str(dest),
+                "--keep-days", "7", "--lane"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.send(A.pack(A.OP_JOIN, data=token.encode()))
+        self.hello = self.record()
+
+    send = Agent.send
+    record = Agent.record
+
+    def ask(self, *records: bytes) -> tuple[bytes, bytes, int, int, int, bytes]:
+        self.send(*records)
+        return self.record()
+
+    def close(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(10)
+
+
+def test_a_lane_joins_its_writer_and_resumes_partials_across_lanes(tmp_path: Path) -> None:
+    """The lane (a second session of the same mirror) is not refused by the writer's lock: it
+    joins with the token of the writer's hello (another token, or no writer: refused). A partial
+    it received survives the lane: the next lane says how much it holds and its digest, and
+    carries on from there; the writer puts the checked file in place (OP_PLACE), the partial goes."""
+    dest = tmp_path / "dest"
+    agent = Agent(dest)
+    data = os.urandom(300_000)
+    try:
+        stranger = Lane(dest, "not-the-token")
+        assert stranger.hello[0] == A.R_FAIL and stranger.close() == 1
+        lane = Lane(dest, agent.hello["lane"])
+        assert lane.hello[0] == A.R_HELLO and json.loads(lane.hello[5])["lane"] is True
+        assert lane.ask(A.pack(A.OP_HAVE, b"d/big", offset=len(data)))[:5] == (A.R_HAVE, b"d/big", 0, 0, 0)
+        got = lane.ask(A.pack(A.OP_CHUNK, b"d/big", data=data[:100_000]))
+        assert (got[0], got[4]) == (A.R_GOT, 100_000)
+        assert lane.close() == 0  # cut off mid-file
+        lane = Lane(dest, agent.hello["lane"])
+        op, _, _, _, held, digest = lane.ask(A.pack(A.OP_HAVE, b"d/big", offset=len(data)))
+        assert (op, held, digest) == (A.R_HAVE, 100_000, A.digest(data[:100_000]))
+        assert lane.ask(A.pack(A.OP_CHUNK, b"d/big", offset=held, data=data[held:]))[4] == len(data)
+        # a chunk that does not follow, and a damaged file: refused (the damaged partial goes)
+        assert lane.ask(A.pack(A.OP_CHUNK, b"d/big", offset=7, data=b"x"))[0] == A.R_FAIL
+        assert lane.ask(A.pack(A.OP_FINISH, b"d/big", offset=len(data), data=A.digest(b"x")))[0] == A.R_FAIL
+        assert lane.ask(A.pack(A.OP_HAVE, b"d/big", offset=len(data)))[4] == 0
+        lane.ask(A.pack(A.OP_CHUNK, b"d/big", data=data[:200_000]))
+        lane.send(A.pack(A.OP_ZIP, data=zlib.compress(A.pack(A.OP_CHUNK, b"d/big", offset=200_000,
+                                                             data=data[200_000:]))))
+        assert lane.record()[4] == len(data)
+        done = lane.ask(A.pack(A.OP_FINISH, b"d/big", offset=len(data), data=A.digest(data)))
+        assert done[:5] == (A.R_DONE, b"d/big", 0, 0, len(data))
+        assert not (dest / "d").exists()  # not in place before the writer says so
+        agent.send(mkdir("d"), A.pack(A.OP_PLACE, b"d/big", mode=0o640, mtime_ns=1_700_000_000_000_000_000,
+                                      offset=len(data), data=A.digest(data)))
+        assert agent.end() == []
+        assert (dest / "d/big").read_bytes() == data
+        assert stat.S_IMODE((dest / "d/big").stat().st_mode) == 0o640
+        assert os.listdir(dest / TRASH / ".staging" / "partial") == []
+        # a file that grew: the server's copy is what to build on, checked by its digest
+        more = data + os.urandom(5000)
+        op, _, _, _, held, digest = lane.ask(A.pack(A.OP_HAVE, b"d/big", offset=len(more)))
+        assert (op, held, digest) == (A.R_HAVE, len(data), A.digest(data))
+        assert lane.ask(A.pack(A.OP_CHUNK, b"d/big", offset=held, data=more[held:]))[4] == len(more)
+        assert lane.ask(A.pack(A.OP_FINISH, b"d/big", offset=len(more), data=A.digest(more)))[0] == A.R_DONE
+        agent.send(A.pack(A.OP_PLACE, b"d/big", mode=0o644, offset=len(more), data=A.digest(more)),
+                   A.pack(A.OP_PLACE, b"d/other", offset=3, data=A.digest(b"abc")))
+        assert [e[0] for e in agent.end()] == ["d/other"]  # no lane delivered it
+        assert (dest / "d/big").read_bytes() == more and trash_of(dest) == {"d/big": data}
+        # a file no longer big (or deleted): its partial forgotten
+        lane.ask(A.pack(A.OP_HAVE, b"d/x", offset=9))
+        assert lane.ask(A.pack(A.OP_CHUNK, b"d/x", data=b"abc"))[4] == 3
+        lane.send(A.pack(A.OP_DROP, b"d/x"))
+        assert lane.ask(A.pack(A.OP_HAVE, b"d/x", offset=9))[4] == 0
+        assert lane.close() == 0
+    finally:
+        agent.close()
+    again = Agent(dest)  # the writer replaced: its old token no longer joins
+    try:
+        old = Lane(dest, agent.hello["lane"])
+        assert old.hello[0] == A.R_FAIL and old.close() == 1
+    finally:
+        again.close()
 
 
 def test_manifest_and_get_read_the_copy_back(tmp_path: Path) -> None:

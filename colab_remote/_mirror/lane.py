@@ -17,9 +17,10 @@ copy keeps one writer, and a delete or a new small version of the file, sent by 
 cancelled the transfer (:meth:`Lane.cancel`), is never overtaken by an older big one.
 
 Pacing (LEDBAT, RFC 6817): at most :attr:`Pacer.window` bytes of chunks are unanswered; the window
-grows while answers come back within TARGET_DELAY of the lowest round trip seen, and shrinks when
-they come later, so the link's queue holds about TARGET_DELAY of the lane's data and the batches'
-records cross it within that. Files in the lane take turns chunk by chunk (STREAMING at once).
+grows (by a chunk per round trip at most) while answers come back within TARGET_DELAY of the lowest
+round trip seen, and shrinks (by half per round trip at most) when they come later, so the link's
+queue holds about TARGET_DELAY of the lane's data and the batches' records cross it within that.
+Files in the lane take turns chunk by chunk (STREAMING at once).
 """
 
 from __future__ import annotations
@@ -123,7 +124,10 @@ class Pacer:
         else:
             self.slow_start = False
             off_target = max(-1.0, min(1.0, (TARGET_DELAY - queued) / TARGET_DELAY))
-            self.window += off_target * nbytes * CHUNK / self.window
+            if off_target >= 0:  # a chunk more per round trip at most
+                self.window += off_target * nbytes * CHUNK / self.window
+            else:  # at most half the window per round trip
+                self.window += off_target * nbytes / 2
         self.window = max(float(MIN_WINDOW), min(float(MAX_WINDOW), self.window))
         self.acked.append((now, nbytes))
         while self.acked and now - self.acked[0][0] > 2.0:
