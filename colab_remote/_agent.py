@@ -1471,6 +1471,9 @@ class Partials:
 
     def folder(self, create: bool = True) -> int:
         """The partials' folder (-1 when it is not there and not ``create``)."""
+        if self.fd >= 0 and os.fstat(self.fd).st_nlink == 0:  # removed empty by a lane that
+            os.close(self.fd)                                 # ended: look it up again
+            self.fd = -1
         if self.fd < 0:
             fd = open_folder(self.root_fd, TRASH, create)
             for name in (STAGING, PARTIALS):
