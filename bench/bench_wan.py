@@ -153,6 +153,14 @@ class Link:
     def rsh(self, warm: bool = True) -> list[str]:
         return self.bench.server.ssh_argv(self.port, self.ctl if warm else None)
 
+    def rewarm(self) -> None:
+        """A new ControlMaster when a cut longer than ssh's keepalive ended the old one."""
+        if self.master.poll() is not None:
+            self.bench.server.close_master(self.master)
+            with contextlib.suppress(FileNotFoundError):
+                self.ctl.unlink()
+            self.master = self.bench.server.open_master(self.port, self.ctl)
+
     def rsync_argv(self, src: str, dest: Path, *, warm: bool = True, extra: tuple[str, ...] = ()
                    ) -> list[str]:
         return ["rsync", "-a", *extra, "-e", shlex.join(self.rsh(warm)), src,
@@ -536,6 +544,7 @@ def cut(b: Bench, link: Link, t: Trees, pause: float) -> None:
         t.m.flush(timeout)
     src = b.local(link, "cut-rsync")
     write_file(src / "cut.bin", data)
+    link.rewarm()
     rs, rs_bytes, _ = run(lambda: subprocess.Popen(link.rsync_argv(f"{src}/cut.bin", t.rs_server)),
                           t.rs_server / "cut.bin")
     ok = hashlib.sha256((t.ours_server / "cut.bin").read_bytes()).digest() == hashlib.sha256(data).digest()

@@ -227,6 +227,35 @@ def test_big_file_and_git_internals(tmp_path: Path, server) -> None:
         m.stop()
 
 
+def test_a_repository_whose_pack_is_a_big_file(tmp_path: Path, server) -> None:
+    """A ``git gc`` packs a 10 MiB blob: the pack travels in the big-file lane, and the names
+    written after it (its index, packed refs) are sent only once it is in place; the server copy
+    passes ``git fsck`` (issue 15: the lane keeps git's order)."""
+    local = tmp_path / "project"
+    local.mkdir()
+    m = start(tmp_path, server, local)
+    try:
+        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@e", HOME=str(tmp_path))
+        git = ["git", "-C", str(local)]
+        subprocess.run([*git, "init", "-q"], check=True, env=env)
+        (local / "weights.bin").write_bytes(os.urandom(10 << 20))
+        (local / "a.py").write_text("a = 1\n")
+        subprocess.run([*git, "add", "-A"], check=True, env=env)
+        subprocess.run([*git, "commit", "-q", "-m", "big"], check=True, env=env)
+        subprocess.run([*git, "gc", "-q", "--prune=now"], check=True, env=env)
+        m.flush(120)
+        assert converged(local, server)
+        srv = server_root(server)
+        packs = list((srv / ".git" / "objects" / "pack").glob("*.pack"))
+        assert packs and max(p.stat().st_size for p in packs) >= _sync.BIG_FILE
+        fsck = subprocess.run(["git", "-c", f"safe.directory={srv}", "-C", str(srv), "fsck", "--strict"],
+                              capture_output=True, text=True, env=env)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    finally:
+        m.stop()
+
+
 def test_server_down_mid_edits_then_back(tmp_path: Path, server) -> None:
     local = tmp_path / "project"
     local.mkdir()

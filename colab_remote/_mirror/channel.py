@@ -366,10 +366,10 @@ class AgentChannel(Channel):
             if progress is not None:
                 progress.add(len(records), size)
         for rel in stage.big:
-            if lane.submit(rel, plan.big_keys[rel]):
+            if lane.submit(rel, stage.keys[rel]):
                 sent.ops += 1  # (counted as pushed once placed)
                 if progress is not None:
-                    progress.add(1, plan.big_keys[rel][0])
+                    progress.add(1, stage.keys[rel][0])
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
                    listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:

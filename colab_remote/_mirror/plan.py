@@ -108,6 +108,7 @@ class Stage:
     def __init__(self, ops: Iterable[Op] = ()) -> None:
         self.ops: Iterable[Op] = ops
         self.big: list[str] = []
+        self.keys: dict[str, Digest] = {}  # each big file's identity
 
 
 class Plan:
@@ -233,8 +234,9 @@ class Plan:
                 key = identity(st)  # not read here: the lane reads it
                 if p.inline and p.sent.get(rel) == key:
                     return None  # placed on the server as it is now
-                self._stage(rel).big.append(rel)
-                self.big_keys[rel] = key
+                stage = self._stage(rel)
+                stage.big.append(rel)
+                stage.keys[rel] = self.big_keys[rel] = key
                 return None
             try:  # mode and mtime from the lstat: a change since then has its own event
                 data = read_file(name, st.st_size, fd)

@@ -292,6 +292,10 @@ class Worker:
     def place(self) -> None:
         """Put in place what the big-file lane delivered; what it failed to send is refused."""
         assert self.channel is not None
+        if self.lane.broken is not None:  # is the link still there? (the lane retries by itself)
+            self.stats["last_error"] = f"big-file lane: {self.lane.broken}"
+            self.lane.checked()
+            self.ping()
         done = self.lane.take_finished()
         try:
             sent = self.channel.place(done, self.planner)
@@ -378,8 +382,8 @@ class Worker:
                 self.in_flight = True
                 return "push", paths, added, deleted, self.events
             if self.lane.finished or self.lane.errors or self.lane.broken is not None:
-                self.in_flight = True  # (a broken lane: is the link still there?)
-                return "place" if self.lane.broken is None else "lane", set(), set(), set(), self.events
+                self.in_flight = True
+                return "place", set(), set(), set(), self.events
             every = max(VERIFY_EVERY, self.full_took / VERIFY_SHARE)
             if verify or self.full_due is not None and now >= self.full_due or (
                     self.changed_since_full and now - self.last_full > every) or (
@@ -429,10 +433,6 @@ class Worker:
                     self.ping()
                 elif kind == "place":
                     self.place()
-                elif kind == "lane":
-                    self.stats["last_error"] = f"big-file lane: {self.lane.broken}"
-                    self.lane.checked()
-                    self.ping()
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
