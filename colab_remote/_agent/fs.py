@@ -30,23 +30,6 @@ def names_in(fd: int) -> List[bytes]:
     return [os.fsencode(n) for n in os.listdir(fd)]
 
 
-def remove_at(fd: int, name: bytes) -> None:
-    """Remove ``name`` in folder ``fd`` (a whole folder too), never following a link."""
-    st = lstat_at(fd, name)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=fd)
-        return
-    sub = os.open(name, O_DIR, dir_fd=fd)
-    try:
-        for entry in names_in(sub):
-            remove_at(sub, entry)
-    finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=fd)
-
-
 def open_folder(parent: int, name: bytes, create: bool,
                 make_way: Optional[Callable[[], None]] = None) -> Optional[int]:
     """Open folder ``name`` in ``parent`` without following a link; None when it is missing (or a
@@ -149,9 +132,9 @@ def measure(fd: int, name: bytes) -> List[int]:
     return [total, versions, st.st_mtime_ns]
 
 
-def remove_tree(fd: int, name: bytes) -> None:
-    """Remove ``name`` in folder ``fd`` whole, never following a link, also what sits in folders
-    the trash keeps read-only (their own mode, as they were in the runtime)."""
+def remove_at(fd: int, name: bytes) -> None:
+    """Remove ``name`` in folder ``fd`` (a whole folder too), never following a link, also what
+    sits in folders kept read-only (the trash keeps their own mode, as they were in the runtime)."""
     st = lstat_at(fd, name)
     if st is None:
         return
@@ -167,7 +150,7 @@ def remove_tree(fd: int, name: bytes) -> None:
         if stat.S_IMODE(os.fstat(sub).st_mode) & 0o700 != 0o700:
             os.fchmod(sub, 0o700)
         for entry in names_in(sub):
-            remove_tree(sub, entry)
+            remove_at(sub, entry)
     finally:
         os.close(sub)
     os.rmdir(name, dir_fd=fd)

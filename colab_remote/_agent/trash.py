@@ -16,7 +16,6 @@ from .fs import (
     open_folder,
     remove_at,
     remove_quietly,
-    remove_tree,
     split,
     write_all,
     write_file_at,
@@ -96,7 +95,7 @@ class Budget:
         self.dirty = True
         trash.forget(name)
         try:
-            remove_tree(trash.root, name)
+            remove_at(trash.root, name)
         except OSError:
             return False  # left out of the book: the next agent measures it again
         self.pruned["versions"] += versions
