@@ -3,7 +3,7 @@
 A file of ``_sync.BIG_FILE`` bytes or more is not sent by the worker: :meth:`Lane.submit` hands it
 to a thread of its own, which sends it over a second session of the same agent on the server
 (``colab-remote lane``, through the same ControlMaster; it joins the agent that writes the copy
-with the token of that agent's hello, see :func:`colab_remote._agent.run_lane`). So a small edit
+with the token of that agent's hello, see :func:`colab_remote._agent.lane.run_lane`). So a small edit
 written while a checkpoint streams travels in the batches' session and crosses the link after at
 most the lane's short queue, not after the checkpoint.
 
