@@ -154,8 +154,16 @@ class Link:
         return self.bench.server.ssh_argv(self.port, self.ctl if warm else None)
 
     def rewarm(self) -> None:
-        """A new ControlMaster when a cut longer than ssh's keepalive ended the old one."""
-        if self.master.poll() is not None:
+        """A new ControlMaster when a cut longer than ssh's keepalive ended the old one, or left
+        it running with a connection that no longer answers (a command through it must return
+        within 15 s)."""
+        try:
+            answers = subprocess.run([*self.rsh(), f"{self.bench.server.name}@127.0.0.1", "true"],
+                                     stdin=subprocess.DEVNULL, capture_output=True,
+                                     timeout=15).returncode == 0
+        except subprocess.TimeoutExpired:
+            answers = False
+        if self.master.poll() is not None or not answers:
             self.bench.server.close_master(self.master)
             with contextlib.suppress(FileNotFoundError):
                 self.ctl.unlink()
@@ -524,8 +532,12 @@ def cut(b: Bench, link: Link, t: Trees, pause: float) -> None:
         base = relay.up_bytes()
         t0 = time.perf_counter()
         proc = start()
-        if not C.wait_until(lambda: relay.up_bytes() - base >= size // 2, timeout, 0.01):
-            raise RuntimeError("half the file never crossed the link")
+        if not C.wait_until(lambda: relay.up_bytes() - base >= size // 2
+                            or proc is not None and proc.poll() is not None, timeout, 0.01) \
+                or relay.up_bytes() - base < size // 2:
+            ended = proc.poll() if proc is not None else None
+            raise RuntimeError(f"half the file never crossed the link "
+                               f"({'timeout' if ended is None else f'exit {ended}'})")
         before = time.perf_counter() - t0
         relay.cut()
         time.sleep(pause)
@@ -553,6 +565,8 @@ def cut(b: Bench, link: Link, t: Trees, pause: float) -> None:
         f"{ours_bytes:.2f}, rsync {rs_bytes:.2f}; server copy intact: {ok}; floor = delay + "
         f"the half left / bandwidth; rsync = rsync -a over the warm ControlMaster, same cut"]))
     local.unlink()
+    for done in (src / "cut.bin", t.rs_server / "cut.bin"):  # the next cut's rsync starts afresh
+        done.unlink(missing_ok=True)                        # (the same bytes: nothing to send)
     t.m.flush(300)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from colab_remote import _agent, _sync
 from colab_remote._mirror import git
+from colab_remote._mirror import plan as plan_module
 from colab_remote._mirror.plan import Entry, Planner, changed_paths, read_file, scan_local
 from colab_remote._progress import Bar
 from colab_remote.mirror import Mirror, mirror, push
@@ -128,6 +129,31 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
     shell = everything.plan({"new"}, added={"new"})
     assert {op for op, *_ in shell} == {_agent.OP_MKDIR, _agent.OP_LINK}  # files all go to rsync
     assert sorted(shell.big) == ["new/a.txt", "new/sub/b.txt"]
+
+
+def test_a_file_that_grows_past_the_lanes_size_while_it_is_read_goes_to_the_lane(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file being written, small at its lstat and big by the time it is read, goes to the
+    big-file lane as it is then, not into a batch: one record of all of it (a 200 MiB file, read
+    while it was written) held up every edit behind it and was sent again whole after a killed
+    mirror (issue 15: bench_wan's killed figure, 1.52 times the file, now and then)."""
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "out.bin").write_bytes(b"x" * 1000)
+    real = plan_module.read_file
+
+    def written_meanwhile(path: str, size: int, dir_fd: int | None = None,
+                          limit: int | None = None) -> bytes:
+        with open(root / "out.bin", "ab") as f:
+            f.write(b"y" * 2 * _sync.BIG_FILE)
+        return real(path, size, dir_fd) if limit is None else real(path, size, dir_fd, limit)
+
+    monkeypatch.setattr(plan_module, "read_file", written_meanwhile)
+    planner = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True)
+    plan = planner.plan({"out.bin"})
+    assert [(op, rel) for op, rel, *_ in plan] == []
+    assert plan.big == ["out.bin"] and plan.big_keys["out.bin"][0] == 1000 + 2 * _sync.BIG_FILE
+    assert plan.sending == {}
 
 
 def _loose(kind: bytes, body: bytes) -> tuple[str, bytes]:

@@ -60,20 +60,23 @@ def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=_agent.DIGEST_SIZE).digest()
 
 
-def read_file(path: str, size: int, dir_fd: int | None = None) -> bytes:
+def read_file(path: str, size: int, dir_fd: int | None = None, limit: int | None = None) -> bytes:
     """A file's bytes, one read when it still has ``size`` of them; OSError when it is gone or now
-    a link (NONBLOCK: a FIFO put there meanwhile never blocks us)."""
+    a link (NONBLOCK: a FIFO put there meanwhile never blocks us). One that grew meanwhile is read
+    to its end, or until ``limit`` bytes when it grows past that (the caller looks again)."""
     fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     try:
         data = os.read(fd, size + 1)
         if len(data) <= size:  # a short read of a regular file: its end
             return data
-        chunks = [data]
-        while True:
+        chunks, got = [data], len(data)
+        while limit is None or got < limit:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
-                return b"".join(chunks)
+                break
             chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -227,21 +230,35 @@ class Plan:
             self._inside[folder] = found
         return found
 
+    def _big(self, rel: str, st: os.stat_result) -> None:
+        """``rel`` goes to the lane (or to rsync, not ``inline``) as ``st`` says it is now."""
+        key = identity(st)  # not read here: the lane reads it
+        if self.planner.inline and self.planner.sent.get(rel) == key:
+            return  # placed on the server as it is now
+        stage = self._stage(rel)
+        stage.big.append(rel)
+        stage.keys[rel] = self.big_keys[rel] = key
+
     def _entry(self, rel: str, fd: int, name: str, st: os.stat_result) -> Op | None:
         p = self.planner
         if stat.S_ISREG(st.st_mode):
             if st.st_size >= _sync.BIG_FILE or not p.inline:
-                key = identity(st)  # not read here: the lane reads it
-                if p.inline and p.sent.get(rel) == key:
-                    return None  # placed on the server as it is now
-                stage = self._stage(rel)
-                stage.big.append(rel)
-                stage.keys[rel] = self.big_keys[rel] = key
+                self._big(rel, st)
                 return None
             try:  # mode and mtime from the lstat: a change since then has its own event
-                data = read_file(name, st.st_size, fd)
+                data = read_file(name, st.st_size, fd, limit=_sync.BIG_FILE)
             except OSError:
                 return None  # gone again (or no longer a file): its event follows
+            if len(data) >= _sync.BIG_FILE:
+                # it grew past the lane's size while it was read (a file being written): the lane
+                # takes it; one record of all of it would hold up every batch, and never resume
+                try:
+                    now = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    return None
+                if stat.S_ISREG(now.st_mode):
+                    self._big(rel, now)
+                return None
             mode = stat.S_IMODE(st.st_mode)
             key = (len(data), st.st_mtime_ns, mode, digest(data))
             if p.sent.get(rel) == key:
