@@ -37,7 +37,7 @@ import sys
 import time
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
-VERSION = "3"  # the protocol: the client refuses an agent that speaks another one
+VERSION = "4"  # the protocol: the client refuses an agent that speaks another one
 
 # --- the wire protocol ------------------------------------------------------------------------
 #
@@ -53,7 +53,7 @@ OP_DELETE = b"X"    # move path to the trash
 OP_CHUNK = b"K"     # a part of a big file: mode, mtime, offset, data (offset 0 starts it anew)
 OP_COMMIT = b"F"    # a big file is whole: mode, mtime, offset = its size, data = its digest
 OP_END = b"E"       # end of a batch: the agent applies what is pending and answers R_ACK
-OP_MANIFEST = b"M"  # list the copy: R_ENTRY for each entry, then R_DONE
+OP_MANIFEST = b"M"  # list the copy: R_FOLDER records, a folder at a time, then R_DONE
 OP_GET = b"G"       # read one file back (restore): R_DATA chunks, then R_DONE, or R_FAIL
 
 # agent -> client
@@ -61,8 +61,9 @@ R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, trash,
                     # (data: why) when another mirror writes this destination
 R_ACK = b"A"        # a batch is applied: offset = ops, data = JSON {"errors": [[path, error]...],
                     # "trash": what it holds and what was pruned (see Tree.trash_report)}
-R_ENTRY = b"m"      # one entry of the manifest: mode (with the type bits), mtime, offset = size,
-                    # data = a link's target
+R_FOLDER = b"f"     # the manifest's entries in one folder: path = the folder (b"" the top), offset
+                    # = 1 when more records of the same folder follow, data = LIST_ENTRY + name
+                    # (+ a link's target) for each entry (see entries())
 R_DATA = b"g"       # a chunk of a file being read: mode, mtime, offset, data
 R_DONE = b"z"       # the end of a manifest (offset = entries) or of a file (offset = size)
 R_FAIL = b"!"       # a file could not be read: data is why
@@ -92,6 +93,12 @@ O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC
 
 
+# One entry of an R_FOLDER record: name length, mode (with the type bits), mtime in ns, size (a
+# file's; 0 otherwise), the link target's length; then the name and the target.
+LIST_ENTRY = struct.Struct(">HIqQH")
+LIST_BYTES = 1 << 20  # an R_FOLDER record holds about this much (a big folder takes several)
+
+
 def pack(op: bytes, path: bytes = b"", *, mode: int = 0, mtime_ns: int = 0, offset: int = 0,
          data: bytes = b"") -> bytes:
     """One record."""
@@ -110,6 +117,18 @@ def read_record(read: Callable[[int], bytes]) -> Optional[Tuple[bytes, bytes, in
     if len(path) < plen or len(data) < dlen:
         return None
     return op, path, mode, mtime, offset, data
+
+
+def entries(data: bytes) -> Dict[bytes, Tuple[int, int, int, bytes]]:
+    """The entries of one R_FOLDER record: ``{name: (mode, mtime_ns, size, link target)}``."""
+    found = {}
+    unpack, size, off, end = LIST_ENTRY.unpack_from, LIST_ENTRY.size, 0, len(data)
+    while off < end:
+        nlen, mode, mtime, fsize, tlen = unpack(data, off)
+        off += size
+        found[data[off:off + nlen]] = (mode, mtime, fsize, data[off + nlen:off + nlen + tlen])
+        off += nlen + tlen
+    return found
 
 
 def digest(data: bytes) -> bytes:
@@ -667,40 +686,75 @@ class Tree:
         os.rmdir(sname, dir_fd=sparent)
 
     # -- reading -------------------------------------------------------------------------------
-    def manifest(self) -> Iterator[Tuple[bytes, os.stat_result, bytes]]:
-        """Every entry of the copy (the trash and temporary names left out): (rel, lstat, link
-        target). Temporary names left by dead agents are removed on the way."""
-        stack = [(b"", os.dup(self.root_fd))]
-        while stack:
-            rel, fd = stack.pop()
-            try:
-                for name in sorted(_names(fd)):
-                    if not rel and name == TRASH:
-                        continue
-                    if TMP_INFIX in name:
-                        if _left_by_dead(name):
-                            _remove_quietly(fd, name)
-                        continue
-                    st = _lstat(fd, name)
-                    if st is None:
-                        continue
-                    r = _join(rel, name)
-                    target = b""
-                    if stat.S_ISLNK(st.st_mode):
-                        try:
-                            target = os.readlink(name, dir_fd=fd)
-                        except OSError:
-                            continue
-                    elif stat.S_ISDIR(st.st_mode):
-                        sub = open_folder(fd, name, False)
-                        if sub is None:
-                            continue
-                        stack.append((r, sub))
-                    elif not stat.S_ISREG(st.st_mode):
-                        continue
-                    yield r, st, target
-            finally:
+    def listing(self, limit: int = LIST_BYTES) -> Iterator[Tuple[bytes, bytes, bool]]:
+        """The copy a folder at a time (the trash and temporary names left out): ``(folder,
+        packed entries, more of this folder follows)``, a folder before the folders in it. One
+        stat per entry and one record per folder: the whole-tree pass's listing costs about what
+        ``rsync -a``'s own file list does. Folders are opened one level at a time (open
+        descriptors: the depth, not the width of the tree); temporary names left by dead agents
+        are removed on the way."""
+        subs = []  # type: List[bytes]
+        top = os.dup(self.root_fd)
+        stack = [(b"", top, subs)]
+        try:
+            for block in self._list_folder(b"", top, subs, limit):
+                yield block
+            while stack:
+                rel, fd, subs = stack[-1]
+                if not subs:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                name = subs.pop()
+                sub = open_folder(fd, name, False)
+                if sub is None:
+                    continue
+                r = _join(rel, name)
+                stack.append((r, sub, []))
+                for block in self._list_folder(r, sub, stack[-1][2], limit):
+                    yield block
+        finally:
+            for _, fd, _ in stack:
                 os.close(fd)
+
+    def _list_folder(self, rel: bytes, fd: int, subs: List[bytes], limit: int
+                     ) -> Iterator[Tuple[bytes, bytes, bool]]:
+        """One folder's R_FOLDER blocks; its subfolders' names go to ``subs``."""
+        pack_entry, parts, size = LIST_ENTRY.pack, [], 0
+        is_reg, is_dir, is_lnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+        for text in os.listdir(fd):
+            name = text.encode(encoding, errors)  # os.fsencode, without its cost per name
+            if TMP_INFIX in name:
+                if _left_by_dead(name):
+                    _remove_quietly(fd, name)
+                continue
+            if not rel and name == TRASH:
+                continue
+            try:
+                st = os.stat(text, dir_fd=fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            mode = st.st_mode
+            if is_reg(mode):
+                part = pack_entry(len(name), mode, st.st_mtime_ns, st.st_size, 0) + name
+            elif is_dir(mode):
+                subs.append(name)
+                part = pack_entry(len(name), mode, st.st_mtime_ns, 0, 0) + name
+            elif is_lnk(mode):
+                try:
+                    target = os.readlink(name, dir_fd=fd)
+                except OSError:
+                    continue
+                part = pack_entry(len(name), mode, st.st_mtime_ns, 0, len(target)) + name + target
+            else:
+                continue
+            parts.append(part)
+            size += len(part)
+            if size >= limit:
+                yield rel, b"".join(parts), True
+                parts, size = [], 0
+        yield rel, b"".join(parts), False
 
     def read(self, p: bytes) -> Iterator[Tuple[int, int, int, bytes]]:
         """A file's chunks: (mode, mtime, offset, data); the last one is short (maybe empty)."""
@@ -1288,9 +1342,8 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
         if op == OP_MANIFEST:
             tree.finish(errors)
             count = 0
-            for rel, st, target in tree.manifest():
-                out.write(pack(R_ENTRY, rel, mode=st.st_mode, mtime_ns=st.st_mtime_ns,
-                               offset=st.st_size if stat.S_ISREG(st.st_mode) else 0, data=target))
+            for folder, data, more in tree.listing():
+                out.write(pack(R_FOLDER, folder, offset=int(more), data=data))
                 count += 1
             out.write(pack(R_DONE, offset=count))
             out.flush()

@@ -7,10 +7,12 @@ the agent, rsync and every shell command then ride on its control socket without
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .. import _proc, _ssh, _sync
+from .. import _access, _proc, _ssh, _sync
 from .._master import LoginFailed, Master
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
 from .config import MirrorConfig
@@ -96,6 +98,21 @@ class Link:
                                fix="check the host, the port and that the server is up")
         return MirrorError(f"ssh to {self.dest.target} port {self.cfg.port} failed", log_tail=text,
                            fix="check the host, the port and that sshd runs there")
+
+    def set_up(self, purpose: dict[str, Any]) -> tuple[bool, str]:
+        """``restricted=False``: install the agent through this login (no second login for the
+        set-up); whether the server runs it, and how to start it there."""
+        cfg = self.cfg
+        login = _access.Login(ssh=cfg.ssh, dest=self.dest, port=cfg.port,
+                              known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
+                              identity_file=cfg.identity_file)
+
+        def run(command: str, data: bytes, timeout: float) -> _proc.Result:
+            return _proc.run(self.mux(command), input=data, timeout=timeout, check=False)
+
+        granted = _access.grant(Path(cfg.state_dir), login, purpose, password=None,
+                                restricted=False, error=MirrorError, quiet=True, runner=run)
+        return granted.agent, shlex.join(granted.command)
 
     def close(self) -> None:
         if self.master is not None:
