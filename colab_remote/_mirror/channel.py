@@ -75,6 +75,11 @@ class Channel:
         self.link = link
         self.cfg = link.cfg
 
+    @property
+    def alive(self) -> bool:
+        """What runs on the server for this channel still runs (as far as this side knows)."""
+        return True
+
     def open(self) -> None:
         """Once the link is logged in: start what runs on the server."""
 
@@ -162,6 +167,10 @@ class AgentChannel(Channel):
     def close(self) -> None:
         _proc.end_pipes(self.proc, timeout=1)
         self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     # --- records -------------------------------------------------------------------------------
     def _write(self, data: bytes, deadline: float) -> None:

@@ -40,7 +40,9 @@ class Link:
     def options(self) -> dict[str, str | int]:
         """ssh options of the master; every later command goes through its control socket."""
         opts: dict[str, str | int] = {
-            "ServerAliveInterval": 5, "ServerAliveCountMax": 3, "TCPKeepAlive": "yes",
+            # a silent link ends the master after 12 s (as the tunnel's): (3 + 1) keepalives
+            "ServerAliveInterval": _ssh.TUNNEL_ALIVE_INTERVAL,
+            "ServerAliveCountMax": _ssh.TUNNEL_ALIVE_COUNT, "TCPKeepAlive": "yes",
             "ConnectTimeout": 10, "NumberOfPasswordPrompts": 1,
             "BatchMode": "no" if self.password else "yes", "PermitLocalCommand": "no",
             "Compression": "no", "LogLevel": "ERROR",
@@ -60,6 +62,10 @@ class Link:
     @property
     def up(self) -> bool:
         return self.master is not None and self.master.alive
+
+    @property
+    def exit_text(self) -> str:
+        return self.master.exit_text if self.master is not None else "not started"
 
     @property
     def pid(self) -> int | None:

@@ -45,6 +45,11 @@ RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-t
 PRUNE_EVERY = 6 * 3600.0
 KEEPALIVE = 120.0           # an idle mirror tells its agent it is still there this often (the server
                             # lets another runtime take the folder over from one silent 5 minutes)
+LINK_CHECK = 1.0            # an idle mirror looks at its ssh processes this often (a dead link:
+                            # ssh's keepalives end the master after 12 s of silence)
+PROBE_EVERY = 0.1           # while the server is away: a probe of its SSH port this often ...
+PROBE_TIMEOUT = 1.0         # ... each given this long (a black hole answers nothing): its return
+                            # is noticed within about a second
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -313,14 +318,22 @@ class Worker:
             self.channel = None
         self.link.close()
 
+    def link_alive(self) -> bool:
+        """The master and the channel still run (ssh ends them when its keepalives go unanswered)."""
+        return self.link.up and (self.channel is None or self.channel.alive)
+
     def reconnect(self) -> None:
-        """Wait for the server (cheap port probes, backoff) and log in again."""
+        """Wait for the server (a port probe every PROBE_EVERY, each at most PROBE_TIMEOUT: one
+        is always on its way, so the server's return is noticed within about a second) and log in
+        again; after a refused login, slowly."""
         self.disconnect()
         self.planner.sent.clear()  # the server may have changed meanwhile
         self.set_state(State.RECONNECTING)
-        backoff = Backoff(0.2, 5.0)
+        backoff: Backoff | None = None
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
-            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
+            probed = time.monotonic()
+            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=PROBE_TIMEOUT) is not None:
+                log.info("the server answers again")
                 try:
                     self.connect()  # the new agent clears what a killed one left half-built
                     self.stats["reconnects"] += 1
@@ -340,8 +353,11 @@ class Worker:
                         # a changed password, another writer: keep trying, but slowly (no
                         # lockouts, no log spam)
                         backoff = Backoff(30.0, 60.0)
-            with self.cond:
-                self.cond.wait(backoff.next())
+            wait = backoff.next() if backoff is not None else \
+                PROBE_EVERY - (time.monotonic() - probed)
+            if wait > 0:
+                with self.cond:
+                    self.cond.wait(wait)
         raise ConnectionLost("stopped while the server was away")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -386,7 +402,10 @@ class Worker:
                     self.watcher.watch_all()  # (no first pass sets this one's watches up)
                     self.full_due = now + 1
                 continue
-            wait = min(30.0, KEEPALIVE) if self.full_due is None else self.full_due - now
+            if self.connected and not self.link_alive():
+                self.in_flight = True  # the link died while idle: reconnect now, not at the next push
+                return "lost", set(), set(), set(), self.events
+            wait = min(LINK_CHECK, KEEPALIVE) if self.full_due is None else self.full_due - now
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -408,6 +427,8 @@ class Worker:
                     self.prune()
                 elif kind == "ping":
                     self.ping()
+                elif kind == "lost":
+                    raise ConnectionLost(f"ssh ended ({self.link.exit_text})")
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
