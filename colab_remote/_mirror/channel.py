@@ -484,10 +484,17 @@ class ShellChannel(Channel):
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
                    *, guard: Guard | None = None, watch: Watch | None = None) -> Sent:
+        scanned: list[tuple[int, int, int]] = []
+
+        def scan() -> tuple[int, int, int]:  # (files, entries, bytes) here, once
+            if not scanned:
+                scanned.append(scan_local(root, flt))
+            return scanned[0]
+
         if guard is not None:
-            guard(self.count(None), lambda enough: scan_local(root, flt)[0])
+            guard(self.count(None), lambda enough: scan()[0])
         if progress is not None and not progress.estimate[0]:
-            _, entries, size = scan_local(root, flt)  # rsync's own totals grow while it lists
+            _, entries, size = scan()  # rsync's own totals grow while it lists
             progress = Progress(progress.reporter, progress.phase, entries, size)
         argv = _sync.rsync_push_argv(self.cfg.rsync, self.link.rsync_e(), root, self.link.rsync_dest,
                                      filters=flt.rsync_args(), backup_dir=self._backup_dir(),
