@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import pwd
 import random
 import secrets
-import select
 import shutil
 import statistics
 import subprocess
@@ -48,32 +46,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import compile_package  # noqa: E402
+from bench._common import Inotify, compile_package  # noqa: E402
 from colab_remote import _install, _net, _proc  # noqa: E402
 from colab_remote.mirror import Mirror, mirror  # noqa: E402
 
-IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x08, 0x80, 0x100
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-class Inotify:
-    """Readable when something lands in one folder (to time arrivals without polling)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(0o4000)
-        if self.libc.inotify_add_watch(self.fd, os.fsencode(folder),
-                                       IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE) < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
-
-    def wait(self, timeout: float) -> None:
-        select.select([self.fd], [], [], timeout)
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 65536):
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class Server:

@@ -233,8 +233,8 @@ def mirror(
         0
     """
     args = checks.prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
     for name, value in (("delete", delete), ("backup", backup), ("restore", restore)):
         checks.check_bool(name, value)
     if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or keep_days <= 0:
@@ -322,7 +322,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
     secret = args["password"]
     purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
                "keep_days": flags["keep_days"], "backup": flags["backup"],
-               "trash_share": flags["trash_share"], "trash_max_gb": flags["trash_max_gb"]}
+               "trash_share": flags.get("trash_share", _agent.TRASH_SHARE),
+               "trash_max_gb": flags.get("trash_max_gb", _agent.TRASH_MAX_GB)}
     if agent and not restricted:
         # The mirror process logs in with the account's own login anyway: it sets the server up
         # through that login (one login in all, not two: a whole handshake less at start-up).
@@ -356,21 +357,23 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                    password: str | None = None, identity_file: str | None = None,
                    state_dir: str | os.PathLike[str] | None = None, exclude: list[str] | None = None,
                    delete: bool = True, backup: bool = True, restore: bool = False,
-                   host_key: str | None = None, restricted: bool = True,
-                   key_days: float = _access.KEY_DAYS) -> int:
+                   host_key: str | None = None, keep_days: float = _sync.TRASH_KEEP_DAYS,
+                   trash_share: float = _agent.TRASH_SHARE, trash_max_gb: float = _agent.TRASH_MAX_GB,
+                   restricted: bool = True, key_days: float = _access.KEY_DAYS) -> int:
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
 
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
     from ._mirror import worker
 
     args = checks.prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
+    checks.check_budget(trash_share, trash_max_gb)
     _access.check_days(key_days)
     checks.check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=_sync.TRASH_KEEP_DAYS, trash_share=_agent.TRASH_SHARE,
-                                   trash_max_gb=_agent.TRASH_MAX_GB, restricted=restricted,
+                                   keep_days=keep_days, trash_share=float(trash_share),
+                                   trash_max_gb=float(trash_max_gb), restricted=restricted,
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -447,8 +450,8 @@ def push(
         0
     """
     args = checks.prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
     if not os.path.isdir(args["local_dir"]):
         raise ValueError(f"local_dir {local_dir} does not exist")
     if setup is not None and (not isinstance(setup, str) or not setup.strip()):

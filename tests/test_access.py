@@ -304,7 +304,7 @@ def test_no_password_in_memory_or_files_and_keys_survive_a_password_change(tmp_p
             if os.path.basename((_proc.cmdline(pid) or [""])[0]) == "ssh":
                 os.kill(pid, signal.SIGKILL)  # our own test's processes, by pid
         wait_for(lambda: tunnel.restarts >= 1 and tunnel.state == "up", 30, "the tunnel back")
-        assert forward_answers(tunnel.remote_port)
+        wait_for(lambda: forward_answers(tunnel.remote_port), 10, "the forward to answer")
         (local / "after.txt").write_text("after the password changed")
         m.flush(60)
         assert (server.user.home / "backup/project/after.txt").read_text() == "after the password changed"
@@ -467,12 +467,12 @@ def test_setup_refuses_a_linked_ssh_folder_or_authorized_keys(tmp_path: Path, ma
             user.write("other_file", "untouched\n")
             (user.home / ".ssh" / "authorized_keys").symlink_to(user.home / "other_file")
         source, sha = _access.agent_source()
-        user.write("agent.py", source.decode(), 0o644)
-        request = {"source": source.decode(), "sha": sha, "restricted": True, "keys": [
+        user.write("agent.pyz", source, 0o644)
+        request = {"sha": sha, "restricted": True, "keys": [
             {"id": "rid.tunnel-1", "purpose": "tunnel", "port": 20022, "days": 1,
              "pubkey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk4pGZ5p0S0mR0nGJ0nYF0s3pF1t3nQ7XhGq2xJj8lI x"}]}
         done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
-                               python, "-I", "-B", str(user.home / "agent.py"), "setup"],
+                               python, "-I", "-B", str(user.home / "agent.pyz"), "setup"],
                               input=json.dumps(request), capture_output=True, text=True, timeout=30,
                               env={"HOME": str(user.home), "PATH": "/usr/bin:/bin"}, cwd=user.home)
         reply = json.loads(done.stdout.split("CRA-SETUP ", 1)[1])

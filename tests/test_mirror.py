@@ -815,15 +815,7 @@ def test_agent_killed_while_it_builds_new_folders(tmp_path: Path, server) -> Non
     (local / "a.txt").write_text("a")
     with start(tmp_path, server, local) as m:
 
-        def agent() -> int | None:
-            for p in os.listdir("/proc"):
-                if p.isdigit() and _owner(p) == server.user.uid:
-                    with contextlib.suppress(OSError):
-                        if b"--forced\0mirror" in Path(f"/proc/{p}/cmdline").read_bytes():
-                            return int(p)
-            return None
-
-        pid = agent()
+        pid = _agent_pid(server)
         assert pid is not None
         blob = os.urandom(2048)
         for i in range(40):

@@ -1,7 +1,7 @@
 """The whole-tree pass's comparison: the server's listing, a folder at a time, against the folder.
 
 The agent lists its copy one folder per record, a folder before the folders in it
-(:meth:`colab_remote._agent.Tree.listing`). Each record is compared as it arrives with the same
+(:func:`colab_remote._agent.listing.listing`). Each record is compared as it arrives with the same
 folder here (one ``lstat`` per entry) while the agent lists the next one, so the two walks overlap
 and neither side holds the whole tree in memory. A folder the server lacks is not walked here: the
 plan walks it while it sends it (:meth:`Plan._walk <colab_remote._mirror.plan.Plan>`), so a first
