@@ -17,9 +17,10 @@ a destination at a time (:mod:`.writer`).
 
 The modules: :mod:`.protocol` (the records and the names both sides share: the client imports
 them from here), :mod:`.fs` (every write through a descriptor, never a path), :mod:`.tree` (the
-destination), :mod:`.trash` (what is replaced, within a budget), :mod:`.writer` (one writer per
-destination), :mod:`.serve` (the mirror's agent), :mod:`.tunnel` (the tunnel's helper),
-:mod:`.setup` (keys, config, revocation), :mod:`.main` (the entry point).
+destination), :mod:`.listing` (the copy listed a folder at a time), :mod:`.trash` (what is
+replaced, within a budget), :mod:`.writer` (one writer per destination), :mod:`.serve` (the
+mirror's agent), :mod:`.tunnel` (the tunnel's helper), :mod:`.setup` (keys, config, revocation),
+:mod:`.main` (the entry point).
 
 Constraints: standard library only, Python >= 3.6 (old servers), relative imports only (inside the
 zip the package has another name), no import from the rest of colab_remote.
@@ -35,6 +36,8 @@ from .protocol import (
     CHUNK,
     DIGEST_SIZE,
     HEADER,
+    LIST_BYTES,
+    LIST_ENTRY,
     MODE_MASK,
     OP_CHUNK,
     OP_COMMIT,
@@ -48,8 +51,8 @@ from .protocol import (
     R_ACK,
     R_DATA,
     R_DONE,
-    R_ENTRY,
     R_FAIL,
+    R_FOLDER,
     R_HELLO,
     STAGING,
     STALE_AFTER,
@@ -61,6 +64,7 @@ from .protocol import (
     VERSION,
     check_path,
     digest,
+    entries,
     pack,
     read_record,
     trash_stamp,
@@ -68,11 +72,11 @@ from .protocol import (
 from .setup import revoke
 from .tree import Tree
 
-__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "MODE_MASK", "OP_CHUNK", "OP_COMMIT", "OP_DELETE",
-           "OP_END", "OP_GET", "OP_LINK", "OP_MANIFEST", "OP_MKDIR", "OP_PUT", "R_ACK", "R_DATA",
-           "R_DONE", "R_ENTRY", "R_FAIL", "R_HELLO", "STAGING", "STALE_AFTER", "STAMP_FORMAT",
-           "TMP_INFIX", "TRASH", "TRASH_MAX_GB", "TRASH_SHARE", "VERSION", "Tree", "bundle",
-           "check_path", "digest", "pack", "read_record", "revoke", "trash_stamp"]
+__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "LIST_BYTES", "LIST_ENTRY", "MODE_MASK", "OP_CHUNK", "OP_COMMIT",
+           "OP_DELETE", "OP_END", "OP_GET", "OP_LINK", "OP_MANIFEST", "OP_MKDIR", "OP_PUT", "R_ACK", "R_DATA",
+           "R_DONE", "R_FAIL", "R_FOLDER", "R_HELLO", "STAGING", "STALE_AFTER", "STAMP_FORMAT", "TMP_INFIX",
+           "TRASH", "TRASH_MAX_GB", "TRASH_SHARE", "VERSION", "Tree", "bundle", "check_path", "digest",
+           "entries", "pack", "read_record", "revoke", "trash_stamp"]
 
 PACKAGE = "colab_remote_agent"  # its name inside the zip
 _MAIN = b"import sys\nfrom %s.main import main\nsys.exit(main(sys.argv[1:]))\n" % PACKAGE.encode()

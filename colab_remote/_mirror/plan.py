@@ -352,33 +352,6 @@ def walk(root: str, flt: _sync.MirrorFilter) -> Iterator[tuple[str, os.DirEntry[
                         todo.append((r, entry.path))
 
 
-def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
-    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
-    target), and the bytes of those files. What exists only on the server is not listed."""
-    paths: set[str] = set()
-    nbytes = 0
-    for r, entry in walk(root, flt):
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        there = server.get(r)
-        mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
-        if stat.S_ISDIR(st.st_mode):
-            if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
-                paths.add(r)
-        elif stat.S_ISLNK(st.st_mode):
-            if there is None or not stat.S_ISLNK(there.mode) or \
-                    there.target != os.fsencode(os.readlink(entry.path)):
-                paths.add(r)
-        elif stat.S_ISREG(st.st_mode):
-            if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
-                    or not same_time(st.st_mtime_ns, there.mtime_ns) or stat.S_IMODE(there.mode) != mode:
-                paths.add(r)
-                nbytes += st.st_size
-    return paths, nbytes
-
-
 def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:
     """``(files, entries, bytes)`` of the mirrored tree: files and links (what the server's count
     compares with), everything rsync lists (folders and the top one too), and the files' size."""

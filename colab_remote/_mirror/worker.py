@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .channel import Channel, Sent, open_channel
 from .config import MirrorConfig
 from .control import ControlServer
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, scan_local
+from .plan import Plan, Planner
 from .report import Progress, Reporter
 from .watch import Watcher
 
@@ -44,6 +45,11 @@ RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-t
 PRUNE_EVERY = 6 * 3600.0
 KEEPALIVE = 120.0           # an idle mirror tells its agent it is still there this often (the server
                             # lets another runtime take the folder over from one silent 5 minutes)
+LINK_CHECK = 1.0            # an idle mirror looks at its ssh processes this often (a dead link:
+                            # ssh's keepalives end the master after 12 s of silence)
+PROBE_EVERY = 0.1           # while the server is away: a probe of its SSH port this often ...
+PROBE_TIMEOUT = 1.0         # ... each given this long (a black hole answers nothing): its return
+                            # is noticed within about a second
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -56,6 +62,10 @@ class Worker:
         self.flt = _sync.MirrorFilter(self.root, cfg.exclude)
         self.link = Link(cfg, password)
         self.channel: Channel | None = None
+        # the server's agent, and how to start it (restricted=False: found by the set-up this
+        # process runs through its own login, see Link.set_up)
+        self.agent: bool | None = None if cfg.setup is not None else cfg.agent
+        self.agent_command = cfg.agent_command
         self.planner = Planner(self.root, self.flt, delete=cfg.delete, inline=cfg.agent,
                                watch=self._watch_folder)
         self.cond = threading.Condition()
@@ -136,7 +146,7 @@ class Worker:
 
     def _watch_folder(self, path: str, rel: str) -> None:
         if self.watcher is not None:
-            self.watcher.bell.add(path, rel)
+            self.watcher.watch(path, rel)
 
     # -- the control socket --------------------------------------------------------------------
     def _answer(self, words: list[str]) -> dict[str, Any]:
@@ -246,20 +256,22 @@ class Worker:
         retry = time.monotonic() + RETRY_AFTER_ERROR
         self.full_due = retry if self.full_due is None else min(self.full_due, retry)
 
-    def whole_pass(self, phase: str | None = None, estimate: tuple[int, int] = (0, 0),
-                   listing: dict[str, Entry] | None = None) -> None:
+    def whole_pass(self, phase: str | None = None, *, first: bool = False) -> None:
         """Send whatever differs from the server copy, never deleting there (``phase``: a name
-        for the progress in the status file, measured against ``estimate``: entries, bytes)."""
+        for the progress in the status file). ``first``: the start's pass, which refuses a folder
+        emptied here and sets the doorbell's watches up as it lists each folder."""
         assert self.channel is not None
         t0 = time.monotonic()
-        progress = self.report.phase(phase, *estimate) if phase else None
+        progress = self.report.phase(phase, 0, 0) if phase else None
         sent = Sent()
         if self.refused:  # what the server refused, deletes too, first
             retry, self.refused = self.refused, {}
             sent.add(self.push(set(retry), set(), {p for p, gone in retry.items() if gone},
                                whole=True))
-        sent.add(self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
-                                         self.root, self.flt, listing, progress))
+        sent.add(self.channel.whole_pass(
+            lambda paths, added, p: self.push(paths, added, whole=True, progress=p),
+            self.root, self.flt, progress, guard=self._guard if first and not self.cfg.restore else None,
+            watch=self._watch_folder if first else None))
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
@@ -292,8 +304,12 @@ class Worker:
     def connect(self) -> None:
         """Log in and start the channel (the set-up found out which one)."""
         self.link.open()
-        self.channel = open_channel(self.link)
+        if self.cfg.setup is not None and self.agent is None:
+            self.agent, self.agent_command = self.link.set_up(self.cfg.setup)
+            self.planner.inline = self.agent
+        self.channel = open_channel(self.link, agent=bool(self.agent), command=self.agent_command)
         self.connected = True
+
 
     def disconnect(self) -> None:
         self.connected = False
@@ -302,14 +318,22 @@ class Worker:
             self.channel = None
         self.link.close()
 
+    def link_alive(self) -> bool:
+        """The master and the channel still run (ssh ends them when its keepalives go unanswered)."""
+        return self.link.up and (self.channel is None or self.channel.alive)
+
     def reconnect(self) -> None:
-        """Wait for the server (cheap port probes, backoff) and log in again."""
+        """Wait for the server (a port probe every PROBE_EVERY, each at most PROBE_TIMEOUT: one
+        is always on its way, so the server's return is noticed within about a second) and log in
+        again; after a refused login, slowly."""
         self.disconnect()
         self.planner.sent.clear()  # the server may have changed meanwhile
         self.set_state(State.RECONNECTING)
-        backoff = Backoff(0.2, 5.0)
+        backoff: Backoff | None = None
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
-            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
+            probed = time.monotonic()
+            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=PROBE_TIMEOUT) is not None:
+                log.info("the server answers again")
                 try:
                     self.connect()  # the new agent clears what a killed one left half-built
                     self.stats["reconnects"] += 1
@@ -329,8 +353,11 @@ class Worker:
                         # a changed password, another writer: keep trying, but slowly (no
                         # lockouts, no log spam)
                         backoff = Backoff(30.0, 60.0)
-            with self.cond:
-                self.cond.wait(backoff.next())
+            wait = backoff.next() if backoff is not None else \
+                PROBE_EVERY - (time.monotonic() - probed)
+            if wait > 0:
+                with self.cond:
+                    self.cond.wait(wait)
         raise ConnectionLost("stopped while the server was away")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -371,9 +398,14 @@ class Worker:
                 self.watcher = None
                 if os.path.isdir(self.root):
                     self._start_watcher()
+                    assert self.watcher is not None
+                    self.watcher.watch_all()  # (no first pass sets this one's watches up)
                     self.full_due = now + 1
                 continue
-            wait = min(30.0, KEEPALIVE) if self.full_due is None else self.full_due - now
+            if self.connected and not self.link_alive():
+                self.in_flight = True  # the link died while idle: reconnect now, not at the next push
+                return "lost", set(), set(), set(), self.events
+            wait = min(LINK_CHECK, KEEPALIVE) if self.full_due is None else self.full_due - now
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -395,6 +427,8 @@ class Worker:
                     self.prune()
                 elif kind == "ping":
                     self.ping()
+                elif kind == "lost":
+                    raise ConnectionLost(f"ssh ended ({self.link.exit_text})")
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
@@ -425,19 +459,39 @@ class Worker:
         self.watcher = Watcher(self.root, self.flt, self.deliver, self.events_lost)
         self.watcher.start()
 
+    def _guard(self, server_files: int, count_local: Callable[[int], int]) -> None:
+        """Refuse to start from a folder holding fewer than half of the server copy's files."""
+        if not server_files:
+            return
+        local_files = count_local((server_files + 1) // 2)
+        log.info("server copy: %d files; local: at least %d files", server_files, local_files)
+        if local_files * 2 < server_files:
+            raise self._refusal("is empty" if local_files == 0 else
+                                f"holds {local_files} files, fewer than half of the server copy's",
+                                server_files)
+
+    def _refusal(self, why: str, server_files: int) -> MirrorError:
+        return MirrorError(
+            f"refusing to mirror: {self.root} {why}, while the server copy "
+            f"{self.cfg.destination} holds {server_files} files",
+            fix=f"to resume from the server copy, use mirror({self.root!r}, "
+                f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+
     def start(self) -> None:
-        """Connect, check or restore, start watching, first push. Raises on failure."""
+        """Connect, restore (or refuse an emptied folder), start watching, first push. Raises on
+        failure. The first push lists the server copy and compares it folder by folder as it
+        comes, sets up the watches on the way and sends new folders as it reads them (see
+        :mod:`.compare`): one walk here, overlapping the agent's."""
         self.set_state(State.CONNECTING)
         self.connect()
         self.report.master_pid = self.link.pid
         self.report.write(force=True)
         assert self.channel is not None
         root = Path(self.root)
-        listing = self.channel.listing()
-        server_files = self.channel.count(listing)
-        local_files, entries, size = scan_local(self.root, self.flt) if root.is_dir() else (0, 1, 0)
-        log.info("server copy: %d files; local: %d files", server_files, local_files)
         if self.cfg.restore:
+            listing = self.channel.listing()
+            server_files = self.channel.count(listing)
+            log.info("server copy: %d files", server_files)
             root.mkdir(parents=True, exist_ok=True)
             if server_files:
                 self.set_state(State.RESTORING)
@@ -447,15 +501,11 @@ class Worker:
                 except ConnectionLost as e:
                     raise MirrorError("restoring from the server failed", log_tail=str(e),
                                       fix="check the connection and try again") from e
-                _, entries, size = scan_local(self.root, self.flt)  # for the first push's bar
-        elif server_files and local_files * 2 < server_files:
-            why = ("is missing" if not root.exists() else "is empty" if local_files == 0
-                   else f"holds {local_files} files, fewer than half of the server copy's")
-            raise MirrorError(
-                f"refusing to mirror: {self.root} {why}, while the server copy "
-                f"{self.cfg.destination} holds {server_files} files",
-                fix=f"to resume from the server copy, use mirror({self.root!r}, "
-                    f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+        elif not root.is_dir():
+            server_files = self.channel.count(None)
+            if server_files:
+                raise self._refusal("is missing" if not root.exists() else "is not a folder",
+                                    server_files)
         root.mkdir(parents=True, exist_ok=True)
         self._start_watcher()
         assert self.watcher is not None
@@ -463,10 +513,12 @@ class Worker:
             raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
                               fix="check the folder exists and is readable; raise "
                                   "fs.inotify.max_user_watches for very large trees")
+        if not self.channel.lists:
+            self.watcher.watch_all()
         self.set_state(State.FIRST_PUSH)
         self.prune()
         try:
-            self.whole_pass("first push", (entries, size), listing)
+            self.whole_pass("first push", first=True)
         except ConnectionLost as e:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
