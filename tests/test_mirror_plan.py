@@ -14,7 +14,7 @@ import pytest
 from colab_remote import _agent, _sync
 from colab_remote._mirror import git
 from colab_remote._mirror.compare import Compare
-from colab_remote._mirror.plan import Entry, Planner, read_file, scan_local
+from colab_remote._mirror.plan import Entry, Plan, Planner, read_file, scan_local
 from colab_remote._progress import Bar
 from colab_remote.mirror import Mirror, mirror, push
 
@@ -181,6 +181,23 @@ def test_a_repositorys_files_travel_in_the_order_git_writes_them(tmp_path: Path)
                                  ".git/refs/heads/main")], []),
         ([(_agent.OP_DELETE, ".git/objects/12/gone")], [])]
     assert plan.big == [".git/objects/pack/pack-1.pack"] and plan.deletes == [".git/objects/12/gone"]
+    # a commit read by a whole-tree pass whose tree (and that tree's subtree) were written after
+    # their folders were listed: they come from the watcher before the trees and commits go
+    calls: list[int] = []
+
+    def catch_up() -> Plan | None:
+        calls.append(1)
+        if len(calls) > 1:
+            return None
+        return planner.plan({f".git/objects/{oid[:2]}/{oid[2:]}" for oid in (sub, top)})
+
+    planner.sent.clear()
+    late = planner.plan({f".git/objects/{commit[:2]}/{commit[2:]}", ".git/refs/heads/main"},
+                        catch_up=catch_up)
+    order = [rel for stage in late.stages() for _, rel, *_ in stage.ops]
+    assert order == [f".git/objects/{oid[:2]}/{oid[2:]}" for oid in (sub, top, commit)] + [
+        ".git/refs/heads/main"], order
+    assert len(calls) == 2  # before the trees and commits, and before the names
     # an object folder gc emptied and a commit filled again is the same folder: nothing deleted
     again = planner.plan({f".git/objects/{top[:2]}"}, added={f".git/objects/{top[:2]}"},
                          deleted={f".git/objects/{top[:2]}"})

@@ -130,21 +130,46 @@ class Plan:
     def stages(self) -> Iterator[Stage]:
         """The first stage streams as the folder is read; the later ones (a repository's pack
         indexes, trees and commits, names, packed-away objects) are known once it has been
-        iterated."""
+        iterated. Before the trees and commits, and again before the names, the objects git wrote
+        meanwhile join the batch (:attr:`catch_up`): a commit read here may name a tree written
+        after its folder was listed."""
         first = self._stages[git.BLOBS]
         first.ops = self._scan()
         yield first
-        for n in sorted(self._stages):
-            if n == git.NAMES and self.catch_up is not None:
+        done = git.BLOBS
+        while True:
+            n = min((k for k in self._stages if k > done), default=None)
+            if n is None:
+                return
+            if n in (git.OBJECTS, git.NAMES) and self.catch_up is not None:
                 extra = self.catch_up()
                 if extra is not None:
-                    yield from extra.stages()
-                    self.sending.update(extra.sending)
-                    self.deletes += extra.deletes
+                    yield from self._join(extra, n)
             if n == git.OBJECTS:
                 self._stages[n].ops = git.ordered(list(self._stages[n].ops))
-            if n != git.BLOBS:
-                yield self._stages[n]
+            yield self._stages[n]
+            done = n
+
+    def _join(self, extra: Plan, n: int) -> Iterator[Stage]:
+        """A catch-up's plan: its stages before stage ``n`` go now, the others join this plan's
+        (its trees and commits are ordered with the batch's)."""
+        first = extra._stages[git.BLOBS]
+        first.ops = extra._scan()
+        yield first
+        for k in sorted(extra._stages):
+            stage = extra._stages[k]
+            if k == git.BLOBS:
+                continue
+            if k < n:
+                if k == git.OBJECTS:
+                    stage.ops = git.ordered(list(stage.ops))
+                yield stage
+                continue
+            mine = self._stages.setdefault(k, Stage([]))
+            mine.ops = [*mine.ops, *stage.ops]
+            mine.big += stage.big
+        self.sending.update(extra.sending)
+        self.deletes += extra.deletes
 
     def __iter__(self) -> Iterator[Op]:
         for stage in self.stages():
