@@ -363,7 +363,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
 
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
-    from ._mirror import worker
+    from ._mirror import main as process
 
     args = checks.prepare(local_dir, destination, port=port, password=password,
                           identity_file=identity_file, state_dir=state_dir, exclude=exclude,
@@ -377,7 +377,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return worker.run(cfg, secret, foreground=True)
+    return process.run(cfg, secret, foreground=True)
 
 
 def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror]:

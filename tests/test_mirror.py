@@ -453,6 +453,51 @@ def test_a_killed_worker_leaves_no_master_after_a_rerun(tmp_path: Path, server) 
     assert not _proc.pid_alive(json.loads((again.run_dir / "status.json").read_text())["master_pid"])
 
 
+def test_a_file_rewritten_while_no_mirror_ran_is_sent_though_size_and_time_match(
+        tmp_path: Path, server) -> None:
+    """A file rewritten while its mirror was killed (then while it was stopped), to the same size
+    and with its old modification time put back, is sent by the next mirror: its ctime is after
+    the time up to which the last mirror had everything on the server (the soak's worker-kill
+    found it stale after flush())."""
+    local = tmp_path / "project"
+    local.mkdir()
+    for name in ("a.bin", "b.bin", "same.bin"):
+        (local / name).write_bytes(b"1" * 3000)
+    m = start(tmp_path, server, local)
+    (local / "c.txt").write_text("c")  # an edit: an idle mirror marks what the server holds
+    m.flush(30)
+    time.sleep(2.5)  # the mark (within a second) and its margin: files changed after it go again
+    same = (server_root(server) / "same.bin").stat().st_ino
+
+    def rewrite(name: str, byte: bytes) -> None:
+        path = local / name
+        st = path.stat()
+        path.write_bytes(byte * st.st_size)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    info = json.loads((m.run_dir / "status.json").read_text())
+    os.kill(info["pid"], signal.SIGKILL)  # our own test's process, by pid
+    wait_for(lambda: not _proc.pid_alive(info["pid"]), 10, "the killed mirror process to go")
+    rewrite("a.bin", b"2")
+    again = start(tmp_path, server, local, password=None)
+    try:
+        again.flush(30)
+        assert (server_root(server) / "a.bin").read_bytes() == b"2" * 3000
+        assert converged(local, server)
+    finally:
+        again.stop()
+    rewrite("b.bin", b"3")
+    third = start(tmp_path, server, local, password=None)
+    try:
+        third.flush(30)
+        assert (server_root(server) / "b.bin").read_bytes() == b"3" * 3000
+        assert converged(local, server)
+        assert (server_root(server) / "same.bin").stat().st_ino == same  # not sent again
+        assert stat.S_IMODE((third.run_dir / "synced").stat().st_mode) == 0o600
+    finally:
+        third.stop()
+
+
 def _agent_pid(server) -> int | None:
     """The server-side agent of the mirror (run as the server's throwaway user)."""
     for p in os.listdir("/proc"):

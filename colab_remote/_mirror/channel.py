@@ -98,10 +98,13 @@ class Channel:
         raise NotImplementedError
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
-                   *, guard: Guard | None = None, watch: Watch | None = None) -> Sent:
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
         """Send whatever differs from the server copy, never deleting there. ``guard`` is called
         once the server's file count is known, before anything is sent; ``watch(path, rel)`` for
-        each folder here before it is listed (with :attr:`lists`)."""
+        each folder here before it is listed (with :attr:`lists`); ``changed_since``: files here
+        whose ctime is later are sent even where size and time match (with :attr:`lists`; rsync
+        goes by size and time)."""
         raise NotImplementedError
 
     def restore(self, root: str, flt: _sync.MirrorFilter, listing: dict[str, Entry] | None,
@@ -357,10 +360,11 @@ class AgentChannel(Channel):
         return offset
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
-                   *, guard: Guard | None = None, watch: Watch | None = None) -> Sent:
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
         """The listing, compared a folder at a time as it comes (see :mod:`.compare`); then what
         differs, new folders walked and sent as they are read."""
-        compare = Compare(root, flt, watch)
+        compare = Compare(root, flt, watch, changed_since)
         self._list(compare.record)
         if guard is not None:
             guard(compare.server_files, compare.count_local)
@@ -483,7 +487,8 @@ class ShellChannel(Channel):
                 sent.nbytes += st.st_size
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
-                   *, guard: Guard | None = None, watch: Watch | None = None) -> Sent:
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
         scanned: list[tuple[int, int, int]] = []
 
         def scan() -> tuple[int, int, int]:  # (files, entries, bytes) here, once

@@ -32,14 +32,18 @@ class Compare:
     """What differs here from the server copy, fed with the agent's R_FOLDER records.
 
     After the listing: ``paths`` (files, links and folders here that the server lacks or holds
-    differently: type, size, time, mode, link target), ``added`` (folders here the server lacks:
+    differently: type, size, time, mode, link target; a file changed after ``changed_since``),
+    ``added`` (folders here the server lacks:
     sent whole, walked by the plan), ``nbytes`` (of the files in ``paths``), ``server_files``
     (files and links in the server copy, the trash left out). What exists only on the server is
     not listed: a whole-tree pass never deletes there.
     """
 
-    def __init__(self, root: str, flt: _sync.MirrorFilter, watch: Watch | None = None) -> None:
+    def __init__(self, root: str, flt: _sync.MirrorFilter, watch: Watch | None = None,
+                 changed_since: int | None = None) -> None:
         self.root, self.flt, self.watch = root, flt, watch
+        # a file whose ctime is later differs whatever its size and time say (see SyncMark)
+        self.changed_since = changed_since
         self.paths: set[str] = set()
         self.added: set[str] = set()
         self.nbytes = 0
@@ -81,6 +85,7 @@ class Compare:
         is_dir, is_reg, is_lnk, imode = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
         encoding, errors, mask = _FS_ENCODING, _FS_ERRORS, _agent.MODE_MASK
         files = nbytes = 0
+        since = self.changed_since
         prefix = f"{rel}/" if rel else ""
         try:
             with os.scandir(fd) as listing:
@@ -109,7 +114,8 @@ class Compare:
                     if is_reg(mode):
                         mtime = st.st_mtime_ns
                         if s is None or not is_reg(s[0]) or s[2] != st.st_size or imode(s[0]) != \
-                                imode(mode) & mask or s[1] != mtime and not same_time(mtime, s[1]):
+                                imode(mode) & mask or s[1] != mtime and not same_time(mtime, s[1]) \
+                                or since is not None and st.st_ctime_ns > since:
                             r = prefix + name
                             if excluded(r):
                                 files -= 1

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _sync
+from .. import _proc, _sync
 from .._daemon import State, StatusFile
 
 STATUS_EVERY = 1.0      # s: the status file at most this often while something changes
@@ -118,6 +118,32 @@ class Progress:
                                fraction >= 1)
 
         return on_output
+
+
+class SyncMark:
+    """``synced``: a time before which every change here is on the server (0600, replaced whole).
+
+    A file rewritten while no mirror ran, with its size and modification time as they were (a
+    restore from an archive, ``cp -p``, a tool that keeps times), looks the same to the comparison;
+    its ``ctime`` cannot be set back. A mirror started again sends every file whose ``ctime`` is
+    after the mark its predecessor left, as a killed one left it. ``MARGIN``: the kernel's
+    timestamps come from a coarser clock than ours.
+    """
+
+    MARGIN = 1_000_000_000  # ns
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "synced"
+
+    def read(self) -> int | None:
+        try:
+            return int(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, t_ns: int) -> None:
+        """Every change made before ``t_ns`` (``time.time_ns()``) is on the server."""
+        _proc.write_private(self.path, str(t_ns - self.MARGIN))
 
 
 def trash_text(trash: dict[str, Any] | None) -> str:

@@ -10,19 +10,16 @@ holds: a :class:`Link` and a :class:`Channel` (the server), a :class:`Watcher` (
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _net, _proc, _sync
+from .. import _net, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
 from . import git
@@ -31,7 +28,7 @@ from .config import MirrorConfig
 from .control import ControlServer
 from .link import ConnectionLost, Link
 from .plan import Plan, Planner
-from .report import Progress, Reporter
+from .report import Progress, Reporter, SyncMark
 from .watch import Watcher
 
 log = logging.getLogger("colab_remote.mirror")
@@ -50,6 +47,7 @@ LINK_CHECK = 1.0            # an idle mirror looks at its ssh processes this oft
 PROBE_EVERY = 0.1           # while the server is away: a probe of its SSH port this often ...
 PROBE_TIMEOUT = 1.0         # ... each given this long (a black hole answers nothing): its return
                             # is noticed within about a second
+MARK_EVERY = 1.0            # an idle mirror marks what the server holds at most this often
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -101,6 +99,10 @@ class Worker:
             "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
             "sock_dir": cfg.sock_dir}, self.snapshot)
         self.control = ControlServer(Path(cfg.sock_dir) / "ctl", self._answer)
+        self.mark = SyncMark(Path(cfg.run_dir))
+        self.since = None if cfg.restore else self.mark.read()  # what the last mirror left
+        self.marked_events = 0      # the events the mark covers
+        self.last_mark = 0.0
 
     # -- status --------------------------------------------------------------------------------
     @property
@@ -261,7 +263,7 @@ class Worker:
         for the progress in the status file). ``first``: the start's pass, which refuses a folder
         emptied here and sets the doorbell's watches up as it lists each folder."""
         assert self.channel is not None
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time_ns()
         progress = self.report.phase(phase, 0, 0) if phase else None
         sent = Sent()
         if self.refused:  # what the server refused, deletes too, first
@@ -271,13 +273,14 @@ class Worker:
         sent.add(self.channel.whole_pass(
             lambda paths, added, p: self.push(paths, added, whole=True, progress=p),
             self.root, self.flt, progress, guard=self._guard if first and not self.cfg.restore else None,
-            watch=self._watch_folder if first else None))
+            watch=self._watch_folder if first else None, changed_since=self.since if first else None))
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
         self.full_took = self.last_full - t0
         self.verify_errors = bool(sent.errors)
         if not sent.errors:  # the server holds the folder as it was at the pass's listing
+            self.mark.write(started)
             self.stats.update(verified=time.time(), verify_seconds=round(self.full_took, 4),
                               last_error=None)
             self.report.error = None
@@ -294,6 +297,18 @@ class Worker:
         assert self.channel is not None
         self.last_prune = time.monotonic()
         self.channel.prune()
+
+    def mark_synced(self) -> None:
+        """Nothing pending once the watcher handed over every change made up to now: the server
+        holds all of them (the mark a restart starts from, see :class:`SyncMark`)."""
+        now, self.last_mark = time.time_ns(), time.monotonic()
+        if self.watcher is None or not self.watcher.sync(1):
+            return
+        with self.cond:
+            if self.pending or self.refused or self.full_due is not None:
+                return
+            self.marked_events = self.events
+        self.mark.write(now)
 
     def ping(self) -> None:
         assert self.channel is not None
@@ -386,6 +401,10 @@ class Worker:
             if now - self.last_prune > PRUNE_EVERY:
                 self.in_flight = True
                 return "prune", set(), set(), set(), self.events
+            if self.events > self.marked_events and now - self.last_mark >= MARK_EVERY and \
+                    self.connected and not self.refused and self.full_due is None:
+                self.in_flight = True
+                return "mark", set(), set(), set(), self.events
             if now - max(self.last_push_end, self.last_full, self.last_ping) > KEEPALIVE:
                 self.in_flight = True
                 return "ping", set(), set(), set(), self.events
@@ -406,6 +425,8 @@ class Worker:
                 self.in_flight = True  # the link died while idle: reconnect now, not at the next push
                 return "lost", set(), set(), set(), self.events
             wait = min(LINK_CHECK, KEEPALIVE) if self.full_due is None else self.full_due - now
+            if self.events > self.marked_events:
+                wait = min(wait, max(0.0, self.last_mark + MARK_EVERY - now))
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -427,6 +448,8 @@ class Worker:
                     self.prune()
                 elif kind == "ping":
                     self.ping()
+                elif kind == "mark":
+                    self.mark_synced()
                 elif kind == "lost":
                     raise ConnectionLost(f"ssh ended ({self.link.exit_text})")
                 else:
@@ -534,78 +557,3 @@ class Worker:
         if Path(self.cfg.sock_dir) != Path(self.cfg.run_dir):  # a short folder in /tmp of our own
             with contextlib.suppress(OSError):
                 Path(self.cfg.sock_dir).rmdir()
-
-
-def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False) -> int:
-    """Run one mirror until stopped (SIGTERM, SIGINT, or ``stop`` on the control socket).
-
-    In the foreground a failure to start is raised (the CLI prints it); detached it goes into the
-    status file for :func:`colab_remote.mirror` to raise.
-    """
-    worker = Worker(cfg, password)
-
-    def on_signal(signum: int, frame: object) -> None:
-        # Never block in a handler: a helper thread takes the lock and wakes the loop.
-        threading.Thread(target=worker.request_stop,
-                         args=(cfg.stop_flush if foreground else 2.0,), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    bar = None
-    logs: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if foreground:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        from .._progress import Bar
-
-        bar = Bar()
-        worker.report.on_progress = bar.show
-        logs = logging_redirect_tqdm()  # log lines above the bar, not through it
-    try:
-        worker.control.start()
-        try:
-            with logs:
-                worker.start()
-            if bar is not None:
-                bar.close(done=True)
-        except ColabRemoteError as e:
-            worker.report.error_detail = {"type": type(e).__name__, "what": e.what,
-                                          "log_tail": e.log_tail, "fix": e.fix}
-            worker.set_state(State.FAILED, str(e))
-            if foreground:
-                raise
-            log.error("%s", e)
-            return 1
-        except Exception as e:
-            log.exception("the mirror failed to start")
-            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
-            return 1
-        if foreground:
-            print(f"mirroring {cfg.local_dir} -> {cfg.destination} (Ctrl-C stops)", flush=True)
-        try:
-            worker.loop()
-        except Exception as e:
-            log.exception("the mirror failed")
-            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
-            return 1
-        worker.set_state(State.STOPPED)
-        return 0
-    finally:
-        if bar is not None:
-            bar.close(done=False)
-        worker.shutdown()
-        if worker.state is not State.FAILED:
-            worker.report.state = State.STOPPED
-        worker.report.write(force=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m colab_remote._mirror")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    cfg = MirrorConfig.load(args.run_dir)
-    password = _proc.receive_secret() if cfg.has_secret else None
-    return run(cfg, password)
