@@ -260,10 +260,12 @@ def test_empty_local_is_refused_and_restore_resumes(tmp_path: Path, server) -> N
     (first / "src").mkdir(parents=True)
     for i in range(6):
         (first / "src" / f"m{i}.py").write_text(f"v = {i}\n")
+    (first / "lib").mkdir()
+    (first / "lib" / "x.py").write_text("x")
     m = start(tmp_path, server, first)
     m.stop()
     before = tree(server_root(server))
-    assert len([v for v in before.values() if v != "dir"]) == 6
+    assert len([v for v in before.values() if v != "dir"]) == 7
 
     fresh = tmp_path / "new-runtime"
     fresh.mkdir()
@@ -285,9 +287,11 @@ def test_empty_local_is_refused_and_restore_resumes(tmp_path: Path, server) -> N
     newer.write_text("edited in the runtime\n")
     os.utime(newer, (time.time() + 60, time.time() + 60))
     (fresh / "local-only.txt").write_text("keep me")
+    (fresh / "lib").write_text("a file here where the server has a folder")  # the one here wins
     m = start(tmp_path, server, fresh, restore=True)
     try:
         assert (fresh / "src" / "m3.py").read_text() == "v = 3\n"
+        assert (fresh / "lib").read_text() == "a file here where the server has a folder"
         assert newer.read_text() == "edited in the runtime\n"
         assert (fresh / "local-only.txt").exists()
         me = pwd.getpwuid(os.getuid()).pw_name

@@ -390,8 +390,9 @@ class AgentChannel(Channel):
             raise MirrorError(f"restoring {len(writer.failed)} files failed", log_tail="\n".join(
                 f"{rel}: {why}" for rel, why in writer.failed[:15]),
                 fix="see the errors above; nothing was deleted on either side")
-        log.info("restored %d files (%d bytes), %d folders, %d links", len(chosen.files),
-                 chosen.nbytes, len(chosen.folders), len(chosen.links))
+        log.info("restored %d files (%d bytes), %d folders, %d links; %d kept as they are here",
+                 len(chosen.files), chosen.nbytes, len(chosen.folders), len(chosen.links),
+                 chosen.kept)
 
     def _fetch(self, rels: list[str], writer: Writer, window: int = 64) -> None:
         """Read files back from the agent, ``window`` requests in flight."""
