@@ -67,6 +67,9 @@ class State(str, enum.Enum):
     FIRST_PUSH = "first push"
     UP = "up"
     RECONNECTING = "reconnecting"
+    COMPARING = "comparing"      # a two-way sync comparing both sides
+    WAITING = "waiting"          # a two-way sync waiting for the runtime to come back
+    PAUSED = "paused"            # a two-way sync asking before it goes on
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -77,7 +80,7 @@ class State(str, enum.Enum):
     def busy(self) -> bool:
         """On its way (amber in a card), as opposed to up (green), failed (red) or stopped."""
         return self in (State.STARTING, State.CONNECTING, State.RESTORING, State.FIRST_PUSH,
-                        State.RECONNECTING)
+                        State.RECONNECTING, State.COMPARING, State.WAITING, State.PAUSED)
 
     @classmethod
     def of(cls, value: object) -> State:

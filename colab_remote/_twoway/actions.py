@@ -1,0 +1,423 @@
+"""What the coordinator's decisions send and apply.
+
+- to the runtime: batches of guarded records (``GUARD`` + ``PUT``/``MKDIR``/``LINK``/``DELETE``,
+  ``ASIDE`` for a conflict), one ``END`` each; git's refs, HEAD and index in a batch after the one
+  with their objects; big files in resumable parts (``BIG``, the runtime says what it has, ``PART``
+  from there, ``GUARD`` + ``JOIN``). The base follows at once and is set back for what the
+  runtime refused (its guard did not hold: the path is decided again with what is there).
+- to the laptop: small files that came with their change are applied at once; others are read
+  (``READ``, 64 at a time; big ones from where an earlier, cut read stopped) and applied when they
+  are here, each through :class:`.local.Local` after a last look at the laptop's path.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import _agent
+from . import fs, peer, rules
+from .base import Entry, stat_of
+from .link import Record
+from .local import Refused, enc
+
+if TYPE_CHECKING:
+    from .core import Core
+
+log = logging.getLogger("colab_remote.sync")
+
+BATCH_BYTES = 4 << 20
+BATCH_OPS = 500
+FETCH_WINDOW = 64
+Item = tuple[str, "Entry | None", "Entry | None"]  # path, the laptop's, the runtime's
+
+
+def order(item: Item) -> tuple[int, int, str]:
+    """Folders first (shallow ones first), then files and links, deletes last (deep ones first)."""
+    rel, here, there = item
+    new = here if here is not None else None
+    if new is None:  # a delete
+        return (2, -rel.count("/"), rel)
+    return (0 if new.is_dir else 1, rel.count("/"), rel)
+
+
+def guard(rel: str, expect: Entry | None, empty: bool = False) -> bytes:
+    st = stat_of(expect)
+    return _agent.pack(peer.OP_GUARD, enc(rel), mode=st[0], mtime_ns=st[2], offset=st[1],
+                       data=b"empty" if empty else st[3])
+
+
+class Actions:
+    """The transfers of one engine (its state is reset with each connection)."""
+
+    def __init__(self, engine: Core) -> None:
+        self.e = engine
+        self.watch_folder: Callable[[str], object] = lambda rel: None
+        self.reset()
+
+    def reset(self) -> None:
+        self.inflight: dict[int, tuple[dict[str, Entry | None], list[dict[str, Any]]]] = {}
+        self.next_batch = 0
+        self.fetching: dict[str, tuple[Entry | None, Entry]] = {}
+        self.fetch_queue: collections.deque[tuple[str, Entry | None, Entry]] = collections.deque()
+        self.fetch_out = 0
+        self.bigs: dict[str, tuple[Entry, Entry | None]] = {}
+        self.big_again: set[str] = set()  # changed again while its first version was on its way
+        for reader in getattr(self, "readers", []):
+            reader.close()
+        self.readers: list[Reader] = []
+
+    # --- to the runtime -----------------------------------------------------------------------------
+    def run(self, pushes: list[Item], pulls: list[Item], conflicts: list[Item]) -> None:
+        asides: list[tuple[str, Entry | None, Entry | None, str]] = []
+        for rel, here, there in conflicts:
+            asides.append((rel, here, there, self._conflict_name(rel)))
+            pushes.append((rel, here, None))  # the runtime's version moves aside first
+        if pushes or asides:
+            self._push(pushes, asides)
+        if pulls:
+            self._pull(pulls)
+
+    def _conflict_name(self, rel: str) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name, n = rules.conflict_name(rel, stamp), 1
+        while self.e.local.entry(name) is not None or self.e.remote(name) is not None \
+                or name in self.e.base:
+            n += 1
+            name = rules.conflict_name(rel, f"{stamp}-{n}")
+        return name
+
+    def _push(self, items: list[Item], asides: list[tuple[str, Entry | None, Entry | None, str]]) -> None:
+        e = self.e
+        phases: list[list[bytes]] = [[], []]
+        prev: list[dict[str, Entry | None]] = [{}, {}]
+        conflicts: list[dict[str, Any]] = []
+        for rel, here, there, copy in asides:
+            phases[0] += [guard(rel, there), _agent.pack(peer.OP_ASIDE, enc(rel), data=enc(copy))]
+            prev[0].setdefault(rel, e.base.get(rel))
+            e.remote_over[rel] = None
+            e.inline.pop(rel, None)
+            conflicts.append({"path": rel, "copy": copy, "time": time.time(), "laptop": describe(here),
+                              "runtime": describe(there)})
+        for rel, here, there in sorted(items, key=order):
+            phase = rules.git_phase(rel)
+            if here is not None and here.is_file and here.size >= e.cfg.big_file:
+                self._begin_big(rel, here, there)
+                continue
+            record, entry = self._record(rel, here, there)
+            if record is None:
+                continue
+            phases[phase] += [guard(rel, there, empty=here is None and there is not None and there.is_dir),
+                              record]
+            prev[phase].setdefault(rel, e.base.get(rel))
+            e.settle(rel, entry)
+            self._count_push(rel, here, entry)
+        for phase in (0, 1):
+            records, size, start = phases[phase], 0, 0
+            for i, rec in enumerate(records):
+                size += len(rec)
+                if i % 2 and (size >= BATCH_BYTES or (i - start) // 2 >= BATCH_OPS):
+                    self._send(records[start:i + 1], prev[phase], conflicts if phase == 0 else [])
+                    conflicts, start, size = [], i + 1, 0
+            if start < len(records):
+                self._send(records[start:], prev[phase], conflicts if phase == 0 else [])
+
+    def _record(self, rel: str, here: Entry | None, there: Entry | None) -> tuple[bytes | None, Entry | None]:
+        """The record that puts the laptop's version of ``rel`` in the runtime, and that version."""
+        p = enc(rel)
+        if here is None:
+            return _agent.pack(peer.OP_DELETE, p), None
+        if here.is_dir:
+            return _agent.pack(peer.OP_MKDIR, p, mode=stat.S_IMODE(here.mode)), here
+        if here.is_link:
+            return _agent.pack(peer.OP_LINK, p, data=here.target), here
+        try:
+            entry, data = self.e.local.read(rel, self.e.cfg.big_file)
+        except (OSError, ValueError):
+            return None, None  # gone, changed or bigger meanwhile: its own event follows
+        return _agent.pack(peer.OP_PUT, p, mode=stat.S_IMODE(entry.mode), mtime_ns=entry.mtime_ns,
+                           data=data), entry
+
+    def _count_push(self, rel: str, here: Entry | None, sent: Entry | None) -> None:
+        s = self.e.stats
+        if here is None:
+            s["deleted_runtime"] += 1
+        elif sent is not None and sent.is_file:
+            s["pushed"] += 1
+            s["bytes_pushed"] += sent.size
+        s["last_change"] = time.time()
+
+    def _send(self, records: list[bytes], prev: dict[str, Entry | None],
+              conflicts: list[dict[str, Any]]) -> None:
+        assert self.e.link is not None
+        n = self.next_batch = self.next_batch + 1
+        self.inflight[n] = (prev, conflicts)
+
+        def acked(rec: Record) -> bool:
+            self.e.post("ack", n, json.loads(rec[5] or b"{}"))
+            return True
+
+        self.e.link.send(b"".join(records) + _agent.pack(peer.OP_END), acked)
+
+    def acked(self, n: int, result: dict[str, Any]) -> set[str]:
+        """The runtime did a batch: what it refused is decided again (the paths returned)."""
+        prev, conflicts = self.inflight.pop(n, ({}, []))
+        again: set[str] = set()
+        e = self.e
+        for rel, mode, mtime, size, target in result.get("refused", []):
+            entry = Entry.of((mode, size, mtime, os.fsencode(target)))
+            if rel in prev:
+                e.base.set(rel, prev[rel])
+            e.remote_over[rel] = entry
+            again.add(rel)
+        for rel, why in result.get("errors", []):
+            log.warning("the runtime refused %s: %s", _safe(rel), _safe(why))
+            e.stats["last_error"] = f"{rel}: {why}"[:500]
+            if rel in prev:
+                e.base.set(rel, prev[rel])
+            e.rescan_due = time.monotonic() + 30.0  # sent again then, if it still differs
+        failed = again | {rel for rel, _ in result.get("errors", [])}
+        for record in conflicts:
+            if record["path"] not in failed:
+                e.conflict(record)
+        return again
+
+    # --- big files ------------------------------------------------------------------------------------
+    def _begin_big(self, rel: str, here: Entry, there: Entry | None) -> None:
+        assert self.e.link is not None
+        if rel in self.bigs:
+            self.big_again.add(rel)
+            return
+        self.bigs[rel] = (here, there)
+
+        def have(rec: Record) -> bool:
+            self.e.post("have", rel, rec[4], bool(rec[2]))
+            return True
+
+        self.e.link.send(_agent.pack(peer.OP_BIG, enc(rel), mtime_ns=here.mtime_ns, offset=here.size), have)
+
+    def stream(self, rel: str, offset: int, failed: bool) -> None:
+        """The runtime has ``offset`` bytes of ``rel`` already: send the rest, then join it."""
+        e = self.e
+        here, there = self.bigs.pop(rel, (None, None))
+        if rel in self.big_again:
+            self.big_again.discard(rel)
+            e.requeue.add(rel)
+        if here is None or failed:
+            return
+        assert e.link is not None
+        try:
+            f = e.local.open(rel)
+        except (OSError, ValueError):
+            e.requeue.add(rel)
+            return
+        h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
+        p = enc(rel)
+        try:
+            st = os.fstat(f)
+            if (st.st_size, st.st_mtime_ns) != (here.size, here.mtime_ns):
+                e.requeue.add(rel)  # changed meanwhile: decided again
+                return
+            if offset:
+                log.info("%s: the runtime has %d of %d bytes from before: resuming", _safe(rel), offset,
+                         st.st_size)
+            at = 0
+            while True:
+                chunk = os.read(f, fs.READ_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                if at + len(chunk) > offset:
+                    skip = max(0, offset - at)
+                    e.link.send(_agent.pack(peer.OP_PART, p, offset=at + skip, data=chunk[skip:]))
+                at += len(chunk)
+        finally:
+            os.close(f)
+        if at != here.size:
+            return
+        entry = here._replace(digest=h.digest())
+        prev = {rel: e.base.get(rel)}
+        e.settle(rel, entry)
+        self._count_push(rel, here, entry)
+        join = _agent.pack(peer.OP_JOIN, p, mode=stat.S_IMODE(here.mode), mtime_ns=here.mtime_ns,
+                           offset=here.size, data=entry.digest)
+        self._send([guard(rel, there), join], prev, [])
+
+    # --- to the laptop ----------------------------------------------------------------------------------
+    def _pull(self, items: list[Item]) -> None:
+        e = self.e
+        by_phase: list[list[Item]] = [[], []]
+        for item in items:
+            by_phase[rules.git_phase(item[0])].append(item)
+        for phase in by_phase:
+            for rel, here, there in sorted(phase, key=lambda i: order((i[0], i[2], None))):
+                self._apply(rel, here, there)
+            for rel, why in e.local.finish():
+                log.warning("the laptop could not take %s: %s", _safe(rel), _safe(why))
+
+    def _apply(self, rel: str, here: Entry | None, there: Entry | None, data: bytes | None = None) -> bool:
+        """The runtime's version of ``rel`` here (``data``: its bytes when they came with it); True
+        when applied or being fetched."""
+        e = self.e
+        try:
+            e.local.check(rel, there, e.protect)
+        except (Refused, ValueError) as err:
+            e.refused(rel, str(err))
+            return False
+        if not e.local.holds(rel, here):
+            e.requeue.add(rel)  # the laptop's own change meanwhile: decided again
+            return False
+        try:
+            if there is None:
+                e.local.delete(rel)
+                e.stats["deleted_laptop"] += 1
+            elif there.is_dir:
+                e.local.mkdir(rel, there)
+            elif there.is_link:
+                e.local.link(rel, there)
+            else:
+                if data is None:
+                    have = e.inline.get(rel)
+                    if have is None or have[0].stat != there.stat:
+                        self._fetch(rel, here, there)
+                        return True
+                    there, data = have
+                e.local.put(rel, there, data)
+                e.stats["pulled"] += 1
+                e.stats["bytes_pulled"] += there.size
+        except OSError as err:
+            log.warning("the laptop could not take %s: %s", _safe(rel), err)
+            e.stats["last_error"] = f"{rel}: {err}"[:500]
+            e.tree_forget()
+            return False
+        e.settle(rel, there)
+        e.stats["last_change"] = time.time()
+        return True
+
+    def _fetch(self, rel: str, here: Entry | None, there: Entry) -> None:
+        if rel in self.fetching and self.fetching[rel][1].stat == there.stat:
+            return
+        self.fetching[rel] = (here, there)
+        self.fetch_queue.append((rel, here, there))
+
+    def pump(self) -> None:
+        """Ask for more files while fewer than FETCH_WINDOW are on their way."""
+        e = self.e
+        while self.fetch_queue and self.fetch_out < FETCH_WINDOW and e.link is not None:
+            rel, here, there = self.fetch_queue.popleft()
+            if self.fetching.get(rel, (None, None))[1] is not there:
+                continue  # a newer version was asked for since
+            big = there.size >= e.cfg.big_file
+            offset, out = 0, -1
+            if big:
+                offset = e.local.partials.begin(enc(rel), there.size, there.mtime_ns)
+                out = e.local.partials.open(enc(rel))
+                if offset:
+                    log.info("%s: %d of %d bytes are here from before: resuming", _safe(rel), offset,
+                             there.size)
+            self.fetch_out += 1
+            reader = Reader(e, rel, out, offset)
+            self.readers = [r for r in self.readers if not r.done] + [reader]
+            e.link.send(_agent.pack(peer.OP_READ, enc(rel), offset=offset), reader)
+
+    def fetched(self, rel: str, entry: Entry | None, data: bytes | None, why: str) -> set[str]:
+        """A file read from the runtime is here (or could not be read)."""
+        e = self.e
+        self.fetch_out -= 1
+        here, there = self.fetching.pop(rel, (None, None))
+        if there is None or entry is None:
+            if why:
+                log.info("reading %s from the runtime: %s (its next change brings it)", _safe(rel),
+                         _safe(why))
+            return set()
+        now = e.remote(rel)
+        if entry.stat != there.stat or now is None or now.stat != there.stat:
+            return {rel}  # it changed since it was asked for: decided again
+        if data is None:  # a big one, whole in the partial file
+            if not self._join(rel, here, entry):
+                return set()
+        elif not self._apply(rel, here, entry, data):
+            return set()
+        for r, why2 in e.local.finish():
+            log.warning("the laptop could not take %s: %s", _safe(r), _safe(why2))
+        return set()
+
+    def _join(self, rel: str, here: Entry | None, entry: Entry) -> bool:
+        e = self.e
+        try:
+            e.local.check(rel, entry, e.protect)
+        except (Refused, ValueError) as err:
+            e.refused(rel, str(err))
+            return False
+        if not e.local.holds(rel, here):
+            e.requeue.add(rel)
+            return False
+        try:
+            e.local.join(rel, entry)
+        except (OSError, ValueError) as err:
+            log.warning("the laptop could not take %s: %s", _safe(rel), err)
+            e.tree_forget()
+            return False
+        e.settle(rel, entry)
+        e.stats["pulled"] += 1
+        e.stats["bytes_pulled"] += entry.size
+        e.stats["last_change"] = time.time()
+        return True
+
+
+class Reader:
+    """The replies to one READ: parts into memory (small files) or into the partial file (big)."""
+
+    def __init__(self, engine: Core, rel: str, out: int, offset: int) -> None:
+        self.e, self.rel, self.out, self.at = engine, rel, out, offset
+        self.parts: list[bytes] = []
+        self.broken = self.done = False
+
+    def close(self) -> None:
+        """The connection is gone: the partial file keeps what arrived (a later read resumes)."""
+        if self.out >= 0:
+            os.close(self.out)
+            self.out = -1
+
+    def __call__(self, rec: Record) -> bool:
+        op, _, mode, mtime, offset, data = rec
+        if op == peer.R_DATA:
+            if offset != self.at:
+                self.broken = True
+            elif self.out >= 0:
+                _agent._write_all(self.out, data)
+            else:
+                self.parts.append(data)
+            self.at += len(data)
+            return False
+        big = self.out >= 0
+        self.close()
+        self.done = True
+        if op == peer.R_DONE and not self.broken:
+            entry = Entry.of((mode, offset, mtime, b""), data)
+            self.e.post("fetched", self.rel, entry, None if big else b"".join(self.parts), "")
+        else:
+            why = data.decode(errors="replace") if op == peer.R_FAIL else "parts out of order"
+            self.e.post("fetched", self.rel, None, None, why)
+        return True
+
+
+def describe(entry: Entry | None) -> str:
+    if entry is None:
+        return "deleted"
+    if entry.is_dir:
+        return "a folder"
+    if entry.is_link:
+        return f"a link to {_safe(os.fsdecode(entry.target))}"
+    return f"{entry.size} bytes, changed {time.strftime('%H:%M:%S', time.localtime(entry.mtime_ns / 1e9))}"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
