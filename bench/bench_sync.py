@@ -84,11 +84,15 @@ class Setup:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.users: list[str] = []
+        self.state = base / "runtime-state"
+
+    def start(self) -> None:
+        base = self.base
         self.runtime, self.rhome, self.ruid, self.rgid = self._user("crbrt")
+        subprocess.run(["usermod", "-p", "*", self.runtime], check=True)  # key logins only
         self.server_user = self._user("crbsv")[0]
         self.key = base / "laptop_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
-        self.state = base / "runtime-state"
         self.sshd = start_sshd(_net.free_port(), user=self.runtime,
                                authorized_keys=Path(f"{self.key}.pub").read_text(), state_dir=self.state,
                                environment=MINIMAL_ENVIRONMENT, install=False, quiet=True)
@@ -173,7 +177,7 @@ def latencies(src: Path, dst: Path, n: int, owner: tuple[int, int] | None = None
     out = []
     try:
         for i in range(n):
-            text = f"edit {i} {secrets.token_hex(8)}\n".encode()
+            text = f"edit {i} {secrets.token_hex(8)} {'x' * rng.randint(0, 300)}\n".encode()  # unison: size
             t0 = time.perf_counter()
             with open(src, "wb") as f:
                 f.write(text)
@@ -249,6 +253,8 @@ def bench_unison(s: Setup, n: int) -> tuple[str, dict[str, list[float]]] | str:
         time.sleep(2)
         up = latencies(local / "edit.txt", remote / "edit.txt", n)
         down = latencies(remote / "out.txt", local / "out.txt", n, owner=(s.ruid, s.rgid))
+    except RuntimeError as e:
+        return f"{e}; unison said:\n" + _proc.tail(s.base / "unison-watch.log", 15)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
@@ -276,16 +282,20 @@ def bench_idle(s: Setup, files: int, idle: float) -> dict[str, Any]:
         status = handle.status()
         pid = handle.pid
         assert pid is not None
-        mine = tree_pids(pid) + ([status["master_pid"]] if status.get("master_pid") else [])
+        parts = {"python": [pid], "ssh channel": [p for p in tree_pids(pid) if p != pid],
+                 "ssh master": [status["master_pid"]] if status.get("master_pid") else []}
         peer = (status.get("runtime") or {}).get("pid")
-        before, peer_before = cpu_seconds(mine), cpu_seconds([peer] if peer else [])
+        before = {k: cpu_seconds(v) for k, v in parts.items()}
+        peer_before = cpu_seconds([peer] if peer else [])
         time.sleep(idle)
-        used, peer_used = cpu_seconds(mine) - before, cpu_seconds([peer] if peer else []) - peer_before
+        split = {k: 100 * (cpu_seconds(v) - before[k]) / idle for k, v in parts.items()}
+        used = sum(split.values()) * idle / 100
+        peer_used = cpu_seconds([peer] if peer else []) - peer_before
         rss = rss_mb(pid)
     finally:
         handle.stop()
     return {"files": files, "fill_s": fill, "idle_cpu_pct": 100 * used / idle,
-            "peer_idle_cpu_pct": 100 * peer_used / idle if peer else None, "rss_mb": rss}
+            "peer_idle_cpu_pct": 100 * peer_used / idle if peer else None, "rss_mb": rss, "split": split}
 
 
 def main() -> int:
@@ -296,6 +306,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, help="seconds of idle measured (default 60)")
     parser.add_argument("--edits", type=int, default=50, help="edits each way (default 50)")
     parser.add_argument("--no-unison", action="store_true")
+    parser.add_argument("--idle-only", action="store_true", help="only the first fill and the idle figures")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_sync: run as root (throwaway users, sshd on 127.0.0.1)", file=sys.stderr)
@@ -306,12 +317,13 @@ def main() -> int:
     base.chmod(0o711)
     s = Setup(base)
     try:
+        s.start()
         print(f"== latency on loopback (the runtime behind a tunnel through a server), {args.edits} "
               "edits each way")
-        mine = bench_sync(s, args.edits)
+        mine = bench_sync(s, args.edits) if not args.idle_only else {}
         for way, values in mine.items():
             print(f"  sync    {way}: {describe(values)}")
-        if not args.no_unison:
+        if not args.no_unison and not args.idle_only:
             theirs = bench_unison(s, args.edits)
             if isinstance(theirs, str):
                 print(f"  unison: {theirs}")
@@ -333,7 +345,8 @@ def main() -> int:
         found = bench_idle(s, files, idle)
         print(f"  first fill of an empty runtime folder: {found['fill_s']:.1f} s")
         print(f"  laptop idle CPU: {found['idle_cpu_pct']:.2f} % of a core (sync process, its ssh "
-              f"channel and master); RSS {found['rss_mb']:.0f} MB")
+              f"channel and master: {', '.join(f'{k} {v:.2f} %' for k, v in found['split'].items())}); "
+              f"RSS {found['rss_mb']:.0f} MB")
         if found["peer_idle_cpu_pct"] is not None:
             print(f"  runtime peer idle CPU: {found['peer_idle_cpu_pct']:.2f} % of a core")
     finally:

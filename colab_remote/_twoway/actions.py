@@ -95,39 +95,29 @@ class Actions:
         return name
 
     def _push(self, items: list[Item], asides: list[tuple[str, Entry | None, Entry | None, str]]) -> None:
+        """Guarded records in batches, sent as they fill (a first fill of 100,000 files is never
+        all in memory at once); git's last writes in a batch after all the others."""
         e = self.e
-        phases: list[list[bytes]] = [[], []]
-        prev: list[dict[str, Entry | None]] = [{}, {}]
-        conflicts: list[dict[str, Any]] = []
+        batches = [Batch(self), Batch(self, hold=True)]  # git's last writes wait for all the others
         for rel, here, there, copy in asides:
-            phases[0] += [guard(rel, there), _agent.pack(peer.OP_ASIDE, enc(rel), data=enc(copy))]
-            prev[0].setdefault(rel, e.base.get(rel))
+            batches[0].add(rel, [guard(rel, there), _agent.pack(peer.OP_ASIDE, enc(rel), data=enc(copy))])
             e.remote_over[rel] = None
             e.inline.pop(rel, None)
-            conflicts.append({"path": rel, "copy": copy, "time": time.time(), "laptop": describe(here),
-                              "runtime": describe(there)})
+            batches[0].conflicts.append({"path": rel, "copy": copy, "time": time.time(),
+                                         "laptop": describe(here), "runtime": describe(there)})
         for rel, here, there in sorted(items, key=order):
-            phase = rules.git_phase(rel)
             if here is not None and here.is_file and here.size >= e.cfg.big_file:
                 self._begin_big(rel, here, there)
                 continue
             record, entry = self._record(rel, here, there)
             if record is None:
                 continue
-            phases[phase] += [guard(rel, there, empty=here is None and there is not None and there.is_dir),
-                              record]
-            prev[phase].setdefault(rel, e.base.get(rel))
+            empty = here is None and there is not None and there.is_dir
+            batches[rules.git_phase(rel)].add(rel, [guard(rel, there, empty=empty), record])
             e.settle(rel, entry)
             self._count_push(rel, here, entry)
-        for phase in (0, 1):
-            records, size, start = phases[phase], 0, 0
-            for i, rec in enumerate(records):
-                size += len(rec)
-                if i % 2 and (size >= BATCH_BYTES or (i - start) // 2 >= BATCH_OPS):
-                    self._send(records[start:i + 1], prev[phase], conflicts if phase == 0 else [])
-                    conflicts, start, size = [], i + 1, 0
-            if start < len(records):
-                self._send(records[start:], prev[phase], conflicts if phase == 0 else [])
+        batches[0].send()
+        batches[1].send()
 
     def _record(self, rel: str, here: Entry | None, there: Entry | None) -> tuple[bytes | None, Entry | None]:
         """The record that puts the laptop's version of ``rel`` in the runtime, and that version."""
@@ -370,6 +360,29 @@ class Actions:
         e.stats["bytes_pulled"] += entry.size
         e.stats["last_change"] = time.time()
         return True
+
+
+class Batch:
+    """Records for the runtime, sent with an END whenever BATCH_BYTES or BATCH_OPS are reached."""
+
+    def __init__(self, actions: Actions, hold: bool = False) -> None:
+        self.actions, self.hold = actions, hold
+        self.records: list[bytes] = []
+        self.prev: dict[str, Entry | None] = {}   # the base before, set back for what is refused
+        self.conflicts: list[dict[str, Any]] = []  # announced once the runtime did them
+        self.size = 0
+
+    def add(self, rel: str, records: list[bytes]) -> None:
+        self.prev.setdefault(rel, self.actions.e.base.get(rel))
+        self.records += records
+        self.size += sum(len(r) for r in records)
+        if not self.hold and (self.size >= BATCH_BYTES or len(self.records) >= 2 * BATCH_OPS):
+            self.send()
+
+    def send(self) -> None:
+        if self.records:
+            self.actions._send(self.records, self.prev, self.conflicts)
+        self.records, self.prev, self.conflicts, self.size = [], {}, [], 0
 
 
 class Reader:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from .._daemon import Config
 
@@ -27,7 +26,6 @@ class SyncConfig(Config):
     exclude: list[str] = dataclasses.field(default_factory=list)
     gitignore: bool = True
     protect: list[str] = dataclasses.field(default_factory=list)
-    rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # the peer's copy, refreshed
     mass_delete: float = 0.5      # a share of the tree deleted within seconds pauses the sync
     mass_delete_min: int = 20     # ... when it is at least this many paths
     yes: bool = False             # conflicts at the first comparison: go on without asking

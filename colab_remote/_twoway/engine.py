@@ -19,6 +19,7 @@ What travels is in :mod:`.actions`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import threading
@@ -158,6 +159,8 @@ class Engine:
         """A connection is up: the runtime's folder is this sync's (its marker) or a new one; then
         both sides are compared. The plan of that comparison."""
         self.link = link
+        with self.cond:  # what an earlier connection said (or left in flight) is not this one's
+            self.queue = [i for i in self.queue if i[0] in ("local", "rescan", "resume", "ping")]
         self.connected = True
         self.actions.reset()
         self.remote_over.clear()
@@ -435,6 +438,8 @@ class Engine:
             self.pause.ask_first(plan, paths)
         else:
             self.process(paths, local)
+        del local, listing, paths
+        give_back_memory()
         return plan
 
     def _plan(self, paths: set[str], local: dict[str, Entry], *, fresh: bool, gone: bool) -> dict[str, Any]:
@@ -510,6 +515,17 @@ class Engine:
         return {**self.stats, "pending": pending + len(a.fetching) + len(a.fetch_queue) + len(a.bigs),
                 "in_flight": len(a.inflight), "tracked": len(self.base), "connected": self.connected,
                 "paused": self.pause.info(), "plan": self.plan, "recent_conflicts": self.conflicts[-20:]}
+
+
+def give_back_memory() -> None:
+    """After a whole comparison (two listings of the tree in memory): hand the freed memory back
+    to the system, so the idle sync's RSS is its state, not that peak (glibc; fine without)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def rules_safe(text: str) -> str:

@@ -130,15 +130,20 @@ class Link:
         self.closed = False
         self.reader: threading.Thread | None = None
         self._buf = bytearray()
+        self.generation = 0  # a connection's reader speaks only for its own connection
 
     @property
     def master_pid(self) -> int | None:
         return self.master.pid if self.master is not None and self.master.child is not None else None
 
-    def open(self, timeout: float = 30) -> dict[str, Any]:
-        """Log in, start the peer and say hello; the peer's hello (a dict). Raises our errors."""
+    def open(self, rules: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        """Log in, start the peer (with ``rules``: what it skips) and say hello; the peer's hello
+        (a dict). Raises our errors."""
         self.close()
         self.closed = False
+        self.generation += 1
+        self.handlers = collections.deque()  # this connection's own (an old reader keeps its own)
+        self._buf = bytearray()
         argv = [self.cfg.ssh, *master_options(self.cfg, self.control_path, bool(self.password)),
                 self.cfg.host]
         self.master = Master(argv, self.control_path, self.password,
@@ -150,7 +155,7 @@ class Link:
             raise self._login_error(e, timeout) from None
         self.proc = _proc.open_pipes(self.master.mux(peer_command(),
                                                      options=MUX_OPTIONS), stderr_path=self.log_path)
-        request = {"root": self.cfg.remote_path, "rules": self.cfg.rules, "inline_max": self.cfg.inline_max,
+        request = {"root": self.cfg.remote_path, "rules": rules, "inline_max": self.cfg.inline_max,
                    "keep_days": self.cfg.keep_days, "trash_budget": self.cfg.trash_budget}
         try:
             self._write(payload() + _agent.pack(peer.OP_START, data=json.dumps(request).encode()))
@@ -164,7 +169,9 @@ class Link:
             self.close()
             raise SyncError(f"the runtime's peer speaks {hello.get('protocol')!r}, not {peer.PROTOCOL!r}",
                             fix="report this: the peer is sent with this colab-remote")
-        self.reader = threading.Thread(target=self._read_loop, name="sync-reader", daemon=True)
+        self.reader = threading.Thread(target=self._read_loop, name="sync-reader", daemon=True,
+                                       args=(self.generation, os.dup(self.proc.stdout.fileno()),
+                                             self._buf, self.handlers))  # its own descriptor
         self.reader.start()
         return hello
 
@@ -244,35 +251,50 @@ class Link:
             raise ConnectionLost(f"the peer answered {op!r}")
         return dict(json.loads(data))
 
-    def _read_loop(self) -> None:
-        fd = self.proc.stdout.fileno()
+    def _read_loop(self, generation: int, fd: int, buf: bytearray,
+                   handlers: collections.deque[Handler]) -> None:
         why = "the connection to the runtime closed"
         try:
             while True:
-                rec = self._record(fd, self._buf, None)
+                rec = self._record(fd, buf, None)
                 if rec[0] in EVENTS:
-                    self.on_event(rec)
+                    if generation == self.generation and not self.closed:
+                        self.on_event(rec)
                     continue
                 with self.lock:
-                    handler = self.handlers[0] if self.handlers else None
+                    handler = handlers[0] if handlers else None
                 if handler is None:
                     log.warning("an answer nobody asked for: %r", rec[0])
                     continue
                 if handler(rec):
                     with self.lock:
-                        self.handlers.popleft()
+                        if handlers and handlers[0] is handler:
+                            handlers.popleft()
         except ConnectionLost as e:
             why = str(e)
         except Exception as e:  # a broken record: this connection is done
             log.exception("reading from the runtime failed")
             why = f"{type(e).__name__}: {e}"
-        if not self.closed:
+        finally:
+            os.close(fd)
+        with self.lock:
+            waiting, current = list(handlers), generation == self.generation and not self.closed
+        for handler in waiting:  # whoever waits for an answer hears now that none comes
+            abort = getattr(handler, "abort", None)
+            if abort is not None:
+                abort()
+        if current:
             self.on_lost(why)
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
+            waiting = list(self.handlers)
             self.handlers.clear()
+        for handler in waiting:
+            abort = getattr(handler, "abort", None)
+            if abort is not None:
+                abort()
         if self.proc is not None:
             _proc.end_pipes(self.proc, timeout=1)
             self.proc = None
@@ -288,6 +310,11 @@ class Waiter:
         self.records: list[Record] = []
         self.done_ops, self.left = done_ops, count
         self.event = threading.Event()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.event.set()
 
     def __call__(self, rec: Record) -> bool:
         self.records.append(rec)
@@ -301,5 +328,7 @@ class Waiter:
     def wait(self, timeout: float) -> list[Record]:
         if not self.event.wait(timeout):
             raise ConnectionLost("the runtime's peer did not answer in time")
+        if self.aborted:
+            raise ConnectionLost("the connection to the runtime broke")
         return self.records
 

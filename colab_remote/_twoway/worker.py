@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ from .local import Local
 
 log = logging.getLogger("colab_remote.sync")
 
-STATUS_EVERY = 0.5
+STATUS_EVERY = 1.0
 
 
 class Worker:
@@ -58,6 +59,7 @@ class Worker:
         self.comparing = False
         self.hello: dict[str, Any] = {}
         self.status_lock = threading.Lock()
+        self.last_status: tuple[Any, ...] = ()
 
     # --- what it says ---------------------------------------------------------------------------------
     def state(self) -> State:
@@ -76,15 +78,21 @@ class Worker:
             self._write_status()
 
     def _write_status(self) -> None:
+        """The status file, rewritten only when something in it changed (an idle sync writes
+        nothing)."""
         state = self.state()
         self.report.master_pid = self.link.master_pid
         self.report.static["runtime"] = {k: self.hello.get(k)
                                          for k in ("boot_id", "root", "python", "watch", "pid")}
+        now = (state, self.report.master_pid, json.dumps(self.engine.snapshot(), sort_keys=True, default=str))
+        if now == self.last_status:
+            return
+        self.last_status = now
         if state is not self.report.state:
             self.report.set_state(state)
         else:
             self.report.dirty = True
-            self.report.write()
+            self.report.write(force=True)
 
     def announce(self, text: str) -> None:
         """A line the user should see now: the terminal (foreground) and the desktop."""
@@ -148,7 +156,7 @@ class Worker:
         self.connect()
 
     def connect(self) -> None:
-        self.hello = self.link.open()
+        self.hello = self.link.open(self.engine.rules.to_json())
         log.info("connected to %s: peer pid %s, python %s, %s, runtime boot %s", self.cfg.host,
                  self.hello.get("pid"), self.hello.get("python"), self.hello.get("watch"),
                  self.hello.get("boot_id"))
