@@ -201,3 +201,24 @@ def test_the_command_line_runs_in_the_foreground_and_a_wrong_alias_is_said_at_on
     said = "colab-remote: SyncError: ssh to the runtime (nosuchhost.invalid) failed"
     assert said in done.stderr, done.stderr
     assert "fix:" in done.stderr
+
+
+def test_a_big_file_from_the_runtime_cut_midway_resumes(env) -> None:
+    data = os.urandom(96 << 20)
+    s = env.start_sync()
+    s.flush(30)
+    env.remote_write("outputs/ckpt.bin", data)
+    parts = env.local / ".colab-remote-trash" / ".staging" / "resume"
+
+    def part_size() -> int:
+        found = list(parts.glob("*")) if parts.is_dir() else []
+        return max((p.stat().st_size for p in found), default=0)
+
+    wait_for(lambda: part_size() > 8 << 20, 30, "the transfer to begin")
+    os.kill(s.status()["master_pid"], signal.SIGKILL)
+    if not _proc.wait_until(lambda: "are here from before: resuming" in s.logs(200), 60):
+        pytest.fail("the transfer did not resume:\n" + s.logs(60))
+    s.flush(60)
+    arrived = (env.local / "outputs" / "ckpt.bin").read_bytes()
+    assert hashlib.sha256(arrived).digest() == hashlib.sha256(data).digest()
+    assert not list(parts.glob("*"))

@@ -36,6 +36,7 @@ log = logging.getLogger("colab_remote.sync")
 BATCH_BYTES = 4 << 20
 BATCH_OPS = 500
 FETCH_WINDOW = 64
+BIG_STEADY = 0.3  # s a big file must stay the same (size, mtime) before it goes
 Item = tuple[str, "Entry | None", "Entry | None"]  # path, the laptop's, the runtime's
 
 
@@ -70,6 +71,7 @@ class Actions:
         self.fetch_out = 0
         self.bigs: dict[str, tuple[Entry, Entry | None]] = {}
         self.big_again: set[str] = set()  # changed again while its first version was on its way
+        self.steady: dict[str, fs.Stat] = {}  # big files seen once: sent when still the same
         for reader in getattr(self, "readers", []):
             reader.close()
         self.readers: list[Reader] = []
@@ -185,21 +187,30 @@ class Actions:
         if rel in self.bigs:
             self.big_again.add(rel)
             return
+        if self.steady.get(rel) != here.stat:  # still being written? (one write sets mtime once)
+            self.steady[rel] = here.stat
+            self.e.later(rel, BIG_STEADY)
+            return
+        del self.steady[rel]
         self.bigs[rel] = (here, there)
 
         def have(rec: Record) -> bool:
-            self.e.post("have", rel, rec[4], bool(rec[2]))
+            self.e.post("have", rel, rec[4], rec[5].decode(errors="replace") if rec[2] else "")
             return True
 
         self.e.link.send(_agent.pack(peer.OP_BIG, enc(rel), mtime_ns=here.mtime_ns, offset=here.size), have)
 
-    def stream(self, rel: str, offset: int, failed: bool) -> None:
-        """The runtime has ``offset`` bytes of ``rel`` already: send the rest, then join it."""
+    def stream(self, rel: str, offset: int, failed: str) -> None:
+        """The runtime has ``offset`` bytes of ``rel`` already: send the rest, then join it
+        (``failed``: why it cannot begin now: tried again in a second)."""
         e = self.e
         here, there = self.bigs.pop(rel, (None, None))
         if rel in self.big_again:
             self.big_again.discard(rel)
             e.requeue.add(rel)
+        if failed:
+            log.info("%s cannot begin in the runtime (%s): trying again", _safe(rel), _safe(failed))
+            e.later(rel, 1.0)
         if here is None or failed:
             return
         assert e.link is not None
@@ -231,6 +242,7 @@ class Actions:
         finally:
             os.close(f)
         if at != here.size:
+            e.requeue.add(rel)  # it grew or shrank while it was read: decided again
             return
         entry = here._replace(digest=h.digest())
         prev = {rel: e.base.get(rel)}
@@ -307,8 +319,14 @@ class Actions:
             big = there.size >= e.cfg.big_file
             offset, out = 0, -1
             if big:
-                offset = e.local.partials.begin(enc(rel), there.size, there.mtime_ns)
-                out = e.local.partials.open(enc(rel))
+                try:
+                    offset = e.local.partials.begin(enc(rel), there.size, there.mtime_ns)
+                    out = e.local.partials.open(enc(rel))
+                except (OSError, ValueError) as err:
+                    log.info("%s cannot begin here (%s): trying again", _safe(rel), err)
+                    self.fetching.pop(rel, None)
+                    e.later(rel, 1.0)
+                    continue
                 if offset:
                     log.info("%s: %d of %d bytes are here from before: resuming", _safe(rel), offset,
                              there.size)

@@ -30,7 +30,7 @@ from typing import Any
 
 from .. import _agent
 from . import peer, rules
-from .actions import Actions
+from .actions import FETCH_WINDOW, Actions
 from .base import CONFLICT, PULL, PUSH, SAME, Base, Entry, decide, needs_digest, same
 from .config import SyncConfig
 from .link import ConnectionLost, Link, Waiter
@@ -83,6 +83,7 @@ class Engine:
         self.remote_over: dict[str, Entry | None] = {}   # the runtime, where it differs from the base
         self.inline: dict[str, tuple[Entry, bytes]] = {}  # small files reported with their bytes
         self.requeue: set[str] = set()
+        self.retry: dict[str, float] = {}  # path -> when to decide it again
         self.held: dict[str, dict[str, float]] = {"laptop": {}, "runtime": {}}
         self.held_last = {"laptop": 0.0, "runtime": 0.0}
         self.recent: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=1000)
@@ -104,6 +105,10 @@ class Engine:
     @property
     def rules(self) -> rules.Rules:
         return self.filter.rules
+
+    def later(self, rel: str, delay: float) -> None:
+        """Decide ``rel`` again in ``delay`` seconds (something on the other side is busy)."""
+        self.retry[rel] = time.monotonic() + delay
 
     def tree_forget(self) -> None:
         """After a failed write: the laptop's folders are looked up afresh."""
@@ -165,6 +170,9 @@ class Engine:
         self.actions.reset()
         self.remote_over.clear()
         self.inline.clear()
+        self.requeue.clear()  # the comparison below decides every path afresh
+        for held in self.held.values():
+            held.clear()
         try:
             fresh = json.loads(hello.get("marker") or "{}").get("sync") != self.cfg.sync_id
         except (ValueError, AttributeError):
@@ -188,13 +196,19 @@ class Engine:
         try:
             while True:
                 with self.cond:
-                    while not self.queue and not self.stopping and self._wait() > 0:
-                        self.cond.wait(self._wait())
+                    if not self.queue and not self.stopping:
+                        wait = self._wait()
+                        if wait > 0:
+                            self.cond.wait(wait)
                     if self.stopping:
                         return "stop"
                     items, self.queue = self.queue, []
                 paths = self.requeue
                 self.requeue = set()
+                due = [rel for rel, at in self.retry.items() if at <= time.monotonic()]
+                for rel in due:
+                    del self.retry[rel]
+                paths.update(due)
                 rescan = ""
                 for item in items:
                     if item[0] == "lost":
@@ -225,7 +239,10 @@ class Engine:
                 self.cond.notify_all()
 
     def _wait(self) -> float:
-        """Seconds until something is due (held deletes, a retry), at most 30."""
+        """Seconds until something is due (paths to decide again, held deletes, a retry), at most 30."""
+        a = self.actions
+        if self.requeue and not self.pause.active or a.fetch_queue and a.fetch_out < FETCH_WINDOW:
+            return 0.0
         now, wait = time.monotonic(), 30.0
         for side, held in self.held.items():
             if held and not self.pause.active:
@@ -233,6 +250,8 @@ class Engine:
                                               min(held.values()) + DELETE_MAX) - now))
         if self.rescan_due is not None:
             wait = min(wait, max(0.0, self.rescan_due - now))
+        if self.retry:
+            wait = min(wait, max(0.0, min(self.retry.values()) - now))
         return wait
 
     def _take(self, item: tuple[Any, ...], paths: set[str]) -> str:

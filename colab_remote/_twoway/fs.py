@@ -201,8 +201,6 @@ class Partials:
     locked while one receiver writes it (a peer of a dead connection may still be finishing its
     last records when the next one asks)."""
 
-    WAIT_FOR_LOCK = 10.0
-
     def __init__(self, tree: _agent.Tree) -> None:
         self.tree = tree
         self.names: Dict[bytes, bytes] = {}
@@ -221,9 +219,10 @@ class Partials:
         version = hashlib.blake2b(b"%d\0%d" % (size, mtime), digest_size=6).hexdigest()
         return ("%s-%s" % (path, version)).encode()
 
-    def begin(self, rel: bytes, size: int, mtime: int) -> int:
+    def begin(self, rel: bytes, size: int, mtime: int, wait: float = 0.0) -> int:
         """Start (or resume) ``rel``: how many of its bytes are here already. An earlier version's
-        part (the file changed since) goes."""
+        part (the file changed since) goes. ValueError when another receiver still writes it
+        after ``wait`` seconds (the sender tries again later)."""
         self._close(rel)
         fd = self._folder()
         name = self.names[rel] = self.key(rel, size, mtime)
@@ -232,7 +231,7 @@ class Partials:
             if other.startswith(prefix) and other != name:
                 _agent._remove_quietly(fd, other)
         out = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _agent.O_CLOEXEC, 0o600, dir_fd=fd)
-        deadline = time.monotonic() + self.WAIT_FOR_LOCK
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)

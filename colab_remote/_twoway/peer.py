@@ -62,7 +62,7 @@ R_DATA = b"g"     # part of a file being read: mode, mtime, offset, data
 R_DONE = b"z"     # its end: mode, mtime, offset = size, data = digest
 R_FAIL = b"!"     # a read or a hash failed: data says why
 R_HASH = b"#"     # mode, mtime, offset = size, data = digest
-R_HAVE = b"h"     # offset = bytes of a big file here already
+R_HAVE = b"h"     # offset = bytes of a big file here already (mode 1: it cannot begin, data: why)
 R_CHANGE = b"c"   # a path changed (its state now; mode 0: gone)
 R_FILE = b"f"     # a small file changed: its state and its bytes
 R_RESCAN = b"o"   # changes may have gone unseen (data: why): the laptop compares everything
@@ -168,6 +168,7 @@ class Peer:
         self.snapshot: Optional[Dict[bytes, fs.Stat]] = None
         self.dirty: Dict[bytes, Tuple[float, float]] = {}
         self.expected: Dict[bytes, Tuple[fs.Stat, float]] = {}
+        self.steady: Dict[bytes, fs.Stat] = {}  # big files looked at once, reported when the same
         self.guards: Dict[bytes, Tuple[fs.Stat, bytes]] = {}
         self.errors: List[List[str]] = []
         self.refused: List[List[Any]] = []
@@ -319,13 +320,13 @@ class Peer:
             self.flush()
         elif op == OP_BIG:
             assert self.partials is not None
+            why = b""
             try:
                 _agent.check_path(p)
-                have = self.partials.begin(p, offset, mtime)
+                have = self.partials.begin(p, offset, mtime, wait=0.5)
             except (OSError, ValueError) as e:
-                self.errors.append([os.fsdecode(p), "%s: %s" % (type(e).__name__, e)])
-                have = -1
-            self.send(_agent.pack(R_HAVE, p, offset=max(have, 0), mode=int(have < 0)))
+                why, have = ("%s: %s" % (type(e).__name__, e)).encode(), -1
+            self.send(_agent.pack(R_HAVE, p, offset=max(have, 0), mode=int(have < 0), data=why))
             self.flush()
         else:
             self.write(op, p, mode, mtime, offset, data)
@@ -520,6 +521,11 @@ class Peer:
             del self.dirty[rel]
             st = fs.stat_at(self.tree.root_fd, rel)
             data: Optional[bytes] = None
+            if stat.S_ISREG(st[0]) and st[1] > self.inline_max and self.steady.pop(rel, None) != st \
+                    and not everything:  # (a flush asks for what is there now)
+                self.steady[rel] = st  # a big file goes once it stayed the same for QUIET
+                self.dirty[rel] = (now + QUIET, now)
+                continue
             if stat.S_ISREG(st[0]) and st[1] <= self.inline_max:
                 try:
                     st, data = fs.read_whole(self.tree.root_fd, rel, self.inline_max)

@@ -185,18 +185,20 @@ class Worker:
 
     def wait_for_runtime(self) -> None:
         backoff = Backoff(0.5, 5.0)
+        said, said_at = "", 0.0
         while not self.stopping:
             try:
                 self.connect()
                 self.engine.stats["reconnects"] += 1
                 log.info("the runtime is back")
                 return
-            except ColabRemoteError as e:
-                log.info("still waiting for the runtime: %s", e.what)
+            except Exception as e:  # our error (no login yet), or the link broke while comparing
+                why = e.what if isinstance(e, ColabRemoteError) else f"{type(e).__name__}: {e}"
                 self.link.close()
-            except Exception as e:  # the connection broke during the comparison
-                log.info("still waiting for the runtime: %s: %s", type(e).__name__, e)
-                self.link.close()
+                if why != said or time.monotonic() - said_at > 60:  # a line a minute, not one a try
+                    log.info("still waiting for the runtime: %s", why)
+                    said, said_at = why, time.monotonic()
+                self.engine.stats["last_error"] = f"waiting for the runtime: {why}"[:500]
             self.report.set_state(State.WAITING)
             with self.engine.cond:
                 self.engine.cond.wait_for(lambda: self.stopping, backoff.next())
