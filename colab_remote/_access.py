@@ -67,9 +67,9 @@ def unrestricted_warning(dest: _ssh.Destination, what: str, identity_file: str |
 
 
 def agent_source() -> tuple[bytes, str]:
-    """The server half's bytes and their sha256 (what the server will run)."""
-    data = Path(_agent.__file__).read_bytes()
-    return data, hashlib.sha256(data).hexdigest()
+    """The server half (:mod:`colab_remote._agent` as one zip) and its sha256 (what the server
+    will run)."""
+    return _agent.bundle()
 
 
 def runtime_id(state: Path) -> str:
@@ -226,8 +226,17 @@ def _check_server(login: Login, restricted: bool, error: type[ColabRemoteError])
                 "your whole server account (anything running there can log in as you)")
 
 
+# The set-up's first bytes on stdin are the agent's zip: into a private temporary file (mkstemp:
+# 0600, made exclusively; removed at exit), run from there (it installs itself for good). One line:
+# gcloud passes the command as an argument, which may hold no newline.
+_BOOT = ("import atexit, os, sys, tempfile; fd, path = tempfile.mkstemp(suffix='.pyz'); "
+         "atexit.register(os.unlink, path); f = os.fdopen(fd, 'wb'); "
+         "f.write(sys.stdin.buffer.read(%d)); f.close(); sys.path.insert(0, path); "
+         "from %s.main import main; sys.exit(main(sys.argv[1:]))")
+
+
 def _setup_command(source: bytes) -> str:
-    boot = f"import sys;exec(sys.stdin.buffer.read({len(source)}))"
+    boot = _BOOT % (len(source), _agent.PACKAGE)
     return ("if command -v python3 >/dev/null 2>&1; then exec python3 -I -B -c "
             f"{shlex.quote(boot)} setup; fi; echo CRA-NOPYTHON; exit 97")
 
@@ -261,7 +270,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
             return reused
     key = key_file(state, purpose["name"]) if restricted else None
     source, sha = agent_source()
-    request = {"source": source.decode(), "sha": sha, "restricted": restricted,
+    request = {"sha": sha, "restricted": restricted,
                "keys": [{**purpose, "id": kid, "days": days,
                          "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
                          "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}

@@ -66,6 +66,7 @@ class State(str, enum.Enum):
     RESTORING = "restoring"
     FIRST_PUSH = "first push"
     UP = "up"
+    REFUSED = "refused"  # a mirror whose server refuses some changes (a full disk): retrying
     RECONNECTING = "reconnecting"
     COMPARING = "comparing"      # a two-way sync comparing both sides
     WAITING = "waiting"          # a two-way sync waiting for the runtime to come back
@@ -80,7 +81,8 @@ class State(str, enum.Enum):
     def busy(self) -> bool:
         """On its way (amber in a card), as opposed to up (green), failed (red) or stopped."""
         return self in (State.STARTING, State.CONNECTING, State.RESTORING, State.FIRST_PUSH,
-                        State.RECONNECTING, State.COMPARING, State.WAITING, State.PAUSED)
+                        State.REFUSED, State.RECONNECTING, State.COMPARING, State.WAITING,
+                        State.PAUSED)
 
     @classmethod
     def of(cls, value: object) -> State:

@@ -159,7 +159,28 @@ def parse_destination(text: object, *, with_path: bool = False) -> Destination:
             raise ValueError(f"destination {text!r}: the remote path must not be empty or '/'")
         if "\0" in path or "\n" in path:
             raise ValueError(f"destination {text!r}: the remote path must not contain NUL or newline")
+        check_path_words(path, f"destination {text!r}")
     return Destination(user, host, path)
+
+
+# A remote path is taken literally: nothing on either side may expand it (a shell, rsync).
+_GLOB = "*?["
+
+
+def check_path_words(path: str, what: str) -> None:
+    """Refuse remote paths that cannot be meant literally: ``..`` components (``backup/../inside``
+    names another folder than it seems), ``~user`` (another account's home), glob characters
+    (a shell or an old rsync would expand them against the server's files)."""
+    if ".." in path.split("/"):
+        raise ValueError(f"{what}: the remote path must not contain '..' components (it would name "
+                         "another folder than it reads); write the folder's own path")
+    if path.startswith("~") and path != "~" and not path.startswith("~/"):
+        raise ValueError(f"{what}: '~user' paths are not taken (only this account's own home, as "
+                         "~/path or a path relative to it)")
+    found = [c for c in _GLOB if c in path]
+    if found:
+        raise ValueError(f"{what}: the remote path holds the glob character {found[0]!r}; it names "
+                         "one folder, literally (no pattern)")
 
 
 # --- ssh's prompts and failures: one table for every caller (tunnel, mirror, set-up) -----------

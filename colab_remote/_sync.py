@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from watchfiles import BaseFilter, Change
@@ -41,7 +41,23 @@ def check_excludes(exclude: object) -> tuple[str, ...]:
         if not isinstance(p, str) or not p.strip("/") or "\n" in p or "\0" in p:
             raise ValueError(f"exclude pattern {p!r} must be a non-empty glob such as '*.log' or 'data/'")
         patterns.append(p)
+    if patterns:
+        _check_leaves_something(tuple(patterns))
     return tuple(patterns)
+
+
+# Names a project is made of: an exclude set that leaves out every one of them leaves out everything.
+_PROBES = ("a", "main.py", "README.md", "Z9", ".git", "data", "x-y_z", "日本")
+
+
+def _check_leaves_something(patterns: tuple[str, ...]) -> None:
+    flt = MirrorFilter("/", patterns)
+    if any(not flt.excluded(name) for name in _PROBES):
+        return
+    alone = [p for p in patterns if all(MirrorFilter("/", [p]).excluded(n) for n in _PROBES)]
+    culprit = f"{alone[0]!r} matches every name" if alone else "together they match every name"
+    raise ValueError(f"exclude={list(patterns)!r} leaves nothing to mirror ({culprit}); exclude "
+                     "what you do not want, e.g. '*.ckpt' or 'data/'")
 
 
 class MirrorFilter(BaseFilter):
@@ -124,21 +140,35 @@ def remote_path(path: str) -> str:
     return path[2:] if path.startswith("~/") else path
 
 
+def normal_remote_path(path: str) -> str:
+    """One spelling for one folder: ``proj``, ``~/proj``, ``proj/``, ``./proj`` and ``proj//``
+    are all ``proj`` (relative to the home folder); an absolute path keeps its leading ``/``."""
+    rel = remote_path(path)
+    words = [w for w in rel.split("/") if w not in ("", ".")]
+    return ("/" if rel.startswith("/") else "") + "/".join(words)
+
+
 def check_remote_path(path: str) -> str:
-    """Refuse remote paths a mirror must never write over (``/``, ``~``, ``.``, empty)."""
-    stripped = remote_path(path).rstrip("/")
-    if stripped in ("", ".", "..", "/") or not path.strip("/"):
+    """Refuse remote paths a mirror must never write over (``/``, ``~``, ``.``, empty); the path
+    in its one spelling (:func:`normal_remote_path`)."""
+    normal = normal_remote_path(path)
+    if normal in ("", "/") or ".." in normal.split("/"):
         raise ValueError(f"the remote path {path!r} must name a folder, not '/', '~' or '.'")
-    if TRASH in stripped.split("/"):
+    if TRASH in normal.split("/"):
         raise ValueError(f"the remote path {path!r} must not be inside {TRASH}")
-    return stripped
+    if normal.startswith("-"):
+        raise ValueError(f"the remote path {path!r} must not start with '-' (tools read it as an "
+                         "option); write it as an absolute path")
+    return normal
 
 
 # --- rsync -------------------------------------------------------------------------------------
 
 # -rlpt: recursion, symlinks as symlinks, permissions, times; not owner/group (the server account
-# cannot set them, and restored files must belong to the runtime's user).
-RSYNC_BASE = ["-rlpt"]
+# cannot set them, and restored files must belong to the runtime's user). -s (--protect-args,
+# --secluded-args since 3.2.4): paths go through rsync's protocol, never through the remote shell,
+# which an rsync older than 3.2.4 hands them to unquoted (a '*' or ';' in them expanded there).
+RSYNC_BASE = ["-rlpt", "-s"]
 
 
 # One progress line for the whole transfer on stdout (a bar's worth). A push keeps rsync's
@@ -170,8 +200,10 @@ def rsync_files_argv(rsync: str, ssh_command: str, local_dir: str, rsync_dest: s
     ``-I`` is what sends a file rewritten with the same size within the same second.
     """
     backup = ["--backup", f"--backup-dir={backup_dir}"] if backup_dir else []
-    return [rsync, "-lptI", "--from0", "--files-from=-", *backup, "-e", ssh_command,
-            f"{local_dir.rstrip('/')}/", f"{rsync_dest}/"]
+    # --ignore-missing-args: a listed file deleted here before rsync got to it is not an error
+    # (it was "link_stat ... No such file or directory", exit 23; its own event deletes it there)
+    return [rsync, "-lptI", "-s", "--from0", "--files-from=-", "--ignore-missing-args", *backup,
+            "-e", ssh_command, f"{local_dir.rstrip('/')}/", f"{rsync_dest}/"]
 
 
 def rsync_pull_argv(rsync: str, ssh_command: str, rsync_dest: str, local_dir: str, *,
@@ -304,9 +336,39 @@ def describe_progress(p: RsyncProgress, entries: int | None = None) -> str:
     return ", ".join(parts)
 
 
-def rsync_exit_ok(code: int) -> bool:
-    """0, or 24 (a file vanished while it was sent: a warning, the next event sends it again)."""
-    return code in (0, 24)
+# What rsync says about a source file that is gone (deleted here while rsync ran), per file.
+_VANISHED = re.compile(r'^(?:file has vanished: "(.*)"'
+                       r'|rsync: (?:\[sender\] )?(?:link_stat|readlink_stat|send_files failed to open) '
+                       r'"(.*)"(?: failed)?: No such file or directory \(2\))$')
+_RSYNC_ERROR_23 = re.compile(r"^rsync error: some files/attrs were not transferred .*\(code 2[34]\)")
+_RSYNC_WARNING_24 = re.compile(r"^rsync warning: some files vanished before they could be transferred")
+
+
+def rsync_exit_ok(code: int, output: str = "") -> bool:
+    """0; 24 (a file vanished while it was sent: a warning, its own event says what became of it);
+    or 23 when every error rsync printed is about a source file that no longer exists here."""
+    if code in (0, 24):
+        return True
+    return code == 23 and bool(output) and only_vanished(output)
+
+
+def only_vanished(output: str, exists: Callable[[str], bool] = os.path.lexists) -> bool:
+    """True when rsync's messages in ``output`` are all about source files that are gone (and
+    ``exists`` agrees: none of them is there now), so its exit 23 names no real failure."""
+    gone = 0
+    for raw in output.replace("\r", "\n").splitlines():
+        line = raw.strip()
+        if not line.startswith(("rsync", "file has vanished")):
+            continue  # progress records, statistics
+        found = _VANISHED.match(line)
+        if found is not None:
+            path = found.group(1) if found.group(1) is not None else found.group(2)
+            if exists(path):
+                return False
+            gone += 1
+        elif not (_RSYNC_ERROR_23.match(line) or _RSYNC_WARNING_24.match(line)):
+            return False
+    return gone > 0
 
 
 # --- ssh -----------------------------------------------------------------------------------------

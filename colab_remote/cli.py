@@ -264,7 +264,9 @@ def _cmd_mirror(args: argparse.Namespace) -> int:
                           identity_file=args.identity_file, state_dir=args.state_dir,
                           exclude=args.exclude, delete=not args.no_delete,
                           backup=not args.no_backup, restore=args.restore, host_key=args.host_key,
-                          restricted=args.restricted, key_days=args.key_days)
+                          keep_days=args.keep_days, trash_share=args.trash_share,
+                          trash_max_gb=args.trash_max_gb, restricted=args.restricted,
+                          key_days=args.key_days)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -287,6 +289,13 @@ def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
                    help="first copy the server copy into LOCAL_DIR (a fresh runtime resumes)")
     p.add_argument("--no-delete", action="store_true", help="never delete on the server")
     p.add_argument("--no-backup", action="store_true", help="no trash on the server")
+    p.add_argument("--keep-days", type=positive_float, default=7.0, metavar="DAYS",
+                   help="the server prunes trash older than this (default 7)")
+    p.add_argument("--trash-share", type=positive_float, default=0.25, metavar="SHARE",
+                   help="the trash takes at most this share of the room on the server's disk "
+                        "(0 to 1, default 0.25)")
+    p.add_argument("--trash-max-gb", type=positive_float, default=10.0, metavar="GB",
+                   help="and at most this many GB (default 10)")
     add_access_options(p)
     for q in (p, sub.add_parser(
             "push", help="copy a project into a runtime and set it up (run on the server)",

@@ -18,24 +18,24 @@ import codecs
 import contextlib
 import logging
 import os
-import pwd
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from . import _access, _html, _install, _proc, _ssh, _sync
+from . import _access, _agent, _html, _install, _proc, _ssh, _sync
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
+from ._mirror import checks
 from ._mirror.channel import ShellChannel
 from ._mirror.config import MirrorConfig
 from ._mirror.control import query
 from ._mirror.link import ConnectionLost, Link
 from ._mirror.plan import scan_local
+from ._mirror.report import trash_text
 from ._progress import Bar
 from .errors import AuthenticationError, MirrorError
 
@@ -152,90 +152,8 @@ class Mirror(Handle):
                 ("pending", str(s.get("pending", 0))),
                 ("last push", time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"),
                 ("last error", str(s.get("last_error") or "none")),
-                ("trash", f"deleted and overwritten files: {_sync.TRASH}/ on the server")]
+                ("trash", trash_text(s.get("trash")))]
         return _html.card("mirror", State.of(state), rows)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _local_dir(local_dir: object) -> str:
-    if not isinstance(local_dir, (str, os.PathLike)):
-        raise TypeError(f"local_dir must be a path, got {local_dir!r}")
-    text = os.fspath(local_dir)
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("local_dir must not be empty")
-    path = os.path.realpath(os.path.expanduser(text))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"local_dir {text} is a file; mirror() takes a folder")
-    if _sync.TRASH in Path(path).parts:
-        raise ValueError(f"local_dir {text} is (inside) a {_sync.TRASH} folder; mirror the project instead")
-    if path == "/":
-        raise ValueError("local_dir must not be /")
-    return path
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
-
-
-def _check_local_folder(path: str, given: object, *, create: bool) -> None:
-    """ValueError naming ``path`` unless this user can list it (or, with ``create``, make it)."""
-    user = _user_name()
-    try:
-        st = os.stat(path)
-    except PermissionError:
-        raise ValueError(f"local_dir {given} cannot be reached by {user}: a folder above it cannot "
-                         "be entered (permission denied)") from None
-    except FileNotFoundError:
-        if not create:
-            raise ValueError(f"local_dir {given} does not exist; check the path (a typo?), create "
-                             "the folder first, or pass restore=True to fetch the server copy into "
-                             "it") from None
-        parent = os.path.dirname(path)
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"local_dir {given} does not exist and {user} cannot create it: "
-                             f"{parent} is not writable") from None
-        return
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ValueError(f"local_dir {given} cannot be read by {user} (mode "
-                         f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}); fix its permissions "
-                         "or mirror it as its owner")
-
-
-def _identity(identity_file: object) -> str | None:
-    if identity_file is None:
-        return None
-    if not isinstance(identity_file, (str, os.PathLike)):
-        raise TypeError(f"identity_file must be a path, got {identity_file!r}")
-    path = os.path.expanduser(os.fspath(identity_file))
-    if not os.path.isfile(path):
-        raise ValueError(f"identity_file {path} does not exist")
-    return os.path.abspath(path)
-
-
-def _prepare(local_dir: object, destination: object, *, port: object, password: object,
-             identity_file: object, state_dir: object, exclude: object, host_key: object
-             ) -> dict[str, Any]:
-    """Validate every argument (ValueError/TypeError before anything runs)."""
-    local = _local_dir(local_dir)
-    dest = _ssh.parse_destination(destination, with_path=True)
-    _sync.check_remote_path(dest.path)
-    _ssh.check_port(port)
-    if password is not None:
-        _ssh.check_password(password)
-    key = _ssh.check_host_key(host_key) if host_key is not None else None
-    return {"local_dir": local, "dest": dest, "port": port, "password": password,
-            "identity_file": _identity(identity_file), "state": state_path(state_dir),
-            "exclude": list(_sync.check_excludes(exclude)), "host_key": key}
 
 
 def mirror(
@@ -252,6 +170,8 @@ def mirror(
     restore: bool = False,
     host_key: str | None = None,
     keep_days: float = _sync.TRASH_KEEP_DAYS,
+    trash_share: float = _agent.TRASH_SHARE,
+    trash_max_gb: float = _agent.TRASH_MAX_GB,
     timeout: float = 600,
     restricted: bool = True,
     key_days: float = _access.KEY_DAYS,
@@ -284,6 +204,10 @@ def mirror(
             accept it the first time and check it afterwards.
         keep_days: trash older than this is pruned (the server keeps this number: a runtime
             cannot prune sooner).
+        trash_share: the trash holds at most this share of the room it could take on the
+            server's disk (its free space plus the trash itself); older versions are pruned
+            first, and a write that finds the disk full prunes the trash and is done again.
+        trash_max_gb: and at most this many GB (1e9 bytes). Both are kept by the server.
         timeout: how long to wait for the first push before returning anyway.
         restricted: log in once (password or your own key) to install a key for this mirror
             alone (the default): it can only write into ``destination`` through the server-side
@@ -308,21 +232,23 @@ def mirror(
         >>> m.flush(); m.stats["pending"]  # doctest: +SKIP
         0
     """
-    args = _prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+    args = checks.prepare(local_dir, destination, port=port, password=password,
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
     for name, value in (("delete", delete), ("backup", backup), ("restore", restore)):
-        _check_bool(name, value)
+        checks.check_bool(name, value)
     if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or keep_days <= 0:
         raise ValueError(f"keep_days must be a positive number of days, got {keep_days!r}")
+    checks.check_budget(trash_share, trash_max_gb)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    _check_bool("restricted", restricted)
+    checks.check_bool("restricted", restricted)
     _access.check_days(key_days)
-    _check_local_folder(args["local_dir"], local_dir, create=restore)
+    checks.check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=keep_days, restricted=restricted, key_days=key_days,
-                                   quiet=quiet)
+                                   keep_days=keep_days, trash_share=float(trash_share),
+                                   trash_max_gb=float(trash_max_gb), restricted=restricted,
+                                   key_days=key_days, quiet=quiet)
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror", "--run-dir",
                                 str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
@@ -342,7 +268,7 @@ def mirror(
                      progress.get("text", "") if mine else "")
         elif bar.phase is not None:
             bar.close(done=alive and state not in ("failed", "stopped"))
-        return state in ("up", "failed", "stopped", "reconnecting") or not alive
+        return state in ("up", "refused", "failed", "stopped", "reconnecting") or not alive
 
     try:
         _proc.wait_until(settled, timeout, interval=0.02)
@@ -393,7 +319,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
                               pinned=pinned, identity_file=args["identity_file"])
         purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
-                   "keep_days": flags["keep_days"], "backup": flags["backup"]}
+                   "keep_days": flags["keep_days"], "backup": flags["backup"],
+                   "trash_share": flags["trash_share"], "trash_max_gb": flags["trash_max_gb"]}
         granted = _access.grant(state, login, purpose, password=args["password"], restricted=restricted,
                                 days=key_days, error=MirrorError, quiet=quiet)
         cfg.update(agent=granted.agent, key_id=granted.key_id, key_expires=granted.expires,
@@ -420,20 +347,23 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                    password: str | None = None, identity_file: str | None = None,
                    state_dir: str | os.PathLike[str] | None = None, exclude: list[str] | None = None,
                    delete: bool = True, backup: bool = True, restore: bool = False,
-                   host_key: str | None = None, restricted: bool = True,
-                   key_days: float = _access.KEY_DAYS) -> int:
+                   host_key: str | None = None, keep_days: float = _sync.TRASH_KEEP_DAYS,
+                   trash_share: float = _agent.TRASH_SHARE, trash_max_gb: float = _agent.TRASH_MAX_GB,
+                   restricted: bool = True, key_days: float = _access.KEY_DAYS) -> int:
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
 
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
     from ._mirror import worker
 
-    args = _prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+    args = checks.prepare(local_dir, destination, port=port, password=password,
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
+    checks.check_budget(trash_share, trash_max_gb)
     _access.check_days(key_days)
-    _check_local_folder(args["local_dir"], local_dir, create=restore)
+    checks.check_local_folder(args["local_dir"], local_dir, create=restore)
     cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=_sync.TRASH_KEEP_DAYS, restricted=restricted,
+                                   keep_days=keep_days, trash_share=float(trash_share),
+                                   trash_max_gb=float(trash_max_gb), restricted=restricted,
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -509,9 +439,9 @@ def push(
         ...      setup="pip install -r requirements.txt")  # doctest: +SKIP
         0
     """
-    args = _prepare(local_dir, destination, port=port, password=password,
-                    identity_file=identity_file, state_dir=state_dir, exclude=exclude,
-                    host_key=host_key)
+    args = checks.prepare(local_dir, destination, port=port, password=password,
+                          identity_file=identity_file, state_dir=state_dir, exclude=exclude,
+                          host_key=host_key)
     if not os.path.isdir(args["local_dir"]):
         raise ValueError(f"local_dir {local_dir} does not exist")
     if setup is not None and (not isinstance(setup, str) or not setup.strip()):

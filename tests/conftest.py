@@ -140,12 +140,12 @@ class User:
         self.uid = pwd.getpwnam(name).pw_uid
         self.gid = pwd.getpwnam(name).pw_gid
 
-    def write(self, relpath: str, text: str, mode: int = 0o644) -> Path:
+    def write(self, relpath: str, text: str | bytes, mode: int = 0o644) -> Path:
         """Write a file in the user's home, owned by the user."""
         path = self.home / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chown(path.parent, self.uid, self.gid)
-        path.write_text(text)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
         path.chmod(mode)
         os.chown(path, self.uid, self.gid)
         return path

@@ -34,9 +34,11 @@ from .reverse_helpers import forward_answers
 pytestmark = [needs_root, needs_sshd, pytest.mark.timeout(240)]
 
 
-def start_both(tmp_path: Path, server: ServerSshd, state: Path | None = None, **kw):
+def start_both(tmp_path: Path, server: ServerSshd, state: Path | None = None,
+               folder: str = "backup/project", **kw):
     """A tunnel (forwarding back to the server's own sshd: any listening port will do) and a
-    mirror, both set up with the password."""
+    mirror into ``folder``, both set up with the password (one mirror writes a folder at a time:
+    two runtimes get a folder each)."""
     state = state or tmp_path / "state"
     local = state.parent / f"{state.name}-project"
     local.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ def start_both(tmp_path: Path, server: ServerSshd, state: Path | None = None, **
     tunnel = reverse_forward(f"{server.user.name}@127.0.0.1", port=server.port,
                              password=server.user.password, remote_port=_net.free_port(),
                              local_port=server.port, state_dir=state, quiet=True, **kw)
-    m = mirror(local, f"{server.user.name}@127.0.0.1:backup/project", port=server.port,
+    m = mirror(local, f"{server.user.name}@127.0.0.1:{folder}", port=server.port,
                password=server.user.password, state_dir=state, quiet=True, **kw)
     return tunnel, m, local
 
@@ -276,7 +278,7 @@ def talk_to_agent(key: Path, server: ServerSshd, state: Path, records: list[byte
         proc.stdin.flush()
         ack = _agent.read_record(proc.stdout.read)
         assert ack is not None and ack[0] == _agent.R_ACK
-        return json.loads(ack[5])
+        return json.loads(ack[5])["errors"]
     finally:
         proc.stdin.close()
         proc.wait(20)
@@ -302,7 +304,7 @@ def test_no_password_in_memory_or_files_and_keys_survive_a_password_change(tmp_p
             if os.path.basename((_proc.cmdline(pid) or [""])[0]) == "ssh":
                 os.kill(pid, signal.SIGKILL)  # our own test's processes, by pid
         wait_for(lambda: tunnel.restarts >= 1 and tunnel.state == "up", 30, "the tunnel back")
-        assert forward_answers(tunnel.remote_port)
+        wait_for(lambda: forward_answers(tunnel.remote_port), 10, "the forward to answer")
         (local / "after.txt").write_text("after the password changed")
         m.flush(60)
         assert (server.user.home / "backup/project/after.txt").read_text() == "after the password changed"
@@ -320,7 +322,8 @@ def authorized_ids(server: ServerSshd) -> list[str]:
 def test_expired_and_revoked_keys_stop_working_and_runtimes_keep_their_own(tmp_path: Path, server) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     t1, m1, local1 = start_both(tmp_path, server, first)
-    t2, m2, _ = start_both(tmp_path, server, second, key_days=5 / 86400)  # expires in 5 s
+    t2, m2, _ = start_both(tmp_path, server, second, folder="backup/second",
+                           key_days=5 / 86400)  # expires in 5 s
     try:
         ids = authorized_ids(server)
         assert len(ids) == 4 and len({i.split(".")[0] for i in ids}) == 2  # two runtimes, two each
@@ -464,12 +467,12 @@ def test_setup_refuses_a_linked_ssh_folder_or_authorized_keys(tmp_path: Path, ma
             user.write("other_file", "untouched\n")
             (user.home / ".ssh" / "authorized_keys").symlink_to(user.home / "other_file")
         source, sha = _access.agent_source()
-        user.write("agent.py", source.decode(), 0o644)
-        request = {"source": source.decode(), "sha": sha, "restricted": True, "keys": [
+        user.write("agent.pyz", source, 0o644)
+        request = {"sha": sha, "restricted": True, "keys": [
             {"id": "rid.tunnel-1", "purpose": "tunnel", "port": 20022, "days": 1,
              "pubkey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk4pGZ5p0S0mR0nGJ0nYF0s3pF1t3nQ7XhGq2xJj8lI x"}]}
         done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
-                               python, "-I", "-B", str(user.home / "agent.py"), "setup"],
+                               python, "-I", "-B", str(user.home / "agent.pyz"), "setup"],
                               input=json.dumps(request), capture_output=True, text=True, timeout=30,
                               env={"HOME": str(user.home), "PATH": "/usr/bin:/bin"}, cwd=user.home)
         reply = json.loads(done.stdout.split("CRA-SETUP ", 1)[1])

@@ -21,18 +21,25 @@ from colab_remote import _agent as A
 
 from .conftest import wait_for
 
-AGENT = Path(A.__file__)
+AGENT = Path()  # the zip the server runs (made once per module: agent_zip)
 TRASH = A.TRASH.decode()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def agent_zip(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global AGENT
+    AGENT = tmp_path_factory.mktemp("agent") / "agent.pyz"
+    AGENT.write_bytes(A.bundle()[0])
+
+
 class Agent:
-    """``python3 -I -B _agent.py mirror --root DEST``: records in, records out."""
+    """``python3 -I -B agent.pyz mirror --root DEST``: records in, records out."""
 
     def __init__(self, dest: Path, *, keep_days: float = 7, backup: bool = True,
-                 fsize: int | None = None) -> None:
+                 fsize: int | None = None, extra: tuple[str, ...] = ()) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-I", "-B", str(AGENT), "mirror", "--root", str(dest),
-                "--keep-days", str(keep_days), *([] if backup else ["--no-backup"])]
+                "--keep-days", str(keep_days), *([] if backup else ["--no-backup"]), *extra]
 
         def limit() -> None:  # a small disk: writes past fsize fail (EFBIG) instead of killing it
             if fsize is not None:
@@ -62,7 +69,9 @@ class Agent:
         self.send(A.pack(A.OP_END))
         op, _, _, _, _, data = self.record()
         assert op == A.R_ACK
-        return json.loads(data)
+        answer = json.loads(data)
+        self.trash = answer["trash"]
+        return answer["errors"]
 
     def manifest(self) -> dict[str, tuple[int, int, bytes]]:
         self.send(A.pack(A.OP_MANIFEST))
@@ -125,7 +134,7 @@ def test_the_agent_runs_on_python_3_6() -> None:
     vermin = Path(sys.executable).with_name("vermin")
     if not vermin.exists():
         pytest.skip("vermin is not installed (pip install -e '.[test]')")
-    done = subprocess.run([str(vermin), "--no-tips", "--violations", "-t=3.6-", str(AGENT)],
+    done = subprocess.run([str(vermin), "--no-tips", "--violations", "-t=3.6-", str(Path(A.__file__).parent)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -380,3 +389,111 @@ def test_protocol_records_round_trip() -> None:
         with pytest.raises(ValueError):
             A.check_path(bad)
     A.check_path(b"a/b c/.d..e")
+
+
+def test_the_trash_stays_within_its_cap_oldest_first(tmp_path: Path) -> None:
+    """--trash-max-gb (the server's config): each batch ends with the trash within it; the oldest
+    versions go first, also what sits in read-only folders; the agent says what it holds and what
+    it pruned (issue 13, item 2)."""
+    dest = tmp_path / "dest"
+    cap = 300_000
+    agent = Agent(dest, extra=("--trash-max-gb", repr(cap / 1e9)))
+    try:
+        assert agent.hello["trash"]["bytes"] == 0
+        agent.send(mkdir("ro", 0o555), put("ro/f", b"r" * 5000), mkdir("ro/inner", 0o500),
+                   put("ro/inner/g", b"g"), mkdir("nothing", 0o000))
+        assert agent.end() == []
+        agent.send(delete("ro"), delete("nothing"))  # a read-only folder into the trash
+        assert agent.end() == []
+        versions = []
+        for i in range(12):
+            data = bytes([65 + i]) * 100_000
+            agent.send(put("big.bin", data))
+            assert agent.end() == []
+            versions.append(data)
+            held = sum(p.stat().st_blocks * 512 for p in (dest / TRASH).rglob("*")
+                       if not p.name.startswith(".") and ".staging" not in p.parts)
+            assert agent.trash["bytes"] <= cap and held <= cap, (i, agent.trash, held)
+        assert (dest / "big.bin").read_bytes() == versions[-1]
+        kept = [p.read_bytes() for p in (dest / TRASH).glob("20*/big.bin")]
+        assert versions[-2] in kept and versions[0] not in kept  # the oldest went first
+        assert "ro/f" not in trash_of(dest)  # ... read-only folder and all
+        report = agent.trash
+        assert report["pruned"]["reasons"]["cap"] >= 9 and report["pruned"]["last"] == "cap"
+        assert report["versions"] == len(list((dest / TRASH).glob("20*/*")))
+    finally:
+        agent.close()
+    sizes = (dest / TRASH / ".sizes").read_text().split("\n")
+    assert len([line for line in sizes if line]) == report["folders"]
+    again = Agent(dest, extra=("--trash-max-gb", repr(cap / 1e9)))  # from the cache: the same
+    try:
+        assert {k: again.hello["trash"][k] for k in ("bytes", "versions", "folders")} == {
+            k: report[k] for k in ("bytes", "versions", "folders")}
+    finally:
+        again.close()
+
+
+def writer_agent(dest: Path, key: str) -> subprocess.Popen[bytes]:
+    dest.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-I", "-B", str(AGENT), "mirror", "--root", str(dest),
+                             "--keep-days", "7", "--id", key],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def first_record(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    assert proc.stdout is not None
+    rec = A.read_record(proc.stdout.read)
+    assert rec is not None, "the agent closed the channel"
+    return rec[0], rec[5]
+
+
+def test_one_writer_per_destination(tmp_path: Path) -> None:
+    """The agent holds a lock in the destination for its life: another mirror is refused, naming
+    the holder; the same mirror again (a re-run, a new login) replaces it; a holder silent for
+    STALE_AFTER is replaced, and the one replaced is refused from then on (issue 13, item 7)."""
+    dest = tmp_path / "dest"
+    first = writer_agent(dest, "aaaa11112222.mirror-one")
+    others = []
+    try:
+        assert first_record(first)[0] == A.R_HELLO
+        second = writer_agent(dest, "bbbb33334444.mirror-two")
+        others.append(second)
+        op, why = first_record(second)
+        assert op == A.R_FAIL and second.wait(10) == 1
+        text = why.decode()
+        assert "another mirror writes to" in text and str(dest) in text, text
+        assert "runtime aaaa11112222" in text and "since 20" in text and "last active" in text, text
+        # the same mirror logging in again: the earlier agent ends, the new one writes
+        again = writer_agent(dest, "aaaa11112222.mirror-one")
+        others.append(again)
+        assert first_record(again)[0] == A.R_HELLO
+        assert first.wait(10) != 0  # ended by the new one (SIGTERM)
+        holder = json.loads((dest / TRASH / ".writer").read_text())
+        assert holder["pid"] == again.pid and holder["key"] == "aaaa11112222.mirror-one"
+        # silent for longer than STALE_AFTER (a runtime that is gone): another mirror takes over
+        holder["active"] -= A.STALE_AFTER + 1
+        (dest / TRASH / ".writer").write_text(json.dumps(holder))
+        third = writer_agent(dest, "bbbb33334444.mirror-two")
+        others.append(third)
+        assert first_record(third)[0] == A.R_HELLO and again.wait(10) != 0
+        # ... and the mirror it replaced cannot take it back while that one runs
+        back = writer_agent(dest, "aaaa11112222.mirror-one")
+        others.append(back)
+        op, why = first_record(back)
+        assert op == A.R_FAIL and "was taken over by another mirror" in why.decode()
+        assert "runtime bbbb33334444" in why.decode() and back.wait(10) == 1
+        assert third.stdin is not None
+        third.stdin.close()
+        assert third.wait(10) == 0
+        after = writer_agent(dest, "aaaa11112222.mirror-one")  # free again: anyone may write
+        others.append(after)
+        assert first_record(after)[0] == A.R_HELLO
+    finally:
+        for proc in (first, *others):
+            if proc.poll() is None:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait(10)
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()

@@ -25,6 +25,7 @@ from colab_remote import (
     mirror,
     reverse_forward,
 )
+from colab_remote._mirror import checks
 
 from .conftest import needs_root, needs_sshd
 
@@ -133,8 +134,8 @@ def test_a_new_mirror_handle_knows_the_calls_values(tmp_path, monkeypatch) -> No
     project = tmp_path / "project"
     project.mkdir()
     state = tmp_path / "state"
-    args = mirror_module._prepare(project, "bob@127.0.0.1:backup/p", port=2222, password=None,
-                                  identity_file=None, state_dir=state, exclude=None, host_key=None)
+    args = checks.prepare(project, "bob@127.0.0.1:backup/p", port=2222, password=None,
+                           identity_file=None, state_dir=state, exclude=None, host_key=None)
     monkeypatch.setenv("COLAB_REMOTE_MIRROR_AGENT", "0")  # no set-up login: nothing listens there
     _, run_dir, _ = mirror_module._config(args, delete=True, backup=True, restore=False, keep_days=7,
                                           restricted=False, key_days=3, quiet=True)

@@ -35,7 +35,7 @@ from colab_remote._daemon import socket_dir
 from colab_remote.server import Sshd
 from colab_remote.status import _forget_one_off_key, _one_off_key
 
-from .conftest import needs_root, needs_sshd, ssh_run
+from .conftest import needs_root, needs_sshd, ssh_run, wait_for
 
 pytestmark = [needs_root, needs_sshd]
 SECRET = "TOP SECRET: root's own data\n"
@@ -231,7 +231,8 @@ def test_detached_launch_leaves_no_folder_behind(tmp_path, shared_tmp) -> None:
     pids = []
     for _ in range(3):
         pids.append(_proc.spawn_detached(SLEEPER + [str(tmp_path)], run_dir=run_dir, name="sleeper"))
-        assert _proc.is_ours(pids[-1], str(tmp_path))
+        # (a busy machine: the launcher may not have become the sleeper yet)
+        wait_for(lambda: _proc.is_ours(pids[-1], str(tmp_path)), 10, "the sleeper to start")
         _proc.stop(pids[-1], marker=str(tmp_path))
     assert [p.name for p in shared_tmp.iterdir()] == [f"colab_remote-{os.geteuid()}"]
     launchers = list((shared_tmp / f"colab_remote-{os.geteuid()}").iterdir())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+import zlib
 from pathlib import Path
 
 import pytest
 
 from colab_remote import _agent, _sync
+from colab_remote._mirror import git
 from colab_remote._mirror.plan import Entry, Planner, changed_paths, read_file, scan_local
 from colab_remote._progress import Bar
 from colab_remote.mirror import Mirror, mirror, push
@@ -105,17 +108,82 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
                         (_agent.OP_LINK, "new/link"), (_agent.OP_DELETE, "gone"),
                         (_agent.OP_PUT, "skip.pyc")}  # asked for by name: the filter is the watcher's
     assert plan.big == ["big.bin"] and plan.deletes == ["gone"]
-    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc"}
+    assert set(plan.sending) == {"new/a.txt", "new/sub/b.txt", "skip.pyc", "big.bin"}
     assert sorted(watched) == ["new", "new/sub"]  # watched before they were listed
     planner.acknowledged(plan, ok=True)
-    again = [(op, rel) for op, rel, *_ in planner.plan({"new/a.txt", "new/sub/b.txt"})]
-    assert again == []  # acknowledged with the same content: not sent twice
+    again = planner.plan({"new/a.txt", "new/sub/b.txt", "big.bin"})
+    assert [(op, rel) for op, rel, *_ in again] == [] and again.big == []  # not sent twice
+    (root / "big.bin").write_bytes(b"y" * _sync.BIG_FILE)  # same size, new times
+    fresh = planner.plan({"big.bin"})
+    list(fresh)
+    assert fresh.big == ["big.bin"]
     (root / "new" / "a.txt").write_bytes(b"A")
     assert [rel for _, rel, *_ in planner.plan({"new/a.txt"})] == ["new/a.txt"]
     everything = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True, inline=False)
     shell = everything.plan({"new"}, added={"new"})
     assert {op for op, *_ in shell} == {_agent.OP_MKDIR, _agent.OP_LINK}  # files all go to rsync
     assert sorted(shell.big) == ["new/a.txt", "new/sub/b.txt"]
+
+
+def _loose(kind: bytes, body: bytes) -> tuple[str, bytes]:
+    """A loose git object: its id and its file's bytes."""
+    raw = kind + b" %d\0" % len(body) + body
+    return hashlib.sha1(raw).hexdigest(), zlib.compress(raw)
+
+
+def test_a_repositorys_files_travel_in_the_order_git_writes_them(tmp_path: Path) -> None:
+    """Issue 13, item 4: sorted by name, HEAD, the index and reflogs came before the objects they
+    name, a tree before its subtree, a big pack after the refs; a copy cut in between was broken."""
+    assert git.stage("src/a.py") == git.BLOBS
+    assert git.stage(".git") == git.BLOBS and git.stage(".github/x") == git.BLOBS
+    assert git.stage(".git/objects/pack/pack-1.pack") == git.BLOBS
+    assert git.stage(".git/objects/pack/pack-1.idx") == git.INDEXES
+    for names in (".git/HEAD", ".git/index", ".git/refs/heads/main", ".git/packed-refs",
+                  ".git/logs/HEAD", "lib/.git/modules/sub/refs/heads/x", ".git/objects/info/commit-graph",
+                  "lib/.git/modules/sub/objects/pack/multi-pack-index"):
+        assert git.stage(names) == git.NAMES, names
+    assert git.stage(".git/objects/ab/cdef", delete=True) == git.PACKED
+    assert git.stage(".git/refs/heads/old", delete=True) == git.NAMES  # after packed-refs
+    assert git.is_object(".git/objects/ab/cdef") and git.is_object(".git/objects/pack/p.idx")
+    assert not git.is_object(".git/objects/info/commit-graph") and not git.is_object(".git/index")
+    assert git.keeps(".git/objects/ab") and git.keeps("x/.git/modules/s/objects/pack")
+    assert not git.keeps(".git/objects") and not git.keeps(".git/refs/heads")
+
+    blob, blob_data = _loose(b"blob", b"hello\n")
+    sub, sub_data = _loose(b"tree", b"100644 a.txt\0" + bytes.fromhex(blob))
+    top, top_data = _loose(b"tree", b"40000 sub\0" + bytes.fromhex(sub) +
+                           b"160000 module\0" + bytes(20))  # a submodule's commit: not here
+    commit, commit_data = _loose(b"commit", b"tree %s\nauthor a <a@x> 0 +0000\n\nmsg\n" % top.encode())
+    root = tmp_path / "p"
+    files = {".git/HEAD": b"ref: refs/heads/main\n", ".git/index": b"i", ".git/logs/HEAD": b"l",
+             ".git/objects/pack/pack-1.idx": b"x", ".git/packed-refs": b"p",
+             ".git/refs/heads/main": commit.encode(), "a.txt": b"a", "zzz.txt": b"z"}
+    for oid, data in ((blob, blob_data), (sub, sub_data), (top, top_data), (commit, commit_data)):
+        files[f".git/objects/{oid[:2]}/{oid[2:]}"] = data
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / ".git/objects/pack/pack-1.pack").write_bytes(b"p" * _sync.BIG_FILE)
+    assert git.stage(f".git/objects/{blob[:2]}/{blob[2:]}", data=blob_data) == git.BLOBS
+    assert git.stage(f".git/objects/{top[:2]}/{top[2:]}", data=top_data) == git.OBJECTS
+    planner = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True)
+    plan = planner.plan(set(files) | {".git/objects/pack/pack-1.pack", ".git/objects/12/gone"},
+                        deleted={".git/objects/12/gone"})
+    stages = [([(op, rel) for op, rel, *_ in stage.ops], list(stage.big)) for stage in plan.stages()]
+    put = _agent.OP_PUT
+    assert stages == [
+        ([(put, f".git/objects/{blob[:2]}/{blob[2:]}"), (put, "a.txt"), (put, "zzz.txt")],
+         [".git/objects/pack/pack-1.pack"]),
+        ([(put, ".git/objects/pack/pack-1.idx")], []),
+        ([(put, f".git/objects/{oid[:2]}/{oid[2:]}") for oid in (sub, top, commit)], []),
+        ([(put, rel) for rel in (".git/HEAD", ".git/index", ".git/logs/HEAD", ".git/packed-refs",
+                                 ".git/refs/heads/main")], []),
+        ([(_agent.OP_DELETE, ".git/objects/12/gone")], [])]
+    assert plan.big == [".git/objects/pack/pack-1.pack"] and plan.deletes == [".git/objects/12/gone"]
+    # an object folder gc emptied and a commit filled again is the same folder: nothing deleted
+    again = planner.plan({f".git/objects/{top[:2]}"}, added={f".git/objects/{top[:2]}"},
+                         deleted={f".git/objects/{top[:2]}"})
+    assert _agent.OP_DELETE not in [op for op, *_ in again]
 
 
 def test_changed_paths_against_the_servers_listing(tmp_path: Path) -> None:

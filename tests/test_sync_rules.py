@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,19 @@ from colab_remote._twoway.base import CONFLICT, PULL, PUSH, SAME, Base, Entry, d
 from colab_remote.sync import _local_dir, parse_remote
 
 F = 0o100644
+
+
+def _old_python() -> list[str]:
+    """The oldest python3 the runtime may have (3.6, 3.7) when this machine has one."""
+    for minor in (6, 7):
+        for found in [*sorted(map(str, Path.home().glob(f".pyenv/versions/3.{minor}.*/bin/python3"))),
+                      shutil.which(f"python3.{minor}")]:
+            if found and subprocess.run([found, "-c", ""], capture_output=True).returncode == 0:
+                return [found]  # (pyenv's shims answer for versions it does not select)
+    return []
+
+
+PYTHONS = [sys.executable, *_old_python()]
 
 
 def test_default_ignores_gitignore_syntax_and_our_own_names() -> None:
@@ -119,11 +133,13 @@ def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert _local_dir(tmp_path / "project") == str((tmp_path / "project").resolve())
 
 
-def test_the_peer_runs_on_python_3_6() -> None:
+def test_the_peer_runs_on_python_3_6(tmp_path: Path) -> None:
     vermin = Path(sys.executable).with_name("vermin")
     if not vermin.exists():
         pytest.skip("vermin is not installed (pip install -e '.[test]')")
-    files = [str(Path(m.__file__ or "")) for m in (peer, rules, fs)]
+    loader = tmp_path / "loader.py"
+    loader.write_text(link.LOADER)
+    files = [str(Path(m.__file__ or "")) for m in (peer, rules, fs)] + [str(loader)]
     done = subprocess.run([str(vermin), "--no-tips", "--violations", "-t=3.6-", *files],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -132,10 +148,10 @@ def test_the_peer_runs_on_python_3_6() -> None:
 class Peer:
     """The runtime's peer, started through the real loader, over a pipe."""
 
-    def __init__(self, root: Path, **start: object) -> None:
+    def __init__(self, root: Path, python: str = sys.executable, **start: object) -> None:
         # as the runtime's shell runs it, a chatty start-up file first
         shell = 'echo "welcome to the runtime"; exec "$0" -I -B -c "$1" peer'
-        self.proc = subprocess.Popen(["/bin/sh", "-c", shell, sys.executable, link.LOADER],
+        self.proc = subprocess.Popen(["/bin/sh", "-c", shell, python, link.LOADER],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         self.buf = bytearray()
         assert self.proc.stdin is not None
@@ -165,7 +181,9 @@ class Peer:
                     return rec
             ready, _, _ = select.select([fd], [], [], max(0, deadline - time.monotonic()))
             assert ready, "the peer said nothing"
-            self.buf += os.read(fd, 1 << 20)
+            more = os.read(fd, 1 << 20)
+            assert more, f"the peer ended: {self.buf!r}"
+            self.buf += more
 
     def until(self, op: bytes) -> list[tuple[bytes, bytes, int, int, int, bytes]]:
         found = [self.next()]
@@ -179,9 +197,11 @@ class Peer:
         self.proc.wait(10)
 
 
-def test_the_peer_guards_writes_suppresses_echoes_and_reports_changes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this" if p == sys.executable else "old")
+def test_the_peer_guards_writes_suppresses_echoes_and_reports_changes(tmp_path: Path, python: str) -> None:
+    """Through the real loader (the runtime's oldest python too, when this machine has one)."""
     root = tmp_path / "rt"
-    p = Peer(root)
+    p = Peer(root, python)
     try:
         assert p.hello["protocol"] == peer.PROTOCOL and p.hello["created"] and p.hello["marker"] == ""
         pack = _agent.pack
@@ -222,7 +242,7 @@ def test_the_peer_guards_writes_suppresses_echoes_and_reports_changes(tmp_path: 
         p.send(pack(peer.OP_PART, b"big", offset=0, data=blob[:1 << 20]))
     finally:
         p.close()
-    p = Peer(root)
+    p = Peer(root, python)
     try:
         assert json.loads(p.hello["marker"]) == {"sync": "s1"} and not p.hello["created"]
         p.send(_agent.pack(peer.OP_BIG, b"big", mtime_ns=5, offset=len(blob)))

@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import _agent, _proc, _sync
 from ..errors import MirrorError
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, changed_paths
+from .plan import Entry, Plan, Planner, Stage, changed_paths
 from .report import Progress
 from .restore import Selection, Writer
 
@@ -101,6 +101,9 @@ class Channel:
     def prune(self) -> None:
         """Remove old trash on the server (the agent does it itself)."""
 
+    def ping(self) -> None:
+        """Tell the server-side agent the mirror is still there (an idle mirror)."""
+
 
 def _stamp() -> str:
     t = time.time()
@@ -117,6 +120,7 @@ class AgentChannel(Channel):
         self._buf = b""
         self.outstanding = 0
         self.sent_bytes = 0
+        self.trash: dict[str, object] | None = None  # what the server's trash holds (the agent says)
 
     # --- start and stop ------------------------------------------------------------------------
     def open(self) -> None:
@@ -129,6 +133,11 @@ class AgentChannel(Channel):
         self.outstanding = self.sent_bytes = 0
         try:
             op, _, _, _, _, data = self._record(time.monotonic() + 30)
+            if op == _agent.R_FAIL:  # another mirror writes there (the agent says which)
+                self.close()
+                raise MirrorError(data.decode(errors="replace"),
+                                  fix="stop that mirror first (.stop() in its runtime), or "
+                                      "mirror to another folder")
             hello = json.loads(data) if op == _agent.R_HELLO else {}
         except (ConnectionLost, ValueError) as e:
             self.close()
@@ -140,6 +149,7 @@ class AgentChannel(Channel):
             raise MirrorError(f"the agent on the server speaks protocol {hello.get('protocol')!r}, "
                               f"this colab-remote {_agent.VERSION!r}",
                               fix="run mirror() again with the password: it installs this version")
+        self.trash = hello.get("trash")
         log.info("agent on the server: pid %s, keeps the trash %s days", hello.get("pid"),
                  hello.get("keep_days"))
 
@@ -215,7 +225,9 @@ class AgentChannel(Channel):
             op, _, _, _, _, data = self._record(deadline)
             if op != _agent.R_ACK:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
-            errors += json.loads(data)
+            answer = json.loads(data)
+            errors += answer["errors"]
+            self.trash = answer.get("trash") or self.trash
             self.outstanding -= 1
         self.sent_bytes = 0
         return errors
@@ -236,16 +248,31 @@ class AgentChannel(Channel):
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
             found[os.fsdecode(path)] = Entry(mode, size, mtime, data)
 
+    def ping(self) -> None:
+        self._send([])  # an empty batch: the agent notes the writer is active and answers
+        errors = self._collect()
+        if errors:
+            log.warning("server errors: %s", errors[:5])
+
     def count(self, listing: dict[str, Entry] | None) -> int:
         listing = self.listing() if listing is None else listing
         return sum(1 for e in listing.values() if not stat.S_ISDIR(e.mode))
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
+        """Each stage's records, then its big files, before the next stage (see :class:`Plan`)."""
         sent = Sent()
+        for stage in plan.stages():
+            self._send_stage(stage, plan.planner, sent, progress)
+        sent.deletes = len(plan.deletes)
+        sent.errors += self._collect()
+        plan.planner.acknowledged(plan, ok=not sent.errors)
+        return sent
+
+    def _send_stage(self, stage: Stage, planner: Planner, sent: Sent, progress: Progress | None) -> None:
         records: list[bytes] = []
         size = 0
-        pack, planner = _agent.pack, plan.planner
-        for op, rel, mode, mtime, data in plan:
+        pack = _agent.pack
+        for op, rel, mode, mtime, data in stage.ops:
             sent.ops += 1
             if op == _agent.OP_PUT:
                 sent.files += 1
@@ -265,8 +292,7 @@ class AgentChannel(Channel):
             self._send(records)
             if progress is not None:
                 progress.add(len(records), size)
-        sent.deletes = len(plan.deletes)
-        for rel in plan.big:
+        for rel in stage.big:
             nbytes = self._send_big(rel, planner)
             if nbytes is not None:
                 sent.files += 1
@@ -274,9 +300,6 @@ class AgentChannel(Channel):
                 sent.nbytes += nbytes
                 if progress is not None:
                     progress.add(1, nbytes)
-        sent.errors += self._collect()
-        planner.acknowledged(plan, ok=not sent.errors)
-        return sent
 
     def _send_big(self, rel: str, planner: Planner) -> int | None:
         """Stream one big file in chunks (the agent checks the digest before putting the file in
@@ -386,33 +409,43 @@ class ShellChannel(Channel):
         return f"{_sync.TRASH}/{_stamp()}" if self.cfg.backup else None
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
+        """Per stage (see :class:`Plan`): its deletes, then its folders, links and files by rsync."""
         sent = Sent()
-        listed = [rel for op, rel, *_ in plan if op in (_agent.OP_MKDIR, _agent.OP_LINK)]
-        sent.ops = len(listed) + len(plan.deletes)
+        for stage in plan.stages():
+            ops = list(stage.ops)
+            deletes = [rel for op, rel, *_ in ops if op == _agent.OP_DELETE]
+            listed = [rel for op, rel, *_ in ops if op in (_agent.OP_MKDIR, _agent.OP_LINK)]
+            sent.ops += len(listed) + len(deletes)
+            if deletes:
+                self._delete(deletes)
+            self._rsync(listed + stage.big, plan.planner.root, sent)
         sent.deletes = len(plan.deletes)
-        if plan.deletes:
-            script = _sync.remote_delete_script(plan.deletes, _stamp(), backup=self.cfg.backup)
-            folder = shlex.quote(_sync.remote_path(self.link.dest.path))
-            done = _proc.run(self.link.mux(f"cd -- {folder} && exec sh -s"), input=script, timeout=120,
-                             check=False, error=MirrorError)
-            if done.returncode == 255:
-                raise ConnectionLost(done.stderr)
-        files = listed + plan.big
-        if files:
-            argv = _sync.rsync_files_argv(self.cfg.rsync, self.link.rsync_e(), plan.planner.root,
-                                          self.link.rsync_dest, backup_dir=self._backup_dir())
-            warning = self.link.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in files))
-            if warning:
-                sent.errors.append(["", warning])
-            for rel in files:
-                try:
-                    st = os.lstat(os.path.join(plan.planner.root, rel))
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    sent.files += 1
-                    sent.nbytes += st.st_size
         return sent
+
+    def _delete(self, paths: list[str]) -> None:
+        script = _sync.remote_delete_script(paths, _stamp(), backup=self.cfg.backup)
+        folder = shlex.quote(_sync.remote_path(self.link.dest.path))
+        done = _proc.run(self.link.mux(f"cd -- {folder} && exec sh -s"), input=script, timeout=120,
+                         check=False, error=MirrorError)
+        if done.returncode == 255:
+            raise ConnectionLost(done.stderr)
+
+    def _rsync(self, files: list[str], root: str, sent: Sent) -> None:
+        if not files:
+            return
+        argv = _sync.rsync_files_argv(self.cfg.rsync, self.link.rsync_e(), root,
+                                      self.link.rsync_dest, backup_dir=self._backup_dir())
+        warning = self.link.run_rsync(argv, data=b"".join(os.fsencode(r) + b"\0" for r in files))
+        if warning:
+            sent.errors.append(["", warning])
+        for rel in files:
+            try:
+                st = os.lstat(os.path.join(root, rel))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sent.files += 1
+                sent.nbytes += st.st_size
 
     def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
                    listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:

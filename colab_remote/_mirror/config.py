@@ -36,4 +36,6 @@ class MirrorConfig(Config):
     backup: bool = True
     restore: bool = False
     keep_days: float = 7.0
+    trash_share: float = 0.25    # the trash's budget (the server keeps these numbers)
+    trash_max_gb: float = 10.0
     stop_flush: float = 10.0     # seconds a foreground mirror flushes for on Ctrl-C

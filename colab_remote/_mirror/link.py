@@ -124,7 +124,7 @@ class Link:
         comes (its ``--info=progress2`` lines)."""
         done = _proc.run(argv, input=data, timeout=timeout, check=False, on_output=on_output)
         rc, output = done.returncode, done.tail if on_output is None else _proc.last_lines(done.stderr)
-        if _sync.rsync_exit_ok(rc):
+        if _sync.rsync_exit_ok(rc, done.stdout + done.stderr):  # 23 for files deleted meanwhile
             return ""
         if rc in RSYNC_LINK_FAILED or not self.up:
             raise ConnectionLost(f"rsync exit {rc}: {output[-500:]}")

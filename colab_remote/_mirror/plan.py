@@ -6,6 +6,11 @@ folder's whole content (files may have landed before its watch existed), deletes
 Files too big for one record, and every file when the server has no agent, are listed apart
 (:attr:`Plan.big`) for the channel to stream. Each file's (size, mtime, mode, digest) is noted in
 :attr:`Plan.sending`; a file the agent already acknowledged with the same four is not sent again.
+
+A git repository's files travel in stages (:meth:`Plan.stages`, :mod:`.git`): blobs and packs,
+what indexes packs, trees and commits (each after what it names), then refs, ``HEAD`` and the
+index, then the deletes of loose objects a ``gc`` packed; so a server copy cut off anywhere is a
+repository git can read.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from .. import _agent, _sync
+from . import git
 
 # One op for the agent: (op, path relative to the root, mode, mtime in ns, data or link target)
 Op = tuple[bytes, str, int, int, bytes | None]
-Digest = tuple[int, int, int, bytes]  # size, mtime in ns, mode, blake2b-128 of the content
+Digest = tuple[int, int, int, bytes]  # size, mtime in ns, mode, blake2b-128 of the content (a big
+                                      # file: b"inode:ctime in ns" instead)
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
@@ -85,26 +92,83 @@ class _Folders:
         self.fd, self.rel = -1, None
 
 
+class Stage:
+    """One stage of a batch: its ops (a stream for the first stage, read as it is sent) and the
+    big files it holds (complete once its ops have been iterated)."""
+
+    def __init__(self, ops: Iterable[Op] = ()) -> None:
+        self.ops: Iterable[Op] = ops
+        self.big: list[str] = []
+
+
 class Plan:
     """The ops for one batch (iterate it once), and what iterating it found.
 
     ``big``: files for the channel to stream (big ones; every file without ``inline``);
     ``deletes``: paths deleted; ``sending``: the digest of each file op, for :attr:`Planner.sent`
-    once the agent has acknowledged the batch.
+    once the agent has acknowledged the batch. A channel sends :meth:`stages` one after the other
+    (each stage's big files before the next stage starts); iterating the plan gives every op.
     """
 
     def __init__(self, planner: Planner, paths: set[str], added: set[str] | None = None,
-                 deleted: set[str] | None = None) -> None:
+                 deleted: set[str] | None = None,
+                 catch_up: Callable[[], Plan | None] | None = None) -> None:
         self.planner, self.paths = planner, paths
+        self.catch_up = catch_up  # once a repository's names are read: the objects written before
         self.added, self.deleted = added or set(), deleted or set()
-        self.big: list[str] = []
         self.deletes: list[str] = []
         self.sending: dict[str, Digest] = {}
+        self._stages: dict[int, Stage] = {git.BLOBS: Stage()}
         self._seen: set[str] = set()
         self._linked: dict[str, bool] = {}  # folder -> is a link
         self._inside: dict[str, bool] = {}  # folder -> it or a folder above it is a link
 
+    @property
+    def big(self) -> list[str]:
+        return [rel for n in sorted(self._stages) for rel in self._stages[n].big]
+
+    def stages(self) -> Iterator[Stage]:
+        """The first stage streams as the folder is read; the later ones (a repository's pack
+        indexes, trees and commits, names, packed-away objects) are known once it has been
+        iterated."""
+        first = self._stages[git.BLOBS]
+        first.ops = self._scan()
+        yield first
+        for n in sorted(self._stages):
+            if n == git.NAMES and self.catch_up is not None:
+                extra = self.catch_up()
+                if extra is not None:
+                    yield from extra.stages()
+                    self.sending.update(extra.sending)
+                    self.deletes += extra.deletes
+            if n == git.OBJECTS:
+                self._stages[n].ops = git.ordered(list(self._stages[n].ops))
+            if n != git.BLOBS:
+                yield self._stages[n]
+
     def __iter__(self) -> Iterator[Op]:
+        for stage in self.stages():
+            yield from stage.ops
+
+    def _stage(self, rel: str, *, delete: bool = False, data: bytes | None = None) -> Stage:
+        n = git.stage(rel, delete=delete, data=data)
+        if n not in self._stages:
+            self._stages[n] = Stage([])
+        return self._stages[n]
+
+    def _scan(self) -> Iterator[Op]:
+        """The first stage's ops; the later stages' go to their lists."""
+        for op in self._ops():
+            # a folder replaced (deleted, there again) is deleted in the stage of its new content
+            gone = op[0] == _agent.OP_DELETE and op[1] not in self._seen
+            stage = self._stage(op[1], delete=gone, data=op[4] if op[0] == _agent.OP_PUT else None)
+            if stage is self._stages[git.BLOBS]:
+                yield op
+            else:
+                assert isinstance(stage.ops, list)
+                stage.ops.append(op)
+
+    def _ops(self) -> Iterator[Op]:
         p = self.planner
         folders = _Folders(p.root)
         try:
@@ -122,7 +186,7 @@ class Plan:
                     continue
                 self._seen.add(rel)
                 is_dir = stat.S_ISDIR(st.st_mode)
-                if is_dir and rel in self.deleted and p.delete:
+                if is_dir and rel in self.deleted and p.delete and not git.keeps(rel):
                     self.deletes.append(rel)  # replaced: send it whole again
                     yield (_agent.OP_DELETE, rel, 0, 0, None)
                 op = self._entry(rel, fd, name, st)
@@ -154,7 +218,15 @@ class Plan:
         p = self.planner
         if stat.S_ISREG(st.st_mode):
             if st.st_size >= _sync.BIG_FILE or not p.inline:
-                self.big.append(rel)
+                # not read here: its inode's size, times and mode stand for its content (the same
+                # change reported twice, by notify and by the doorbell, is sent once)
+                key = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                       b"%d:%d" % (st.st_ino, st.st_ctime_ns))
+                if p.inline and p.sent.get(rel) == key:
+                    return None
+                self._stage(rel).big.append(rel)
+                if p.inline:
+                    self.sending[rel] = key
                 return None
             try:  # mode and mtime from the lstat: a change since then has its own event
                 data = read_file(name, st.st_size, fd)
@@ -222,9 +294,9 @@ class Planner:
         # whose own event comes later is read again but not resent
         self.sent: dict[str, Digest] = {}
 
-    def plan(self, paths: set[str], added: set[str] | None = None,
-             deleted: set[str] | None = None) -> Plan:
-        return Plan(self, paths, added, deleted)
+    def plan(self, paths: set[str], added: set[str] | None = None, deleted: set[str] | None = None,
+             catch_up: Callable[[], Plan | None] | None = None) -> Plan:
+        return Plan(self, paths, added, deleted, catch_up)
 
     def forget(self, rel: str, *, folder: bool = False) -> None:
         """``rel`` changed on the server side of our knowledge (deleted, replaced)."""

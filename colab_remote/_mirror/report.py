@@ -111,3 +111,21 @@ class Progress:
                                fraction >= 1)
 
         return on_output
+
+
+def trash_text(trash: dict[str, Any] | None) -> str:
+    """What the server's trash holds and what was pruned (the card's trash row)."""
+    if not trash:
+        return f"deleted and overwritten files: {_sync.TRASH}/ on the server"
+    text = (f"{trash.get('bytes', 0) / 1e6:.1f} MB, {trash.get('versions', 0)} versions "
+            f"(at most {trash.get('limit', 0) / 1e6:.1f} MB now)")
+    pruned = trash.get("pruned") or {}
+    if pruned.get("versions") or pruned.get("folders"):
+        why = ", ".join(f"{PRUNED.get(k, k)}: {v}" for k, v in (pruned.get("reasons") or {}).items())
+        text += (f"; pruned {pruned.get('versions', 0)} versions, "
+                 f"{pruned.get('bytes', 0) / 1e6:.1f} MB ({why})")
+    return text
+
+
+PRUNED = {"cap": "over trash_max_gb", "space": "disk space low", "full": "disk full",
+           "age": "older than keep_days"}

@@ -1,9 +1,10 @@
 """What changed in the mirrored folder, and when: watchfiles' notify and an inotify doorbell.
 
 watchfiles (notify) records what changed; a plain inotify "doorbell" on the same folders says
-*when* to look, so an idle mirror sleeps in ``select`` instead of polling. In a burst the
-doorbell's events are read directly and watchfiles' notify thread is closed until it is quiet
-again (that thread wakes for every event: in a burst, the costliest part of the mirror).
+*when* to look, so an idle mirror sleeps in ``select`` instead of polling, and what notify misses:
+notify watches a new folder only once it has seen it made, the doorbell before the folder is listed.
+In a burst only the doorbell's events are read and watchfiles' notify thread is closed until it is
+quiet again (that thread wakes for every event: in a burst, the costliest part of the mirror).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ _IN_CLOEXEC = 0o2000000
 class Doorbell:
     """A plain inotify descriptor on every mirrored folder.
 
-    While things are calm it carries no information (watchfiles has that): it only lets the
-    watcher sleep in ``select`` instead of polling. In a burst its events are read directly (see
+    It lets the watcher sleep in ``select`` instead of polling, and its events are delivered with
+    watchfiles' (the same change twice costs a set insertion): a new folder gets its doorbell watch
+    before it is listed, while notify's comes once notify has seen the folder made, and what lands
+    in between only the doorbell reports. In a burst its events are the only ones read (see
     :class:`Watcher`): watchfiles' notify thread wakes for every single event, which in a burst of
     10,000 new files costs as much CPU as all the rest of the mirror.
     """
@@ -89,12 +92,6 @@ class Doorbell:
             return True  # gone meanwhile: its parent's event says so
         self.folders[wd] = rel  # a folder moved and listed again: its new name
         return True
-
-    def drain(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(BlockingIOError, OSError):
-                while os.read(self.fd, 65536):
-                    pass
 
     def read(self, flt: _sync.MirrorFilter) -> tuple[list[tuple[int, str]], bool]:
         """The changes queued since the last read, as watchfiles reports them ``(change, rel)``,
@@ -196,12 +193,15 @@ class Watcher(threading.Thread):
                 if time.monotonic() > busy_until:
                     fds = [self._wake_r] + ([self.bell.fd] if self.bell.fd >= 0 else [])
                     select.select(fds, [], [], self.idle_check)
-                    self.bell.drain()
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.set_blocking(self._wake_r, False)
                         os.read(self._wake_r, 4096)
                 if self.stopping:
                     break
+                # The doorbell's own events too: notify watches a new folder only once it has seen
+                # it made, and misses what lands in it before (git makes objects/ab, then writes
+                # into it at once); the doorbell's watch is there before the folder is listed.
+                self._read_bell()
                 asked = self._sync_asked
                 # from idle: 1 ms steps (a single edit arrives in a few ms); in a burst: 5 ms
                 # steps, bigger batches and fewer GIL hand-overs with the pushing thread

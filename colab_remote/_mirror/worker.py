@@ -24,11 +24,12 @@ from typing import Any
 from .. import _net, _proc, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
+from . import git
 from .channel import Channel, Sent, open_channel
 from .config import MirrorConfig
 from .control import ControlServer
 from .link import ConnectionLost, Link
-from .plan import Entry, Planner, scan_local
+from .plan import Entry, Plan, Planner, scan_local
 from .report import Progress, Reporter
 from .watch import Watcher
 
@@ -36,9 +37,13 @@ log = logging.getLogger("colab_remote.mirror")
 
 BURST_PATHS = 200           # pushes this big together are a burst: a whole-tree pass follows once quiet
 BURST_QUIET = 0.3           # seconds without events before that pass
-FULL_PASS_EVERY = 600.0     # and one pass at most this often while anything at all changes
+VERIFY_EVERY = 60.0         # a verification (a whole-tree pass) at most this often while anything changes,
+VERIFY_SHARE = 0.02         # ... and never more than this share of the time (a pass of 3 s: every 150 s)
+VERIFY_IDLE = 3600.0        # ... and this often anyway (a change no event reported)
 RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-tree pass this much later
 PRUNE_EVERY = 6 * 3600.0
+KEEPALIVE = 120.0           # an idle mirror tells its agent it is still there this often (the server
+                            # lets another runtime take the folder over from one silent 5 minutes)
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -64,16 +69,24 @@ class Worker:
         self.stop_flush_until = 0.0
         self.full_due: float | None = None
         self.last_full = 0.0
+        self.full_took = 0.0
+        self.verify_asked = 0       # flush() asks for a verification after the events it waits for
+        self.verify_after = 0       # ... have been pushed
+        self.verify_done = 0
+        self.verify_errors = False  # the last verification met errors
+        self.verifying = 0          # the flush requests the whole-tree pass under way answers
+        self.refused: dict[str, bool] = {}  # what the server refused (path -> it was a delete)
         self.last_prune = time.monotonic()
+        self.last_ping = time.monotonic()
         self.changed_since_full = False
         self.run_paths = 0          # paths pushed since the last quiet spell (see push())
         self.last_push_end = 0.0
         self.stats: dict[str, Any] = {"files": 0, "bytes": 0, "pushes": 0, "full_passes": 0,
                                       "deleted": 0, "last_push": None, "last_error": None,
-                                      "reconnects": 0}
+                                      "reconnects": 0, "verified": None, "verify_seconds": None,
+                                      "verify_fixed": 0}
         self.watcher: Watcher | None = None
         self.connected = False
-        self.error_count = 0
         self.report = Reporter(Path(cfg.run_dir), {
             "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
             "sock_dir": cfg.sock_dir}, self.snapshot)
@@ -94,6 +107,9 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         with self.cond:
             pending = len(self.pending) + (1 if self.full_due is not None else 0)
+        trash = getattr(self.channel, "trash", None)
+        if trash is not None:
+            self.stats["trash"] = trash  # kept while disconnected
         return {**self.stats, "pending": pending, "state": self.report.state.value,
                 "connected": self.connected, "in_flight": self.in_flight}
 
@@ -135,24 +151,23 @@ class Worker:
         return {"error": f"unknown command {words[0]!r}"}
 
     def flush(self, timeout: float) -> str:
-        """Wait until everything changed before the call is on the server: '' when it is,
-        "timeout", or "errors" (the server refused some of it)."""
+        """Wait until the server holds the folder as it was at the call: every change reported
+        until then pushed, then a verification (the server's listing against the folder: what an
+        event missed or the server refused is sent again). '' when it holds it, "timeout", or
+        "errors" (the server refuses some of it)."""
         deadline = time.monotonic() + timeout
-        errors_before = self.error_count
         if self.watcher is not None and not self.watcher.sync(min(timeout, 10)):
             return "timeout"
         with self.cond:
-            target = self.events
-            if self.full_due is not None:
-                self.full_due = time.monotonic()
+            self.verify_asked += 1
+            token = self.verify_asked
+            self.verify_after = max(self.verify_after, self.events)
             self.cond.notify_all()
-            done = self.cond.wait_for(
-                lambda: self.pushed_events >= target and not self.pending and not self.in_flight
-                and self.full_due is None and self.connected,
-                max(0.0, deadline - time.monotonic()))
-        if not done:
-            return "timeout"
-        return "" if self.error_count == errors_before else "errors"
+            done = self.cond.wait_for(lambda: self.verify_done >= token,
+                                      max(0.0, deadline - time.monotonic()))
+            if not done:
+                return "timeout"
+            return "errors" if self.verify_errors else ""
 
     def request_stop(self, flush_timeout: float) -> None:
         with self.cond:
@@ -170,7 +185,12 @@ class Worker:
         """
         assert self.channel is not None
         t0 = time.monotonic()
-        sent = self.channel.send(self.planner.plan(paths, added, deleted), progress)
+        added, deleted = set() if added is None else added, set() if deleted is None else deleted
+
+        def catch_up() -> Plan | None:
+            return self._objects_meanwhile(paths, added, deleted)
+
+        sent = self.channel.send(self.planner.plan(paths, added, deleted, catch_up), progress)
         took = time.monotonic() - t0
         if took > 0.2:
             log.info("pushed %d files (%d ops, %d big) in %.3f s", sent.files, sent.ops, sent.big, took)
@@ -193,13 +213,36 @@ class Worker:
         self.report.dirty = True
         return sent
 
+    def _objects_meanwhile(self, paths: set[str], added: set[str], deleted: set[str]) -> Plan | None:
+        """A batch has read a repository's names (the index, refs): the objects git wrote before
+        may still be on their way here. Every event up to now, and the objects among them join
+        the batch (``paths``, ``added``, ``deleted``: kept again if the push fails)."""
+        if self.watcher is None or not self.watcher.sync(5):
+            return None
+        with self.cond:
+            take = {p for p in self.pending if git.is_object(p)}
+            if not take:
+                return None
+            self.pending -= take
+            more_added, more_deleted = self.added & take, self.deleted & take
+            self.added -= more_added
+            self.deleted -= more_deleted
+        paths |= take
+        added |= more_added
+        deleted |= more_deleted
+        return self.planner.plan(take, more_added, more_deleted)
+
     def _errors(self, sent: Sent) -> None:
+        """The server refused some changes (a full disk, a read-only folder): the state says so
+        until a whole-tree pass gets everything there; that pass comes a little later."""
         if not sent.errors:
             return
-        self.error_count += 1
-        self.stats["last_error"] = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
-        log.warning("server errors: %s", self.stats["last_error"])
-        # what failed (a full disk, say) is sent again by a whole-tree pass a little later
+        for rel, _ in sent.errors:
+            if rel:  # sent again by the next whole-tree pass (which never deletes by itself)
+                self.refused[rel] = not os.path.lexists(os.path.join(self.root, rel))
+        error = "; ".join(f"{p}: {e}" if p else e for p, e in sent.errors[:5])
+        log.warning("server errors: %s", error)
+        self.set_state(State.REFUSED, error)
         retry = time.monotonic() + RETRY_AFTER_ERROR
         self.full_due = retry if self.full_due is None else min(self.full_due, retry)
 
@@ -210,17 +253,40 @@ class Worker:
         assert self.channel is not None
         t0 = time.monotonic()
         progress = self.report.phase(phase, *estimate) if phase else None
-        sent = self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
-                                       self.root, self.flt, listing, progress)
+        sent = Sent()
+        if self.refused:  # what the server refused, deletes too, first
+            retry, self.refused = self.refused, {}
+            sent.add(self.push(set(retry), set(), {p for p, gone in retry.items() if gone},
+                               whole=True))
+        sent.add(self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
+                                         self.root, self.flt, listing, progress))
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
-        log.info("whole-tree pass in %.3f s", self.last_full - t0)
+        self.full_took = self.last_full - t0
+        self.verify_errors = bool(sent.errors)
+        if not sent.errors:  # the server holds the folder as it was at the pass's listing
+            self.stats.update(verified=time.time(), verify_seconds=round(self.full_took, 4),
+                              last_error=None)
+            self.report.error = None
+            if phase is None:
+                self.stats["verify_fixed"] = sent.ops
+                if sent.ops:
+                    log.warning("the whole-tree pass sent %d changes no event had reported", sent.ops)
+            if self.state is State.REFUSED:
+                self.set_state(State.UP)
+                log.info("the server takes every change again")
+        log.info("whole-tree pass in %.3f s", self.full_took)
 
     def prune(self) -> None:
         assert self.channel is not None
         self.last_prune = time.monotonic()
         self.channel.prune()
+
+    def ping(self) -> None:
+        assert self.channel is not None
+        self.last_ping = time.monotonic()
+        self.channel.ping()
 
     # -- the connection ------------------------------------------------------------------------
     def connect(self) -> None:
@@ -256,8 +322,12 @@ class Worker:
                     self.stats["last_error"] = what
                     log.warning("reconnect failed: %s", what)
                     self.disconnect()
-                    if isinstance(e, AuthenticationError):
-                        # a changed password: keep trying, but slowly (no lockouts, no log spam)
+                    if isinstance(e, ColabRemoteError) and not isinstance(e, AuthenticationError):
+                        # refused by the server's agent (another mirror writes the folder now)
+                        self.set_state(State.REFUSED, what)
+                    if isinstance(e, ColabRemoteError):
+                        # a changed password, another writer: keep trying, but slowly (no
+                        # lockouts, no log spam)
                         backoff = Backoff(30.0, 60.0)
             with self.cond:
                 self.cond.wait(backoff.next())
@@ -272,19 +342,26 @@ class Worker:
             if self.stop_asked and (not self.pending and self.full_due is None
                                     or now >= self.stop_flush_until):
                 return None
-            if self.pending:
+            verify = self.verify_asked > self.verify_done and self.pushed_events >= self.verify_after
+            if self.pending and not verify:
                 paths, added, deleted = self.pending, self.added, self.deleted
                 self.pending, self.added, self.deleted = set(), set(), set()
                 self.in_flight = True
                 return "push", paths, added, deleted, self.events
-            if self.full_due is not None and now >= self.full_due or (
-                    self.changed_since_full and now - self.last_full > FULL_PASS_EVERY):
+            every = max(VERIFY_EVERY, self.full_took / VERIFY_SHARE)
+            if verify or self.full_due is not None and now >= self.full_due or (
+                    self.changed_since_full and now - self.last_full > every) or (
+                    now - self.last_full > VERIFY_IDLE):
                 self.full_due, self.changed_since_full = None, False
                 self.in_flight = True
+                self.verifying = self.verify_asked
                 return "full", set(), set(), set(), self.events
             if now - self.last_prune > PRUNE_EVERY:
                 self.in_flight = True
                 return "prune", set(), set(), set(), self.events
+            if now - max(self.last_push_end, self.last_full, self.last_ping) > KEEPALIVE:
+                self.in_flight = True
+                return "ping", set(), set(), set(), self.events
             if self.watcher is not None and (self.watcher.error is not None
                                              or not self.watcher.is_alive()):
                 # notify failed (the folder vanished, say): watch again, then a whole pass covers
@@ -296,7 +373,7 @@ class Worker:
                     self._start_watcher()
                     self.full_due = now + 1
                 continue
-            wait = 30.0 if self.full_due is None else self.full_due - now
+            wait = min(30.0, KEEPALIVE) if self.full_due is None else self.full_due - now
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -316,6 +393,8 @@ class Worker:
                     self.whole_pass()
                 elif kind == "prune":
                     self.prune()
+                elif kind == "ping":
+                    self.ping()
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
@@ -334,6 +413,8 @@ class Worker:
                 continue
             with self.cond:
                 self.pushed_events = max(self.pushed_events, target)
+                if kind == "full":
+                    self.verify_done = max(self.verify_done, self.verifying)
                 if not self.pending:
                     self.in_flight = False
                 self.cond.notify_all()
@@ -390,7 +471,8 @@ class Worker:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
         self.changed_since_full = False
-        self.set_state(State.UP)  # with the first push's last progress, for the bar
+        if self.state is not State.REFUSED:
+            self.set_state(State.UP)  # with the first push's last progress, for the bar
 
     def shutdown(self) -> None:
         if self.watcher is not None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _agent
+from .._agent import fs as agent_fs
 from . import fs, peer, rules
 from .base import Entry, stat_of
 from .link import Record
@@ -423,7 +424,7 @@ class Reader:
             if offset != self.at:
                 self.broken = True
             elif self.out >= 0:
-                _agent._write_all(self.out, data)
+                agent_fs.write_all(self.out, data)
             else:
                 self.parts.append(data)
             self.at += len(data)

@@ -17,6 +17,8 @@ import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from colab_remote import _agent
+from colab_remote._agent import fs as agent_fs
+from colab_remote._agent import protocol
 from colab_remote._twoway.rules import Rules
 
 # What both sides say about one path: (mode with its type bits, 0 when it is absent; size of a
@@ -27,8 +29,8 @@ ABSENT: Stat = (0, 0, 0, b"")
 RESUME = b"resume"                # in the trash's staging folder: big files arriving, by key
 RESUME_KEEP = 2 * 86400.0          # a part nobody resumed for this long is removed
 READ_CHUNK = 1 << 20
-O_DIR = _agent.O_DIR
-O_READ = _agent.O_READ
+O_DIR = protocol.O_DIR
+O_READ = protocol.O_READ
 
 
 def stat_of(st: os.stat_result, target: bytes = b"") -> Stat:
@@ -57,7 +59,7 @@ def stat_at(root_fd: int, rel: bytes) -> Stat:
         return ABSENT
     try:
         name = rel.rpartition(b"/")[2]
-        st = _agent._lstat(fd, name)
+        st = agent_fs.lstat_at(fd, name)
         if st is None:
             return ABSENT
         target = b""
@@ -134,14 +136,14 @@ def walk(root_fd: int, rules: Rules, prefix: bytes = b"") -> Iterator[Tuple[byte
     while stack:
         rel, fd = stack.pop()
         try:
-            names = _agent._names(fd)
+            names = agent_fs.names_in(fd)
         except OSError:
             os.close(fd)
             continue
         try:
             for name in names:
                 r = rel + b"/" + name if rel else name
-                st = _agent._lstat(fd, name)
+                st = agent_fs.lstat_at(fd, name)
                 if st is None:
                     continue
                 is_dir = stat.S_ISDIR(st.st_mode)
@@ -154,7 +156,7 @@ def walk(root_fd: int, rules: Rules, prefix: bytes = b"") -> Iterator[Tuple[byte
                     except OSError:
                         continue
                 elif is_dir:
-                    sub = _agent.open_folder(fd, name, False)
+                    sub = agent_fs.open_folder(fd, name, False)
                     if sub is None:
                         continue
                     stack.append((r, sub))
@@ -171,8 +173,8 @@ def has_entries(root_fd: int, rel: bytes, rules: Rules) -> bool:
     if fd is None:
         return False
     try:
-        for name in _agent._names(fd):
-            st = _agent._lstat(fd, name)
+        for name in agent_fs.names_in(fd):
+            st = agent_fs.lstat_at(fd, name)
             r = os.fsdecode(rel + b"/" + name)
             if st is not None and not rules.excluded(r, stat.S_ISDIR(st.st_mode)):
                 return True
@@ -207,7 +209,7 @@ class Partials:
         self.fds: Dict[bytes, int] = {}
 
     def _folder(self) -> int:
-        trash = self.tree._trash()
+        trash = self.tree.trash.folders()
         fd = trash.get(_agent.STAGING + b"/" + RESUME, create=True)
         assert fd is not None
         return fd
@@ -227,10 +229,10 @@ class Partials:
         fd = self._folder()
         name = self.names[rel] = self.key(rel, size, mtime)
         prefix = name.split(b"-")[0] + b"-"
-        for other in _agent._names(fd):
+        for other in agent_fs.names_in(fd):
             if other.startswith(prefix) and other != name:
-                _agent._remove_quietly(fd, other)
-        out = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _agent.O_CLOEXEC, 0o600, dir_fd=fd)
+                agent_fs.remove_quietly(fd, other)
+        out = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | protocol.O_CLOEXEC, 0o600, dir_fd=fd)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -265,7 +267,7 @@ class Partials:
         if have != offset:
             raise ValueError("a part at %d does not follow the %d bytes here" % (offset, have))
         os.lseek(out, offset, os.SEEK_SET)
-        _agent._write_all(out, data)
+        agent_fs.write_all(out, data)
 
     def join(self, rel: bytes, mode: int, mtime: int, size: int, digest: bytes) -> None:
         """The file is whole: the tree checks its digest and puts it in place (what it replaces
@@ -287,7 +289,7 @@ class Partials:
         name = self.names.pop(rel, None)
         self._close(rel)
         if name is not None:
-            _agent._remove_quietly(self._folder(), name)
+            agent_fs.remove_quietly(self._folder(), name)
 
     def _close(self, rel: bytes) -> None:
         fd = self.fds.pop(rel, None)
@@ -304,49 +306,30 @@ class Partials:
         """Remove parts nobody resumed for :data:`RESUME_KEEP`."""
         cut = (time.time() if now is None else now) - RESUME_KEEP
         fd = self._folder()
-        for name in _agent._names(fd):
-            st = _agent._lstat(fd, name)
+        for name in agent_fs.names_in(fd):
+            st = agent_fs.lstat_at(fd, name)
             if st is not None and st.st_mtime < cut:
-                _agent._remove_quietly(fd, name)
-
-
-def _size_of(fd: int, name: bytes) -> int:
-    st = _agent._lstat(fd, name)
-    if st is None:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_blocks * 512
-    sub = _agent.open_folder(fd, name, False)
-    if sub is None:
-        return 0
-    try:
-        return st.st_blocks * 512 + sum(_size_of(sub, n) for n in _agent._names(sub))
-    finally:
-        os.close(sub)
+                agent_fs.remove_quietly(fd, name)
 
 
 def upkeep(tree: _agent.Tree, keep_days: float, budget: int) -> List[bytes]:
     """The trash of ``tree``: older than ``keep_days`` goes, then the oldest until it holds at most
-    ``budget`` bytes; a ``.gitignore`` in it keeps it out of ``git status``. The names removed."""
-    tree.prune(keep_days)
-    trash = tree._trash()
+    ``budget`` bytes (the agent's own book of the trash's sizes, ``.sizes``); a ``.gitignore`` in it
+    keeps it out of ``git status``. The names removed."""
+    trash = tree.trash
+    trash.prune(keep_days)
+    folders = trash.folders()
     try:
-        fd = os.open(b".gitignore", _agent.O_NEW, 0o644, dir_fd=trash.root)
-        _agent._write_all(fd, b"# colab-remote: replaced and deleted files, by time\n*\n")
+        fd = os.open(b".gitignore", protocol.O_NEW, 0o644, dir_fd=folders.root)
+        agent_fs.write_all(fd, b"# colab-remote: replaced and deleted files, by time\n*\n")
         os.close(fd)
     except FileExistsError:
         pass
-    stamps = sorted(n for n in _agent._names(trash.root) if n[:1].isdigit())
-    sizes = [_size_of(trash.root, n) for n in stamps]
-    total, removed = sum(sizes), []
-    for name, size in zip(stamps, sizes):  # noqa: B905 - Python 3.6
-        if total <= budget:
-            break
-        trash.forget(name)
-        try:
-            _agent._remove_at(trash.root, name)
+    book = trash.budget.load(folders)
+    removed = []
+    while book and trash.budget.bytes > budget:
+        name = min(book)
+        if trash.budget.drop(folders, name, "cap"):
             removed.append(name)
-            total -= size
-        except OSError:
-            pass
+    trash.budget.save(folders, force=bool(removed))
     return removed

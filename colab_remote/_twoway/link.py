@@ -4,8 +4,9 @@ The master logs in with the user's own ssh set-up (``~/.ssh/config``: the alias 
 ``tunnel.ssh_config()`` printed, ProxyJump through the server) and opens nothing else: no agent
 forwarding, no X11, no port forwards (``ClearAllForwardings``), no local or remote command of the
 config; its control socket is in a private 0700 folder. Through it, ``python3 -I -B -c <loader>``
-starts in the runtime; the loader reads :mod:`colab_remote._agent`, :mod:`.rules`, :mod:`.fs` and
-:mod:`.peer` from stdin (nothing is installed there) and runs the peer. A reader thread splits the
+starts in the runtime; the loader reads the package :mod:`colab_remote._agent`, :mod:`.rules`,
+:mod:`.fs` and :mod:`.peer` from stdin, imports them from memory (nothing is installed or written
+there) and runs the peer. A reader thread splits the
 peer's records into events (its changes) and replies, each reply handed to the request that waits
 for it (the peer answers in order).
 """
@@ -34,11 +35,13 @@ log = logging.getLogger("colab_remote.sync")
 Record = tuple[bytes, bytes, int, int, int, bytes]  # op, path, mode, mtime, offset, data
 Handler = Callable[[Record], bool]                   # a request's replies; True when complete
 EVENTS = (peer.R_CHANGE, peer.R_FILE, peer.R_RESCAN, peer.R_NOTE)
-MODULES = ("colab_remote._agent", "colab_remote._twoway.rules", "colab_remote._twoway.fs",
-           "colab_remote._twoway.peer")
+# The two-way sync's modules the runtime's peer runs on (with the agent's package, see sources())
+MODULES = ("colab_remote._twoway.rules", "colab_remote._twoway.fs", "colab_remote._twoway.peer")
 
-# Run by the runtime's python3 (any version from 3.6): reads the modules from stdin, runs the peer.
-LOADER = r"""import json, os, sys, types
+# Run by the runtime's python3 (any version from 3.6): reads the modules' sources from stdin (a
+# JSON line, then their zlib-compressed sources), serves them to ``import`` from memory (nothing is
+# written in the runtime) and runs the peer.
+LOADER = r"""import importlib, importlib.abc, importlib.util, json, os, sys, zlib
 def r(n):
     b = b""
     while len(b) < n:
@@ -51,22 +54,23 @@ h = b""
 while not h.endswith(b"\n"):
     h += r(1)
 spec = json.loads(h.decode())
-for name, size in spec["modules"]:
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        pkg = ".".join(parts[:i])
-        if pkg not in sys.modules:
-            sys.modules[pkg] = types.ModuleType(pkg)
-            sys.modules[pkg].__path__ = []
-            if i > 1:
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], sys.modules[pkg])
-    m = types.ModuleType(name)
-    m.__package__ = ".".join(parts[:-1])
-    m.__file__ = "<colab-remote %s>" % name
-    sys.modules[name] = m
-    setattr(sys.modules[m.__package__], parts[-1], m)
-    exec(compile(r(size), m.__file__, "exec"), m.__dict__)
-sys.exit(sys.modules[spec["main"]].main())
+blob = zlib.decompress(r(spec["size"]))
+src, at = {}, 0
+for name, size, pkg in spec["modules"]:
+    src[name] = (blob[at:at + size], pkg)
+    at += size
+class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name not in src:
+            return None
+        return importlib.util.spec_from_loader(name, self, is_package=src[name][1])
+    def create_module(self, s):
+        return None
+    def exec_module(self, m):
+        m.__file__ = "<colab-remote %s>" % m.__name__
+        exec(compile(src[m.__name__][0], m.__file__, "exec"), m.__dict__)
+sys.meta_path.insert(0, Finder())
+sys.exit(importlib.import_module(spec["main"]).main())
 """
 
 
@@ -74,14 +78,33 @@ class ConnectionLost(Exception):
     """The connection to the runtime broke (the runtime went away, or the link did)."""
 
 
-def payload() -> bytes:
-    """What the loader reads: a JSON line naming the modules and their sizes, then their sources."""
-    import importlib
+def sources() -> list[tuple[str, bytes, bool]]:
+    """(module, source, is a package) of everything the peer runs on: ``colab_remote`` and
+    ``colab_remote._twoway`` as empty packages (their real ``__init__`` imports the laptop's
+    side), ``colab_remote._agent`` whole (standard library only), and :data:`MODULES`."""
+    agent_dir = Path(_agent.__file__).parent
+    found: list[tuple[str, bytes, bool]] = [
+        ("colab_remote", b"", True), ("colab_remote._twoway", b"", True),
+        ("colab_remote._agent", (agent_dir / "__init__.py").read_bytes(), True)]
+    for path in sorted(agent_dir.glob("*.py")):
+        if path.name != "__init__.py":
+            found.append((f"colab_remote._agent.{path.stem}", path.read_bytes(), False))
+    here = Path(__file__).parent
+    for name in MODULES:
+        found.append((name, (here / (name.rpartition(".")[2] + ".py")).read_bytes(), False))
+    return found
 
-    sources = [Path(importlib.import_module(name).__file__ or "").read_bytes() for name in MODULES]
-    head = {"modules": [[n, len(s)] for n, s in zip(MODULES, sources, strict=True)],
+
+def payload() -> bytes:
+    """What the loader reads: a JSON line naming the modules, their sizes and the compressed
+    size, then their sources, compressed."""
+    import zlib
+
+    found = sources()
+    blob = zlib.compress(b"".join(s for _, s, _ in found), 9)
+    head = {"modules": [[n, len(s), p] for n, s, p in found], "size": len(blob),
             "main": "colab_remote._twoway.peer"}
-    return json.dumps(head).encode() + b"\n" + b"".join(sources)
+    return json.dumps(head).encode() + b"\n" + blob
 
 
 def peer_command() -> str:

@@ -1,12 +1,13 @@
 """The runtime's half of a two-way sync, and the one home of its wire protocol.
 
 The laptop starts it over its ssh connection (``python3 -I -B -c <loader>``; the loader reads this
-file, :mod:`.fs`, :mod:`.rules` and :mod:`colab_remote._agent` from stdin, so nothing is installed
-in the runtime). It then answers the laptop's records on stdin and reports every change in the
-runtime's folder on stdout as it happens (inotify through ctypes; a cheap scan every second where
-there is none). It writes only what the laptop sends, through :class:`colab_remote._agent.Tree`
-(temporary names, staging, the trash), and each write may carry a guard: it happens only when the
-path is still what the laptop last saw, else the laptop hears what is there instead (a conflict).
+file, :mod:`.fs`, :mod:`.rules` and the package :mod:`colab_remote._agent` from stdin and imports
+them from memory, so nothing is installed in the runtime). It then answers the laptop's records on
+stdin and reports every change in the runtime's folder on stdout as it happens (inotify through
+ctypes; a cheap scan every second where there is none). It writes only what the laptop sends,
+through :class:`colab_remote._agent.Tree` (temporary names, staging, the trash), and each write may
+carry a guard: it happens only when the path is still what the laptop last saw, else the laptop
+hears what is there instead (a conflict).
 
 Records are :mod:`colab_remote._agent`'s (``HEADER``: op, path, mode, mtime, offset, data). A
 path's state travels as mode (with its type bits; 0: absent), mtime, offset (a file's size) and
@@ -29,6 +30,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from colab_remote import _agent
+from colab_remote._agent import fs as agent_fs
 from colab_remote._twoway import fs
 from colab_remote._twoway.rules import MARKER, Rules
 
@@ -185,7 +187,7 @@ class Peer:
 
     def flush(self) -> None:
         if self.outbuf:
-            _agent._write_all(self.out, b"".join(self.outbuf))
+            agent_fs.write_all(self.out, b"".join(self.outbuf))
             self.outbuf, self.outsize = [], 0
 
     def note(self, text: str) -> None:
@@ -240,7 +242,7 @@ class Peer:
 
     def set_marker(self, text: bytes) -> None:
         assert self.tree is not None
-        _agent._write_file_at(self.tree.root_fd, MARKER, text, 0o644)
+        agent_fs.write_file_at(self.tree.root_fd, MARKER, text, 0o644)
 
     def upkeep(self) -> None:
         assert self.tree is not None and self.partials is not None
@@ -401,7 +403,7 @@ class Peer:
             raise FileNotFoundError(os.fsdecode(p))
         try:
             old, name = p.rpartition(b"/")[2], new.rpartition(b"/")[2]
-            if _agent._lstat(fd, name) is not None:
+            if agent_fs.lstat_at(fd, name) is not None:
                 raise FileExistsError(os.fsdecode(new))
             os.rename(old, name, src_dir_fd=fd, dst_dir_fd=fd)
         finally:
@@ -551,7 +553,7 @@ class Peer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
-        _agent._write_all(self.out, MAGIC)
+        agent_fs.write_all(self.out, MAGIC)
         buf = bytearray()
         size = _agent.HEADER.size
         while True:

@@ -1,0 +1,55 @@
+"""The agent's entry point: what a restricted key's forced command runs, and the set-up."""
+
+import json
+import os
+import sys
+from typing import List
+
+from .home import ok_id, own_sha, runtime_of
+from .protocol import TRASH_MAX_GB, TRASH_SHARE, VERSION, refuse
+from .serve import direct_mirror, mirror_config, run_mirror
+from .setup import print_revoked, revoke, setup
+from .tunnel import run_tunnel
+
+
+def main(argv: List[str]) -> int:
+    """``--forced mirror ID`` / ``--forced tunnel ID PORT`` (what restricted keys run: the request
+    is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [...]`` (see
+    :func:`direct_mirror`), ``setup`` (request on stdin) and ``revoke [--all | RUNTIME]`` (run
+    directly by the account)."""
+    if argv[:1] == ["--forced"]:
+        words = (os.environ.get("SSH_ORIGINAL_COMMAND") or "").split()
+        args = argv[1:]
+        if args[:1] == ["tunnel"] and len(args) == 3 and args[2].isdigit():
+            return run_tunnel(ok_id(args[1]), int(args[2]), words)
+        if args[:1] == ["mirror"] and len(args) == 2:
+            kid = ok_id(args[1])
+            if words == ["hello"]:
+                print("colab-remote-agent %s %s mirror" % (VERSION, own_sha()))
+                return 0
+            if words == ["revoke"]:
+                return print_revoked(revoke(runtime=runtime_of(kid)))
+            if words != ["colab-remote", "agent"]:
+                return refuse("this key only runs the colab-remote mirror agent")
+            cfg = mirror_config(kid)
+            return run_mirror(cfg["root"].encode(), keep_days=float(cfg["keep_days"]),
+                              backup=bool(cfg.get("backup", True)),
+                              share=cfg.get("trash_share", TRASH_SHARE),
+                              max_gb=cfg.get("trash_max_gb", TRASH_MAX_GB), key_id=kid)
+        return refuse("unknown request")
+    if argv[:1] == ["setup"]:
+        try:
+            reply = setup(json.loads(sys.stdin.buffer.read().decode()))
+        except Exception as e:  # noqa: BLE001 - the client shows it
+            reply = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
+        return 0
+    if argv[:1] == ["mirror"]:
+        return direct_mirror(argv[1:])
+    if argv in (["revoke"], ["revoke", "--all"]):
+        return print_revoked(revoke())
+    if argv[:2] == ["revoke", "--runtime"] and len(argv) == 3:
+        return print_revoked(revoke(runtime=ok_id(argv[2])))
+    if argv[:2] == ["revoke", "--id"] and len(argv) == 3:
+        return print_revoked(revoke(key_id=ok_id(argv[2])))
+    return refuse("unknown request")
