@@ -8,6 +8,7 @@ server, as ``tunnel.ssh_config()`` prints it):
     .venv/bin/python bench/bench_sync.py             # 100,000 files for the idle figures, 60 s idle
     .venv/bin/python bench/bench_sync.py --quick     # 10,000 files, 15 s idle
     .venv/bin/python bench/bench_sync.py --no-unison
+    .venv/bin/python bench/bench_sync.py --wan P2 --wan-only    # one WAN profile, nothing else
 
 Figures:
 1. a small file written on the laptop -> complete in the runtime, and the other way round: median
@@ -17,7 +18,12 @@ Figures:
 2. the first fill of an empty runtime folder from a laptop folder of N files;
 3. the laptop's sync process at idle while watching N files: CPU over the idle time (the sync
    process, its ssh channel and its ssh master), RSS; the runtime's peer's CPU beside it.
-The WAN profiles (bench/wan.py) are run when that file exists (it is not on main yet).
+4. the same latencies over the WAN emulator's profiles (bench/wan.py: P1 RTT 100 ms, 50 Mbit/s each
+   way; P2 RTT 200 ms, 20 Mbit/s up, 50 down), the relay between the laptop and the server (the
+   laptop's ProxyJump connects to it; the tunnel server -> runtime stays on loopback), sync and
+   unison over the same relay in the same run, against the issue's target: the one-way delay +
+   20 ms (the physical floor is the one-way delay); then 5 small edits each way while a 50 MB file
+   goes the same way (big files have a lane of their own), and that file's own time.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.wan import PROFILES, WanRelay  # noqa: E402
 from colab_remote import _net, _proc  # noqa: E402
 from colab_remote._demo import MINIMAL_ENVIRONMENT  # noqa: E402
 from colab_remote.reverse import reverse_forward  # noqa: E402
@@ -205,13 +212,16 @@ def describe(values: list[float]) -> str:
 # --- the two tools ---------------------------------------------------------------------------------
 
 
-def bench_sync(s: Setup, n: int) -> dict[str, list[float]]:
-    local = s.base / "laptop-small"
+def bench_sync(s: Setup, n: int, config: Path | None = None, tag: str = "small",
+               big_mb: int = 0) -> dict[str, list[float]]:
+    """Both directions' latency of small edits; with ``big_mb``, also while a file of that size
+    goes the same way (a model saved in the runtime, a data set copied on the laptop)."""
+    local = s.base / f"laptop-{tag}"
     local.mkdir()
-    remote = s.runtime_folder("small")
+    remote = s.runtime_folder(tag)
     for i in range(200):
         (local / f"f{i}.txt").write_text(f"{i}\n")
-    handle = sync(local, "colab:small", ssh_config=s.config, state_dir=s.base / "laptop-state",
+    handle = sync(local, f"colab:{tag}", ssh_config=config or s.config, state_dir=s.base / "laptop-state",
                   quiet=True, notify=False, yes=True)
     try:
         handle.flush(60)
@@ -222,25 +232,46 @@ def bench_sync(s: Setup, n: int) -> dict[str, list[float]]:
         os.chown(remote / "out.txt", s.ruid, s.rgid)
         handle.flush(30)
         down = latencies(remote / "out.txt", local / "out.txt", n)
+        found = {"laptop -> runtime": up, "runtime -> laptop": down}
+        if big_mb:
+            for way, src, dst, owner in (("laptop -> runtime", local, remote, None),
+                                         ("runtime -> laptop", remote, local, (s.ruid, s.rgid))):
+                t0, still = time.monotonic(), True
+                with open(src / "big.bin", "wb") as f:
+                    f.write(os.urandom(big_mb << 20))
+                if owner:
+                    os.chown(src / "big.bin", *owner)
+                time.sleep(1.0)  # it is on its way (a big file goes once it stayed the same 0.3 s)
+                edit = "edit.txt" if owner is None else "out.txt"
+                found[f"{way}, while {big_mb} MB go the same way"] = latencies(src / edit, dst / edit, 5)
+                with contextlib.suppress(OSError):
+                    still = (dst / "big.bin").stat().st_size != big_mb << 20  # (an early look may be there)
+                handle.flush(600)
+                found[f"{way}: the {big_mb} MB file itself (s)"] = [time.monotonic() - t0]
+                if not still:
+                    print(f"  (the {big_mb} MB file {way} was there before the edits ended: "
+                          "raise --wan-big-mb)")
     finally:
         handle.stop()
-    return {"laptop -> runtime": up, "runtime -> laptop": down}
+    return found
 
 
-def bench_unison(s: Setup, n: int) -> tuple[str, dict[str, list[float]]] | str:
+def bench_unison(s: Setup, n: int, config: Path | None = None,
+                 tag: str = "uni") -> tuple[str, dict[str, list[float]]] | str:
     unison = shutil.which("unison")
     if unison is None:
         return "not installed (apt-get install -y unison)"
     # Debian's unison has no unison-fsmonitor, without which -repeat watch cannot run: then the
     # fastest unison polls both folders every second (-repeat 1).
     repeat = "watch" if shutil.which("unison-fsmonitor") else "1"
-    local = s.base / "laptop-unison"
+    local = s.base / f"laptop-unison-{tag}"
     local.mkdir()
-    remote = s.runtime_folder("uni")
+    remote = s.runtime_folder(tag)
     for i in range(200):
         (local / f"f{i}.txt").write_text(f"{i}\n")
     env = {**os.environ, "UNISON": str(s.base / "unison-home")}
-    argv = [unison, str(local), "ssh://colab/uni", "-sshargs", f"-F {s.config}", "-batch", "-auto",
+    argv = [unison, str(local), f"ssh://colab/{tag}", "-sshargs", f"-F {config or s.config}", "-batch",
+            "-auto",
             "-ui", "text", "-times", "-perms", "0", "-confirmbigdel=false", "-logfile",
             str(s.base / "unison.log")]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
@@ -260,6 +291,59 @@ def bench_unison(s: Setup, n: int) -> tuple[str, dict[str, list[float]]] | str:
             os.killpg(proc.pid, 15)
         proc.wait(10)
     return f"-repeat {repeat}", {"laptop -> runtime": up, "runtime -> laptop": down}
+
+
+def wan_config(s: Setup, port: int) -> Path:
+    """The laptop's ssh config with its ProxyJump to the relay instead of the server."""
+    text = s.config.read_text()
+    jump = f"@127.0.0.1:{s.server.port}\n"
+    if jump not in text:
+        raise RuntimeError(f"no ProxyJump to the server's port {s.server.port} in:\n{text}")
+    path = s.base / f"ssh_config_wan_{port}"
+    path.write_text(text.replace(jump, f"@127.0.0.1:{port}\n"))
+    return path
+
+
+def bench_wan(s: Setup, names: list[str], n: int, unison: bool, big_mb: int) -> None:
+    """Both directions' latency over each profile, sync and unison through the same relay."""
+    for name in names:
+        profile = PROFILES[name]
+        print(f"== latency over the WAN emulator, {profile.describe()}, {n} edits each way")
+        print("  the relay between the laptop and the server; target: the one-way delay + 20 ms "
+              f"({profile.delay('up') * 1000 + 20:g} ms laptop -> runtime, "
+              f"{profile.delay('down') * 1000 + 20:g} ms runtime -> laptop)")
+        relay = WanRelay(s.server.port, profile)
+        try:
+            config = wan_config(s, relay.port)
+            tag = name.lower()
+            t0 = time.monotonic()
+            mine = bench_sync(s, n, config, tag=f"small-{tag}", big_mb=big_mb)
+            for way, values in mine.items():
+                if way.endswith("(s)"):
+                    rate = profile.rate("up" if way.startswith("laptop") else "down") or 1
+                    print(f"  sync    {way}: {values[0]:.1f} s from its write (the link's floor "
+                          f"{(big_mb << 20) / rate:.1f} s)")
+                    continue
+                delay = profile.delay("up" if way.startswith("laptop") else "down") * 1000
+                over = statistics.median(values) - delay
+                print(f"  sync    {way}: {describe(values)}  (median {over:+.1f} ms over the one-way "
+                      f"delay of {delay:g} ms)")
+            print(f"  (its start, first fill of 200 files and {2 * n} edits: {time.monotonic() - t0:.1f} s)")
+            if unison:
+                theirs = bench_unison(s, n, config, tag=f"uni-{tag}")
+                if isinstance(theirs, str):
+                    print(f"  unison: {theirs}")
+                else:
+                    mode, found = theirs
+                    for way, values in found.items():
+                        ratio = statistics.median(values) / statistics.median(mine[way])
+                        print(f"  unison  {way}: {describe(values)}  ({mode}; sync is {ratio:.1f}x "
+                              "faster, median)")
+            counters = relay.counters()
+            print(f"  bytes through the relay: up {counters['up']['out']:,}, "
+                  f"down {counters['down']['out']:,}")
+        finally:
+            relay.close()
 
 
 def bench_idle(s: Setup, files: int, idle: float) -> dict[str, Any]:
@@ -307,10 +391,20 @@ def main() -> int:
     parser.add_argument("--edits", type=int, default=50, help="edits each way (default 50)")
     parser.add_argument("--no-unison", action="store_true")
     parser.add_argument("--idle-only", action="store_true", help="only the first fill and the idle figures")
+    parser.add_argument("--wan", default="P1,P2", help="WAN profiles to run (default P1,P2; '' none)")
+    parser.add_argument("--wan-edits", type=int, default=20,
+                        help="edits each way per WAN profile (default 20)")
+    parser.add_argument("--wan-only", action="store_true", help="only the WAN figures")
+    parser.add_argument("--wan-big-mb", type=int, default=50,
+                        help="small edits timed while a file of this size goes the same way (0: not)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_sync: run as root (throwaway users, sshd on 127.0.0.1)", file=sys.stderr)
         return 1
+    wan = [w.strip() for w in args.wan.split(",") if w.strip()]
+    unknown = [w for w in wan if w not in PROFILES]
+    if unknown:
+        parser.error(f"--wan: unknown profiles {unknown} (known: {sorted(PROFILES)})")
     files = args.files or (10_000 if args.quick else 100_000)
     idle = args.idle or (15.0 if args.quick else 60.0)
     base = Path(tempfile.mkdtemp(prefix="crbench-sync-"))
@@ -318,29 +412,31 @@ def main() -> int:
     s = Setup(base)
     try:
         s.start()
-        print(f"== latency on loopback (the runtime behind a tunnel through a server), {args.edits} "
-              "edits each way")
-        mine = bench_sync(s, args.edits) if not args.idle_only else {}
-        for way, values in mine.items():
-            print(f"  sync    {way}: {describe(values)}")
-        if not args.no_unison and not args.idle_only:
-            theirs = bench_unison(s, args.edits)
-            if isinstance(theirs, str):
-                print(f"  unison: {theirs}")
-            else:
-                mode, found = theirs
-                version = subprocess.run(["unison", "-version"], capture_output=True,
-                                         text=True).stdout.strip()
-                print(f"  {version}, {mode}" + (" (no unison-fsmonitor in Debian's package: it polls "
-                                                "every second)" if mode == "-repeat 1" else ""))
-                for way, values in found.items():
-                    ratio = statistics.median(values) / statistics.median(mine[way])
-                    print(f"  unison  {way}: {describe(values)}  (sync is {ratio:.1f}x faster, median)")
-        print("  mutagen: not measured: it installs only from its own release downloads, which this "
-              "machine cannot reach (no package registry carries it)")
-        wan = Path(__file__).with_name("wan.py")
-        print("== WAN profiles: " + ("bench/wan.py exists: run it with this bench (not wired yet)"
-                                     if wan.exists() else "bench/wan.py is not on main yet: not run"))
+        if not args.wan_only:
+            print(f"== latency on loopback (the runtime behind a tunnel through a server), {args.edits} "
+                  "edits each way")
+            mine = bench_sync(s, args.edits) if not args.idle_only else {}
+            for way, values in mine.items():
+                print(f"  sync    {way}: {describe(values)}")
+            if not args.no_unison and not args.idle_only:
+                theirs = bench_unison(s, args.edits)
+                if isinstance(theirs, str):
+                    print(f"  unison: {theirs}")
+                else:
+                    mode, found = theirs
+                    version = subprocess.run(["unison", "-version"], capture_output=True,
+                                             text=True).stdout.strip()
+                    print(f"  {version}, {mode}" + (" (no unison-fsmonitor in Debian's package: it polls "
+                                                    "every second)" if mode == "-repeat 1" else ""))
+                    for way, values in found.items():
+                        ratio = statistics.median(values) / statistics.median(mine[way])
+                        print(f"  unison  {way}: {describe(values)}  (sync is {ratio:.1f}x faster, median)")
+            print("  mutagen: not measured: it installs only from its own release downloads, which this "
+                  "machine cannot reach (no package registry carries it)")
+        if wan and not args.idle_only:
+            bench_wan(s, wan, args.wan_edits, unison=not args.no_unison, big_mb=args.wan_big_mb)
+        if args.wan_only:
+            return 0
         print(f"== first fill and idle at {files:,} files ({idle:g} s idle)")
         found = bench_idle(s, files, idle)
         print(f"  first fill of an empty runtime folder: {found['fill_s']:.1f} s")

@@ -132,6 +132,43 @@ def test_a_mass_delete_pauses_and_asks(env) -> None:
     env.converged()
     assert len(list((env.remote_dir / "data").iterdir())) == 40
     assert s.state == "up", s.logs(60)
+    # the other way round: rm -rf on the laptop, then the user says the deletes are meant
+    shutil.rmtree(env.local / "data")
+    wait_state(s, "paused")
+    assert "deleted on the laptop" in (s.question or ""), s.question
+    assert len(list((env.remote_dir / "data").iterdir())) == 40  # nothing deleted in the runtime yet
+    s.resume("delete")
+    s.flush(30)
+    env.converged()
+    assert not (env.remote_dir / "data").exists()
+    kept = trash_of(env.remote_dir)
+    assert all(kept.get(f"data/file{i}.txt") == f"{i}\n".encode() for i in range(40)), sorted(kept)
+    assert s.state == "up", s.logs(60)
+
+
+def test_a_conflict_made_while_the_runtime_was_away_is_kept_and_said(env) -> None:
+    env.local_write("notes.txt", "v1\n")
+    env.local_write("other.txt", "same\n")
+    s = env.start_sync()
+    s.flush(30)
+    env.sshd.stop()  # the runtime is away (its folder stays: the same runtime comes back)
+    wait_state(s, "waiting")
+    env.local_write("notes.txt", "the laptop's v2\n")
+    env.remote_write("notes.txt", "the runtime's v2\n")
+    env.remote_write("outputs/new.txt", "made while away\n")
+    env.start_runtime()
+    wait_state(s, "up", 60)
+    s.flush(30)
+    env.converged()
+    (record,) = s.conflicts  # not the first comparison: kept without asking, and said
+    copy = record["copy"]
+    for side in (env.local, env.remote_dir):
+        assert (side / "notes.txt").read_text() == "the laptop's v2\n"
+        assert (side / copy).read_text() == "the runtime's v2\n"
+    assert (env.local / "outputs" / "new.txt").read_text() == "made while away\n"
+    assert f"conflict in notes.txt: changed on both sides; the runtime's version is {copy}" in s.logs(100)
+    done = env.cli("sync", "--status", "--state-dir", str(env.laptop_state))
+    assert copy in done.stdout, done.stdout + done.stderr
 
 
 def test_a_new_runtime_behind_the_same_alias_is_filled_from_the_laptop(env) -> None:
@@ -219,6 +256,7 @@ def test_a_big_file_from_the_runtime_cut_midway_resumes(env) -> None:
     if not _proc.wait_until(lambda: "are here from before: resuming" in s.logs(200), 60):
         pytest.fail("the transfer did not resume:\n" + s.logs(60))
     s.flush(60)
+    assert (env.local / "outputs" / "ckpt.bin").exists(), s.logs(60)  # flush waits for the join
     arrived = (env.local / "outputs" / "ckpt.bin").read_bytes()
     assert hashlib.sha256(arrived).digest() == hashlib.sha256(data).digest()
     assert not list(parts.glob("*"))

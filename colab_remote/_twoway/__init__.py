@@ -12,5 +12,6 @@ peer shipped over ssh. One module per concept:
 - ``link``: the laptop's ssh ControlMaster to the runtime's alias, the peer started through it
 - ``local``: the laptop's folder: scan, read, apply through ``_agent.Tree``
 - ``engine``: events in, decisions, the actions on either side, conflicts, mass deletes
+- ``lane``: big files' own channel (a second peer) and the thread that feeds it
 - ``worker``: the detached process (config, status, control socket, waiting for the runtime)
 """

@@ -3,8 +3,9 @@
 - to the runtime: batches of guarded records (``GUARD`` + ``PUT``/``MKDIR``/``LINK``/``DELETE``,
   ``ASIDE`` for a conflict), one ``END`` each; git's refs, HEAD and index in a batch after the one
   with their objects; big files in resumable parts (``BIG``, the runtime says what it has, ``PART``
-  from there, ``GUARD`` + ``JOIN``). The base follows at once and is set back for what the
-  runtime refused (its guard did not hold: the path is decided again with what is there).
+  from there, ``GUARD`` + ``JOIN``) in their own lane (:mod:`.lane`). The base follows at once
+  and is set back for what the runtime refused (its guard did not hold: the path is decided again
+  with what is there).
 - to the laptop: small files that came with their change are applied at once; others are read
   (``READ``, 64 at a time; big ones from where an earlier, cut read stopped) and applied when they
   are here, each through :class:`.local.Local` after a last look at the laptop's path.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from .. import _agent
 from .._agent import fs as agent_fs
 from . import fs, peer, rules
 from .base import Entry, stat_of
+from .lane import Channel, Lane
 from .link import Record
 from .local import Refused, enc
 
@@ -62,11 +65,15 @@ class Actions:
     def __init__(self, engine: Core) -> None:
         self.e = engine
         self.watch_folder: Callable[[str], object] = lambda rel: None
+        self.numbers = itertools.count(1)  # batches, from the engine's thread and the lane's
+        self.lane: Lane | None = None
         self.reset()
 
     def reset(self) -> None:
         self.inflight: dict[int, tuple[dict[str, Entry | None], list[dict[str, Any]]]] = {}
-        self.next_batch = 0
+        if self.lane is not None:
+            self.lane.close()
+        self.lane = Lane()
         self.fetching: dict[str, tuple[Entry | None, Entry]] = {}
         self.fetch_queue: collections.deque[tuple[str, Entry | None, Entry]] = collections.deque()
         self.fetch_out = 0
@@ -150,7 +157,7 @@ class Actions:
     def _send(self, records: list[bytes], prev: dict[str, Entry | None],
               conflicts: list[dict[str, Any]]) -> None:
         assert self.e.link is not None
-        n = self.next_batch = self.next_batch + 1
+        n = next(self.numbers)
         self.inflight[n] = (prev, conflicts)
 
         def acked(rec: Record) -> bool:
@@ -199,59 +206,90 @@ class Actions:
             self.e.post("have", rel, rec[4], rec[5].decode(errors="replace") if rec[2] else "")
             return True
 
-        self.e.link.send(_agent.pack(peer.OP_BIG, enc(rel), mtime_ns=here.mtime_ns, offset=here.size), have)
+        self._big_send(_agent.pack(peer.OP_BIG, enc(rel), mtime_ns=here.mtime_ns, offset=here.size), have)
+
+    def _big_send(self, data: bytes, handler: Any = None) -> None:
+        """``data`` on the big files' lane, after what is queued there."""
+        assert self.e.link is not None and self.lane is not None
+        channel = Channel(self.e.link)
+        self.lane.put(lambda: channel.send(data, handler))
 
     def stream(self, rel: str, offset: int, failed: str) -> None:
-        """The runtime has ``offset`` bytes of ``rel`` already: send the rest, then join it
-        (``failed``: why it cannot begin now: tried again in a second)."""
+        """The runtime has ``offset`` bytes of ``rel`` already: the lane sends the rest, then joins
+        it (``failed``: why it cannot begin now: tried again in a second)."""
         e = self.e
-        here, there = self.bigs.pop(rel, (None, None))
-        if rel in self.big_again:
-            self.big_again.discard(rel)
-            e.requeue.add(rel)
+        here, there = self.bigs.get(rel, (None, None))
         if failed:
             log.info("%s cannot begin in the runtime (%s): trying again", _safe(rel), _safe(failed))
+            self.streamed(rel, here, None, 0)
             e.later(rel, 1.0)
-        if here is None or failed:
             return
-        assert e.link is not None
+        if here is None or e.link is None or self.lane is None:
+            return
+        channel = Channel(e.link)
+        self.lane.put(lambda: self._stream(channel, rel, here, there, offset))
+
+    def _stream(self, channel: Channel, rel: str, here: Entry, there: Entry | None, offset: int) -> None:
+        """In the lane's thread: the parts from ``offset``, then (guarded) the join."""
+        e = self.e
         try:
             f = e.local.open(rel)
         except (OSError, ValueError):
-            e.requeue.add(rel)
+            e.post("streamed", rel, here, None, 0)
             return
         h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
-        p = enc(rel)
+        p, at, same = enc(rel), 0, False
         try:
             st = os.fstat(f)
-            if (st.st_size, st.st_mtime_ns) != (here.size, here.mtime_ns):
-                e.requeue.add(rel)  # changed meanwhile: decided again
-                return
-            if offset:
-                log.info("%s: the runtime has %d of %d bytes from before: resuming", _safe(rel), offset,
-                         st.st_size)
-            at = 0
-            while True:
-                chunk = os.read(f, fs.READ_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                if at + len(chunk) > offset:
-                    skip = max(0, offset - at)
-                    e.link.send(_agent.pack(peer.OP_PART, p, offset=at + skip, data=chunk[skip:]))
-                at += len(chunk)
+            if (st.st_size, st.st_mtime_ns) == (here.size, here.mtime_ns):  # else changed: decided again
+                if offset:
+                    log.info("%s: the runtime has %d of %d bytes from before: resuming", _safe(rel), offset,
+                             st.st_size)
+                while True:
+                    chunk = os.read(f, fs.READ_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    if at + len(chunk) > offset:
+                        skip = max(0, offset - at)
+                        channel.send(_agent.pack(peer.OP_PART, p, offset=at + skip, data=chunk[skip:]))
+                    at += len(chunk)
+                same = at == here.size  # else it grew or shrank while it was read
         finally:
             os.close(f)
-        if at != here.size:
-            e.requeue.add(rel)  # it grew or shrank while it was read: decided again
+        if not same:
+            e.post("streamed", rel, here, None, 0)
             return
         entry = here._replace(digest=h.digest())
+        n = next(self.numbers)
+        e.post("streamed", rel, here, entry, n)  # the base follows before the runtime's answer
+
+        def acked(rec: Record) -> bool:
+            e.post("ack", n, json.loads(rec[5] or b"{}"))
+            return True
+
+        join = _agent.pack(peer.OP_JOIN, p, mode=stat.S_IMODE(here.mode), mtime_ns=here.mtime_ns,
+                           offset=here.size, data=entry.digest)
+        channel.send(guard(rel, there) + join + _agent.pack(peer.OP_END), acked)
+
+    def streamed(self, rel: str, here: Entry | None, entry: Entry | None, n: int) -> set[str]:
+        """The lane sent ``rel`` (``entry``, its join in batch ``n``) or could not (None); the
+        paths to decide again."""
+        if here is None or self.bigs.get(rel, (None, None))[0] is not here:
+            return set()  # an earlier connection's
+        _, there = self.bigs.pop(rel)
+        again = set()
+        if rel in self.big_again:
+            self.big_again.discard(rel)
+            again.add(rel)
+        if entry is None:
+            return again | {rel}
+        e = self.e
         prev = {rel: e.base.get(rel)}
         e.settle(rel, entry)
         self._count_push(rel, here, entry)
-        join = _agent.pack(peer.OP_JOIN, p, mode=stat.S_IMODE(here.mode), mtime_ns=here.mtime_ns,
-                           offset=here.size, data=entry.digest)
-        self._send([guard(rel, there), join], prev, [])
+        self.inflight[n] = (prev, [])
+        return again
 
     # --- to the laptop ----------------------------------------------------------------------------------
     def _pull(self, items: list[Item]) -> None:
@@ -334,7 +372,11 @@ class Actions:
             self.fetch_out += 1
             reader = Reader(e, rel, out, offset)
             self.readers = [r for r in self.readers if not r.done] + [reader]
-            e.link.send(_agent.pack(peer.OP_READ, enc(rel), offset=offset), reader)
+            read = _agent.pack(peer.OP_READ, enc(rel), offset=offset)
+            if big:
+                self._big_send(read, reader)  # its own lane: the runtime's reports never wait for it
+            else:
+                e.link.send(read, reader)
 
     def fetched(self, rel: str, entry: Entry | None, data: bytes | None, why: str) -> set[str]:
         """A file read from the runtime is here (or could not be read)."""

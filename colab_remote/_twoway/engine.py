@@ -101,6 +101,7 @@ class Engine:
         self.pongs = self.pongs_seen = 0
         self.plan: dict[str, Any] | None = None
         self.connected = False
+        self.busy = False  # the loop is deciding or applying (a flush waits for the end of it)
 
     @property
     def rules(self) -> rules.Rules:
@@ -138,10 +139,10 @@ class Engine:
             self.cond.notify_all()
 
     def quiet(self) -> bool:
-        """Nothing queued, in flight, being fetched or held (under the lock)."""
+        """Nothing queued, being decided, in flight, being fetched or held (under the lock)."""
         a = self.actions
-        return not (self.queue or a.inflight or a.fetching or a.fetch_queue or a.bigs or self.requeue
-                    or any(self.held.values()))
+        return not (self.queue or self.busy or a.inflight or a.fetching or a.fetch_queue or a.bigs
+                    or self.requeue or any(self.held.values()))
 
     def flush(self, timeout: float) -> str:
         """Wait until every change noticed before the call is on both sides: '' when it is,
@@ -203,6 +204,7 @@ class Engine:
                     if self.stopping:
                         return "stop"
                     items, self.queue = self.queue, []
+                    self.busy = True
                 paths = self.requeue
                 self.requeue = set()
                 due = [rel for rel, at in self.retry.items() if at <= time.monotonic()]
@@ -229,6 +231,7 @@ class Engine:
                 self.base.commit()
                 with self.cond:
                     self.pongs = self.pongs_seen
+                    self.busy = False
                     self.cond.notify_all()  # a flush waiting for quiet
         except ConnectionLost as e:
             return f"lost: {e}"
@@ -236,6 +239,7 @@ class Engine:
             self.connected = False
             self.base.commit()
             with self.cond:
+                self.busy = False
                 self.cond.notify_all()
 
     def _wait(self) -> float:
@@ -271,6 +275,8 @@ class Engine:
             paths |= self.actions.fetched(*item[1:])
         elif kind == "have":
             self.actions.stream(*item[1:])
+        elif kind == "streamed":
+            paths |= self.actions.streamed(*item[1:])
         elif kind == "ping":
             assert self.link is not None
             self.link.send(_agent.pack(peer.OP_PING), lambda rec: self._pong(rec))

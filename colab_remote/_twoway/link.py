@@ -154,19 +154,16 @@ class Link:
         self.reader: threading.Thread | None = None
         self._buf = bytearray()
         self.generation = 0  # a connection's reader speaks only for its own connection
+        self.lane: Link | None = None  # big files' own channel (see :attr:`big`)
 
     @property
     def master_pid(self) -> int | None:
         return self.master.pid if self.master is not None and self.master.child is not None else None
 
     def open(self, rules: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-        """Log in, start the peer (with ``rules``: what it skips) and say hello; the peer's hello
-        (a dict). Raises our errors."""
+        """Log in, start the peer (with ``rules``: what it skips) and say hello, then the big
+        files' lane (:attr:`big`); the peer's hello (a dict). Raises our errors."""
         self.close()
-        self.closed = False
-        self.generation += 1
-        self.handlers = collections.deque()  # this connection's own (an old reader keeps its own)
-        self._buf = bytearray()
         argv = [self.cfg.ssh, *master_options(self.cfg, self.control_path, bool(self.password)),
                 self.cfg.host]
         self.master = Master(argv, self.control_path, self.password,
@@ -176,10 +173,31 @@ class Link:
         except LoginFailed as e:
             self.close()
             raise self._login_error(e, timeout) from None
-        self.proc = _proc.open_pipes(self.master.mux(peer_command(),
-                                                     options=MUX_OPTIONS), stderr_path=self.log_path)
+        hello = self._start_peer(self.master, rules, timeout)
+        lane = Link(self.cfg, None, lambda rec: None, self.on_lost)
+        try:
+            lane._start_peer(self.master, rules, timeout, lane=True)
+            self.lane = lane
+        except ColabRemoteError as e:  # an older runtime's quirk: big files share the channel then
+            log.warning("the big files' own channel did not start (%s): they share the other one", e)
+        return hello
+
+    @property
+    def big(self) -> Link:
+        """Where big files go: their own channel (a second peer on the same master), so small
+        work is never queued behind their bytes; this one when that did not start."""
+        return self.lane if self.lane is not None and not self.lane.closed else self
+
+    def _start_peer(self, master: Master, rules: dict[str, Any], timeout: float,
+                    lane: bool = False) -> dict[str, Any]:
+        self.closed = False
+        self.generation += 1
+        self.handlers = collections.deque()  # this connection's own (an old reader keeps its own)
+        self._buf = bytearray()
+        self.proc = _proc.open_pipes(master.mux(peer_command(), options=MUX_OPTIONS),
+                                     stderr_path=self.log_path)
         request = {"root": self.cfg.remote_path, "rules": rules, "inline_max": self.cfg.inline_max,
-                   "keep_days": self.cfg.keep_days, "trash_budget": self.cfg.trash_budget}
+                   "keep_days": self.cfg.keep_days, "trash_budget": self.cfg.trash_budget, "lane": lane}
         try:
             self._write(payload() + _agent.pack(peer.OP_START, data=json.dumps(request).encode()))
             hello = self._hello(time.monotonic() + timeout)
@@ -192,9 +210,9 @@ class Link:
             self.close()
             raise SyncError(f"the runtime's peer speaks {hello.get('protocol')!r}, not {peer.PROTOCOL!r}",
                             fix="report this: the peer is sent with this colab-remote")
-        self.reader = threading.Thread(target=self._read_loop, name="sync-reader", daemon=True,
-                                       args=(self.generation, os.dup(self.proc.stdout.fileno()),
-                                             self._buf, self.handlers))  # its own descriptor
+        self.reader = threading.Thread(target=self._read_loop, name="sync-lane" if lane else "sync-reader",
+                                       daemon=True, args=(self.generation, os.dup(self.proc.stdout.fileno()),
+                                                          self._buf, self.handlers))  # its own descriptor
         self.reader.start()
         return hello
 
@@ -310,6 +328,9 @@ class Link:
             self.on_lost(why)
 
     def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         with self.lock:
             self.closed = True
             waiting = list(self.handlers)

@@ -177,6 +177,7 @@ class Peer:
         self.ops = 0
         self.next_scan = self.next_upkeep = 0.0
         self.root_gone = False
+        self.lane = False  # big files' own channel: no watch, no upkeep, no reports
 
     # -- output --------------------------------------------------------------------------------
     def send(self, record: bytes) -> None:
@@ -203,6 +204,7 @@ class Peer:
         self.inline_max = int(request.get("inline_max", self.inline_max))
         self.keep_days = float(request.get("keep_days", self.keep_days))
         self.trash_budget = int(request.get("trash_budget", self.trash_budget))
+        self.lane = bool(request.get("lane"))
         self.open(os.fsencode(path))
         try:
             with open("/proc/sys/kernel/random/boot_id") as f:
@@ -226,8 +228,11 @@ class Peer:
         self.tree = _agent.Tree(self.root)
         self.partials = fs.Partials(self.tree)
         self.root_gone = False
-        self.upkeep()
-        self.watch_all()
+        if self.lane:
+            self.next_upkeep = time.monotonic() + 1e6  # the other peer keeps the trash
+        else:
+            self.upkeep()
+            self.watch_all()
 
     def marker(self) -> str:
         assert self.tree is not None
@@ -310,8 +315,9 @@ class Peer:
             self.set_marker(data)
         elif op == OP_RULES:
             self.rules = Rules.from_json(json.loads(data.decode()))
-            self.watch_all()
-            self.send(_agent.pack(R_RESCAN, data=b"rules"))
+            if not self.lane:
+                self.watch_all()
+                self.send(_agent.pack(R_RESCAN, data=b"rules"))
         elif op == OP_PING:  # what the kernel has queued counts too
             if self.watch is not None:
                 self.on_events(self.watch.read())
