@@ -236,16 +236,16 @@ def bench_sync(s: Setup, n: int, config: Path | None = None, tag: str = "small",
         if big_mb:
             for way, src, dst, owner in (("laptop -> runtime", local, remote, None),
                                          ("runtime -> laptop", remote, local, (s.ruid, s.rgid))):
-                t0, still = time.monotonic(), True
-                with open(src / "big.bin", "wb") as f:
+                t0, still, name = time.monotonic(), True, f"big-{'up' if owner is None else 'down'}.bin"
+                with open(src / name, "wb") as f:
                     f.write(os.urandom(big_mb << 20))
                 if owner:
-                    os.chown(src / "big.bin", *owner)
+                    os.chown(src / name, *owner)
                 time.sleep(1.0)  # it is on its way (a big file goes once it stayed the same 0.3 s)
                 edit = "edit.txt" if owner is None else "out.txt"
                 found[f"{way}, while {big_mb} MB go the same way"] = latencies(src / edit, dst / edit, 5)
                 with contextlib.suppress(OSError):
-                    still = (dst / "big.bin").stat().st_size != big_mb << 20  # (an early look may be there)
+                    still = (dst / name).stat().st_size != big_mb << 20  # (an early look may be there)
                 handle.flush(600)
                 found[f"{way}: the {big_mb} MB file itself (s)"] = [time.monotonic() - t0]
                 if not still:

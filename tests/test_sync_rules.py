@@ -119,6 +119,29 @@ def test_the_last_common_state_is_kept(tmp_path: Path) -> None:
     assert oct(os.stat(tmp_path / "base.sqlite").st_mode & 0o777) == "0o600"
 
 
+def test_gitignore_is_honoured_unless_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from colab_remote._twoway.engine import make_rules
+    from colab_remote._twoway.local import Local
+    from colab_remote.sync import _prepare
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    (project / ".gitignore").write_text("*.log\n")
+    (project / "sub" / ".gitignore").write_text("cache/\n")
+    for flag, skipped in ((True, True), (False, False)):
+        cfg = _prepare(project, "colab:/content/project", state_dir=tmp_path / "state", gitignore=flag,
+                       exclude="*.ckpt")
+        local = Local(cfg.local_dir)
+        try:
+            r = make_rules(cfg, local)
+        finally:
+            local.close()
+        assert r.excluded("run.log") is skipped and r.excluded("sub/cache", True) is skipped
+        assert r.excluded("model.ckpt") and r.excluded(".venv", True)  # exclude= and the defaults always
+        assert not r.excluded("src/main.py")
+
+
 def test_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert parse_remote("colab:/content/project") == ("colab", "/content/project")
     assert parse_remote("root@localhost:~/p") == ("root@localhost", "p")

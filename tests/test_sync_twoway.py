@@ -65,6 +65,18 @@ def test_edits_both_ways(env) -> None:
     assert done.returncode == 0 and "up" in done.stdout, done.stdout + done.stderr
 
 
+def test_an_empty_laptop_folder_is_filled_from_the_runtime(env) -> None:
+    env.remote_write("notebooks/train.ipynb", '{"cells": []}\n')
+    env.remote_write("outputs/ckpt/step1.txt", "1\n")
+    s = env.start_sync()
+    s.flush(30)
+    assert s.plan is not None and s.plan["text"].startswith("the laptop's folder is empty: it is filled "
+                                                            "from the runtime"), s.plan
+    assert s.plan["pull"] == 5 and s.plan["push"] == 0, s.plan  # 2 files, 3 folders; nothing deleted
+    env.converged()
+    assert (env.local / "outputs" / "ckpt" / "step1.txt").read_text() == "1\n"
+
+
 def test_what_the_runtime_may_not_do_on_the_laptop(env) -> None:
     env.local_write(".git/config", "[core]\n\trepositoryformatversion = 0\n")
     env.local_write(".git/HEAD", "ref: refs/heads/main\n")
