@@ -157,6 +157,8 @@ class Watcher(threading.Thread):
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self.bell = Doorbell()
+        # Without the doorbell (no inotify: macOS) nothing says when to look: look this often.
+        self.idle_check = IDLE_CHECK
         self._sync_lock = threading.Lock()
         self._sync_asked = 0
         self.synced = 0
@@ -256,7 +258,7 @@ class Watcher(threading.Thread):
                     continue
                 if time.monotonic() > busy_until:
                     fds = [self._wake_r] + ([self.bell.fd] if self.bell.fd >= 0 else [])
-                    select.select(fds, [], [], IDLE_CHECK)
+                    select.select(fds, [], [], self.idle_check)
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.set_blocking(self._wake_r, False)
                         os.read(self._wake_r, 4096)
