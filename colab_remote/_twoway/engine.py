@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _agent
-from . import peer, rules
+from .._agent import peer, rules
 from .actions import FETCH_WINDOW, Actions
 from .base import CONFLICT, PULL, PUSH, SAME, Base, Entry, decide, needs_digest, same
 from .config import SyncConfig
