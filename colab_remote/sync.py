@@ -407,6 +407,10 @@ def sync(
         notify: a desktop notification for each conflict and pause (where one can be shown).
         timeout: seconds to wait for the first comparison before returning anyway.
         quiet: do not print the plan or display the handle.
+        remote_side: ``"runtime"`` (the default on a laptop) or ``"laptop"`` (the default in a Colab
+            runtime): started in the runtime, ``remote`` is ``user@host:path`` on the laptop, and
+            one login there (``password`` or ``identity_file``) installs a key that runs only the
+            sync's peer in that folder; the sync uses that key alone from then on.
 
     Returns:
         a :class:`Sync` handle.

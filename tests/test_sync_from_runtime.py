@@ -159,6 +159,8 @@ def test_a_conflict_says_which_side_is_which(tmp_path: Path, server) -> None:
         for side in (here, laptop):
             assert (side / "notes.txt").read_text() == "the runtime's v2\n"
             assert (side / copy).read_text() == "the laptop's v2\n"
+        assert f"the laptop's version is {copy}" in s.logs(100)
+        assert record["laptop"].startswith("16 bytes") and record["runtime"].startswith("17 bytes"), record
     finally:
         s.stop()
         colab_remote.revoke(state, quiet=True)

@@ -1,15 +1,17 @@
 """The runtime's half of a two-way sync, and the one home of its wire protocol.
 
 The laptop starts it over its ssh connection (``python3 -I -B -c <loader>``; the loader reads this
-file, :mod:`.fs`, :mod:`.rules` and the package :mod:`colab_remote._agent` from stdin and imports
-them from memory, so nothing is installed in the runtime). It then answers the laptop's records on
-stdin and reports every change in the runtime's folder on stdout as it happens (inotify through
-ctypes; a cheap scan every second where there is none). It writes only what the laptop sends,
-through :class:`colab_remote.protocol.Tree` (temporary names, staging, the trash), and each write may
-carry a guard: it happens only when the path is still what the laptop last saw, else the laptop
+package from stdin and imports it from memory, so nothing is installed in the runtime). A sync
+started in the runtime runs it on the laptop instead, installed with the agent and started by a
+restricted key's forced command (:func:`main` with ``fixed``: the folder, the trash and the paths
+never taken are the laptop account's, see :meth:`Peer.confine`). It answers the coordinator's
+records on stdin and reports every change in its folder on stdout as it happens (inotify through
+ctypes; a cheap scan every second where there is none). It writes only what the coordinator sends,
+through :class:`.tree.Tree` (temporary names, staging, the trash), and each write may carry a
+guard: it happens only when the path is still what the coordinator last saw, else the coordinator
 hears what is there instead (a conflict).
 
-Records are :mod:`colab_remote._agent`'s (``HEADER``: op, path, mode, mtime, offset, data). A
+Records are the agent's (:mod:`.protocol`) (``HEADER``: op, path, mode, mtime, offset, data). A
 path's state travels as mode (with its type bits; 0: absent), mtime, offset (a file's size) and
 data (a link's target).
 
