@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _html, _install, _proc, _ssh
+from . import _access, _html, _install, _proc, _ssh
+from ._agent import rules
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
 from ._mirror.control import query
-from ._twoway import rules
 from ._twoway.config import SyncConfig
 from .errors import AuthenticationError, SyncError
 
@@ -252,14 +252,37 @@ def _patterns(name: str, value: object) -> list[str]:
     return [rules.check_pattern(p) for p in value]
 
 
+def in_runtime() -> bool:
+    """True inside a Colab runtime (where ``sync()``'s other side is the laptop by default)."""
+    return bool(os.environ.get("COLAB_RELEASE_TAG"))
+
+
+def _side(remote_side: object, host: str) -> str:
+    if remote_side is None:
+        remote_side = "laptop" if in_runtime() else "runtime"
+    if remote_side not in ("runtime", "laptop"):
+        raise ValueError(f"remote_side must be 'runtime' (sync() runs on the laptop) or 'laptop' "
+                         f"(it runs in the runtime), got {remote_side!r}")
+    if remote_side == "laptop" and "@" not in host:
+        raise ValueError(f"from the runtime, remote must name the laptop's account: "
+                         f"user@host:path (e.g. me@192.0.2.10:project), got host {host!r}")
+    return str(remote_side)
+
+
 def _prepare(local_dir: object, remote: object, *, port: object = None, password: object = None,
              identity_file: object = None, ssh_config: object = None, state_dir: object = None,
              exclude: object = None, gitignore: object = True, protect: object = None,
              mass_delete: object = 0.5, yes: object = False, keep_days: object = 7,
-             trash_gb: object = 2.0, notify: object = True) -> SyncConfig:
+             trash_gb: object = 2.0, notify: object = True, remote_side: object = None) -> SyncConfig:
     """Every argument checked (ValueError/TypeError before anything runs), as a config."""
     local = _local_dir(local_dir)
     host, path = parse_remote(remote)
+    side = _side(remote_side, host)
+    if side == "laptop":
+        _ssh.parse_destination(host)
+        if ssh_config is not None:
+            raise ValueError("ssh_config is for a sync started on the laptop: from the runtime "
+                             "the login is port=, password= or identity_file= alone")
     if port is not None:
         _ssh.check_port(port)
     if password is not None:
@@ -286,7 +309,28 @@ def _prepare(local_dir: object, remote: object, *, port: object = None, password
         exclude=_patterns("exclude", exclude), gitignore=bool(gitignore),
         protect=_patterns("protect", protect),
         mass_delete=float(mass_delete), yes=bool(yes), keep_days=float(keep_days),
-        trash_budget=int(float(trash_gb) * (1 << 30)), notify=bool(notify), has_secret=password is not None)
+        trash_budget=int(float(trash_gb) * (1 << 30)), notify=bool(notify), has_secret=password is not None,
+        remote_side=side)
+
+
+def _grant_laptop(cfg: SyncConfig, password: str | None, quiet: bool) -> SyncConfig:
+    """Started in the runtime, which the laptop must not trust: one login (the password, or the
+    user's key) installs on the laptop a key that runs only the sync's peer, in that folder (the
+    mirror's set-up: :func:`colab_remote._access.grant`); the sync logs in with that key alone and
+    the password goes no further."""
+    import dataclasses
+
+    state = Path(cfg.run_dir).parent.parent
+    ssh = _install.require_program("ssh", package="openssh-client", install=True, error=SyncError)
+    login = _access.Login(ssh=ssh, dest=_ssh.parse_destination(cfg.host), port=cfg.port or 22,
+                          known_hosts=state / "known_hosts", pinned=False,
+                          identity_file=cfg.identity_file)
+    purpose = {"purpose": "sync", "name": f"sync-{cfg.id}", "dest": cfg.remote_path,
+               "keep_days": cfg.keep_days, "trash_budget": cfg.trash_budget, "protect": cfg.protect}
+    granted = _access.grant(state, login, purpose, password=password, error=SyncError, quiet=quiet)
+    return dataclasses.replace(cfg, identity_file=str(granted.key), known_hosts=str(login.known_hosts),
+                               ssh_config=os.devnull, port=login.port, has_secret=False,
+                               remote_path=granted.dest or cfg.remote_path)
 
 
 def _install_config(cfg: SyncConfig) -> SyncConfig:
@@ -328,6 +372,7 @@ def sync(
     notify: bool = True,
     timeout: float = 600,
     quiet: bool = False,
+    remote_side: str | None = None,
 ) -> Sync:
     """Keep ``local_dir`` (on this laptop) and ``remote`` (``host:path`` in the runtime) the same,
     both ways, from now on.
@@ -362,6 +407,10 @@ def sync(
         notify: a desktop notification for each conflict and pause (where one can be shown).
         timeout: seconds to wait for the first comparison before returning anyway.
         quiet: do not print the plan or display the handle.
+        remote_side: ``"runtime"`` (the default on a laptop) or ``"laptop"`` (the default in a Colab
+            runtime): started in the runtime, ``remote`` is ``user@host:path`` on the laptop, and
+            one login there (``password`` or ``identity_file``) installs a key that runs only the
+            sync's peer in that folder; the sync uses that key alone from then on.
 
     Returns:
         a :class:`Sync` handle.
@@ -377,10 +426,12 @@ def sync(
     cfg = _prepare(local_dir, remote, port=port, password=password, identity_file=identity_file,
                    ssh_config=ssh_config, state_dir=state_dir, exclude=exclude, gitignore=gitignore,
                    protect=protect, mass_delete=mass_delete, yes=yes, keep_days=keep_days,
-                   trash_gb=trash_gb, notify=notify)
+                   trash_gb=trash_gb, notify=notify, remote_side=remote_side)
     _check_seconds("timeout", timeout)
     if not isinstance(quiet, bool):
         raise TypeError(f"quiet must be True or False, got {quiet!r}")
+    if cfg.remote_side == "laptop":
+        cfg, password = _grant_laptop(cfg, password, quiet), None
     cfg = _install_config(cfg)
     run_dir = Path(cfg.run_dir)
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._twoway", "--run-dir", str(run_dir)],

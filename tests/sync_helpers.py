@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from colab_remote import _net, _proc
+from colab_remote._agent import rules
 from colab_remote._demo import MINIMAL_ENVIRONMENT
-from colab_remote._twoway import rules
 from colab_remote.reverse import reverse_forward
 from colab_remote.server import start_sshd
 from colab_remote.status import stop_all

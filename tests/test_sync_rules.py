@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from colab_remote import _agent
-from colab_remote._twoway import fs, link, peer, rules
+from colab_remote._agent import peer, rules
+from colab_remote._agent import syncfs as fs
+from colab_remote._twoway import link
 from colab_remote._twoway.base import CONFLICT, PULL, PUSH, SAME, Base, Entry, decide, needs_digest, same
 from colab_remote.sync import _local_dir, parse_remote
 

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _agent
 from .._agent import fs as agent_fs
-from . import fs, peer, rules
+from .._agent import peer, rules
+from .._agent import syncfs as fs
 from .base import Entry, stat_of
 from .lane import Channel, Lane
 from .link import Record
@@ -97,11 +98,12 @@ class Actions:
 
     def _conflict_name(self, rel: str) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name, n = rules.conflict_name(rel, stamp), 1
+        side = self.e.cfg.remote_side  # the other side's version goes aside: its name says which
+        name, n = rules.conflict_name(rel, stamp, side), 1
         while self.e.local.entry(name) is not None or self.e.remote(name) is not None \
                 or name in self.e.base:
             n += 1
-            name = rules.conflict_name(rel, f"{stamp}-{n}")
+            name = rules.conflict_name(rel, f"{stamp}-{n}", side)
         return name
 
     def _push(self, items: list[Item], asides: list[tuple[str, Entry | None, Entry | None, str]]) -> None:
@@ -113,8 +115,10 @@ class Actions:
             batches[0].add(rel, [guard(rel, there), _agent.pack(peer.OP_ASIDE, enc(rel), data=enc(copy))])
             e.remote_over[rel] = None
             e.inline.pop(rel, None)
-            batches[0].conflicts.append({"path": rel, "copy": copy, "time": time.time(),
-                                         "laptop": describe(here), "runtime": describe(there)})
+            sides = {"laptop": describe(here), "runtime": describe(there)}
+            if e.cfg.remote_side == "laptop":  # started in the runtime: here is the runtime
+                sides = {"laptop": sides["runtime"], "runtime": sides["laptop"]}
+            batches[0].conflicts.append({"path": rel, "copy": copy, "time": time.time(), **sides})
         for rel, here, there in sorted(items, key=order):
             if here is not None and here.is_file and here.size >= e.cfg.big_file:
                 self._begin_big(rel, here, there)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import _agent
-from . import fs
+from .._agent import syncfs as fs
 
 SAME, PUSH, PULL, CONFLICT = "same", "push", "pull", "conflict"
 

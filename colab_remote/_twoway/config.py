@@ -34,3 +34,7 @@ class SyncConfig(Config):
     inline_max: int = 1 << 20     # the runtime's changed files up to this size come with the change
     big_file: int = 8 << 20       # files this big travel in resumable parts
     notify: bool = True           # a desktop notification for each conflict (when one can be shown)
+    # "laptop": started in the runtime, the other side is the laptop, whose peer is installed there
+    # behind a restricted key (identity_file) and checked against known_hosts
+    remote_side: str = "runtime"
+    known_hosts: str | None = None

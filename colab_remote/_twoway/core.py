@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from . import rules
+from .._agent import rules
 from .base import Base, Entry
 from .config import SyncConfig
 from .link import Link

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _agent
-from . import peer, rules
+from .._agent import peer, rules
 from .actions import FETCH_WINDOW, Actions
 from .base import CONFLICT, PULL, PUSH, SAME, Base, Entry, decide, needs_digest, same
 from .config import SyncConfig
@@ -528,8 +528,8 @@ class Engine:
         self.conflicts = [*self.conflicts[-999:], record]
         self.stats["conflicts"] = len(self.conflicts)
         _proc.write_private(self.conflicts_path, json.dumps(self.conflicts, indent=1))
-        text = (f"colab-remote sync: conflict in {rules_safe(record['path'])}: changed on both sides; "
-                f"the runtime's version is {rules_safe(record['copy'])} (both sides have both)")
+        text = (f"colab-remote sync: conflict in {rules_safe(record['path'])}: changed on both sides; the "
+                f"{self.cfg.remote_side}'s version is {rules_safe(record['copy'])} (both sides have both)")
         log.warning("%s", text)
         self.announce(text)
 

@@ -4,9 +4,9 @@ The master logs in with the user's own ssh set-up (``~/.ssh/config``: the alias 
 ``tunnel.ssh_config()`` printed, ProxyJump through the server) and opens nothing else: no agent
 forwarding, no X11, no port forwards (``ClearAllForwardings``), no local or remote command of the
 config; its control socket is in a private 0700 folder. Through it, ``python3 -I -B -c <loader>``
-starts in the runtime; the loader reads the package :mod:`colab_remote._agent`, :mod:`.rules`,
-:mod:`.fs` and :mod:`.peer` from stdin, imports them from memory (nothing is installed or written
-there) and runs the peer. A reader thread splits the
+starts in the runtime; the loader reads the package :mod:`colab_remote._agent` (the peer is its
+:mod:`~colab_remote._agent.peer`) from stdin, imports it from memory (nothing is installed or
+written there) and runs the peer. A reader thread splits the
 peer's records into events (its changes) and replies, each reply handed to the request that waits
 for it (the peer answers in order).
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import _agent, _proc, _ssh
+from .._agent import peer
 from .._master import LoginFailed, Master
 from ..errors import AuthenticationError, ColabRemoteError, SyncError
-from . import peer
 from .config import SyncConfig
 
 log = logging.getLogger("colab_remote.sync")
@@ -35,8 +35,6 @@ log = logging.getLogger("colab_remote.sync")
 Record = tuple[bytes, bytes, int, int, int, bytes]  # op, path, mode, mtime, offset, data
 Handler = Callable[[Record], bool]                   # a request's replies; True when complete
 EVENTS = (peer.R_CHANGE, peer.R_FILE, peer.R_RESCAN, peer.R_NOTE)
-# The two-way sync's modules the runtime's peer runs on (with the agent's package, see sources())
-MODULES = ("colab_remote._twoway.rules", "colab_remote._twoway.fs", "colab_remote._twoway.peer")
 
 # Run by the runtime's python3 (any version from 3.6): reads the modules' sources from stdin (a
 # JSON line, then their zlib-compressed sources), serves them to ``import`` from memory (nothing is
@@ -79,19 +77,16 @@ class ConnectionLost(Exception):
 
 
 def sources() -> list[tuple[str, bytes, bool]]:
-    """(module, source, is a package) of everything the peer runs on: ``colab_remote`` and
-    ``colab_remote._twoway`` as empty packages (their real ``__init__`` imports the laptop's
-    side), ``colab_remote._agent`` whole (standard library only), and :data:`MODULES`."""
+    """(module, source, is a package) of everything the peer runs on: ``colab_remote`` as an empty
+    package (its real ``__init__`` imports the laptop's side) and ``colab_remote._agent`` whole
+    (standard library only; the peer is :mod:`colab_remote._agent.peer`)."""
     agent_dir = Path(_agent.__file__).parent
     found: list[tuple[str, bytes, bool]] = [
-        ("colab_remote", b"", True), ("colab_remote._twoway", b"", True),
+        ("colab_remote", b"", True),
         ("colab_remote._agent", (agent_dir / "__init__.py").read_bytes(), True)]
     for path in sorted(agent_dir.glob("*.py")):
         if path.name != "__init__.py":
             found.append((f"colab_remote._agent.{path.stem}", path.read_bytes(), False))
-    here = Path(__file__).parent
-    for name in MODULES:
-        found.append((name, (here / (name.rpartition(".")[2] + ".py")).read_bytes(), False))
     return found
 
 
@@ -103,7 +98,7 @@ def payload() -> bytes:
     found = sources()
     blob = zlib.compress(b"".join(s for _, s, _ in found), 9)
     head = {"modules": [[n, len(s), p] for n, s, p in found], "size": len(blob),
-            "main": "colab_remote._twoway.peer"}
+            "main": "colab_remote._agent.peer"}
     return json.dumps(head).encode() + b"\n" + blob
 
 
@@ -111,6 +106,9 @@ def peer_command() -> str:
     """The runtime's shell runs this (text for its shell, as any ssh command is)."""
     return ("command -v python3 >/dev/null 2>&1 || { echo 'colab-remote: no python3 in the runtime' >&2; "
             f"exit 97; }}; exec python3 -I -B -c {shlex.quote(LOADER)} colab-remote-peer")
+
+
+INSTALLED_PEER = "colab-remote peer"  # what a sync's restricted key answers with the peer
 
 
 def master_options(cfg: SyncConfig, control_path: Path, password: bool) -> list[str]:
@@ -125,6 +123,10 @@ def master_options(cfg: SyncConfig, control_path: Path, password: bool) -> list[
     }
     if cfg.identity_file:
         opts.update(IdentityFile=cfg.identity_file, IdentitiesOnly="yes")
+    if cfg.known_hosts:  # the laptop, from the runtime: its restricted key alone, no prompt
+        opts.update(_ssh.host_key_options(Path(cfg.known_hosts), pinned=False), BatchMode="yes",
+                    PasswordAuthentication="no", KbdInteractiveAuthentication="no",
+                    IdentityAgent="none")
     argv = ["-N", "-T", "-a", "-x", *_ssh.ssh_option_argv(opts)]
     if cfg.ssh_config:
         argv += ["-F", cfg.ssh_config]
@@ -194,12 +196,14 @@ class Link:
         self.generation += 1
         self.handlers = collections.deque()  # this connection's own (an old reader keeps its own)
         self._buf = bytearray()
-        self.proc = _proc.open_pipes(master.mux(peer_command(), options=MUX_OPTIONS),
-                                     stderr_path=self.log_path)
+        installed = self.cfg.remote_side == "laptop"  # the laptop's key runs the peer it has
+        self.proc = _proc.open_pipes(master.mux(INSTALLED_PEER if installed else peer_command(),
+                                                options=MUX_OPTIONS), stderr_path=self.log_path)
         request = {"root": self.cfg.remote_path, "rules": rules, "inline_max": self.cfg.inline_max,
                    "keep_days": self.cfg.keep_days, "trash_budget": self.cfg.trash_budget, "lane": lane}
         try:
-            self._write(payload() + _agent.pack(peer.OP_START, data=json.dumps(request).encode()))
+            self._write((b"" if installed else payload())
+                        + _agent.pack(peer.OP_START, data=json.dumps(request).encode()))
             hello = self._hello(time.monotonic() + timeout)
         except ConnectionLost as e:
             tail = _proc.tail(self.log_path, 8)

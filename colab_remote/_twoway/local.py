@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from .. import _agent
-from . import fs, rules
+from .._agent import rules
+from .._agent import syncfs as fs
 from .base import Entry
 
 log = logging.getLogger("colab_remote.sync")

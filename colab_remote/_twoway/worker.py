@@ -153,6 +153,8 @@ class Worker:
             raise SyncError(f"cannot watch {self.cfg.local_dir}: {self.watcher.error}",
                             fix="check the folder is readable; raise fs.inotify.max_user_watches for "
                                 "big trees")
+        watcher.watch_all()  # the doorbell watches only the folders it is given (the local scan
+        # lists without it); new folders are added as they come (engine: _local_change)
         self.connect()
 
     def connect(self) -> None:

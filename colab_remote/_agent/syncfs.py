@@ -2,11 +2,11 @@
 
 Every path is opened from the folder's own descriptor one name at a time with ``O_NOFOLLOW``
 (fresh each time: other programs rename folders under us, so no descriptor is kept), and writes go
-through :class:`colab_remote._agent.Tree` (temporary names, staging, the trash, the mode mask).
+through :class:`.tree.Tree` (temporary names, staging, the trash, the mode mask).
 Big files arrive in parts kept across connections (:class:`Partials`), so a cut transfer resumes.
 
-Runs on both sides (the runtime's peer gets this file's source over ssh): standard library only,
-Python >= 3.6.
+Part of the agent's package (the peer runs on it in the runtime, or on the laptop for a sync started
+in the runtime; the laptop's coordinator imports it too): standard library only, Python >= 3.6.
 """
 
 import fcntl
@@ -16,10 +16,10 @@ import stat
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from colab_remote import _agent
-from colab_remote._agent import fs as agent_fs
-from colab_remote._agent import protocol
-from colab_remote._twoway.rules import Rules
+from . import fs as agent_fs
+from . import protocol
+from .rules import Rules
+from .tree import Tree
 
 # What both sides say about one path: (mode with its type bits, 0 when it is absent; size of a
 # file; mtime in ns; a link's target)
@@ -117,7 +117,7 @@ def digest_of(root_fd: int, rel: bytes) -> Tuple[Stat, bytes]:
     """A file's (stat, blake2b digest), read once without following a link."""
     f = open_file(root_fd, rel)
     try:
-        h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
+        h = hashlib.blake2b(digest_size=protocol.DIGEST_SIZE)
         while True:
             chunk = os.read(f, READ_CHUNK)
             if not chunk:
@@ -203,14 +203,14 @@ class Partials:
     locked while one receiver writes it (a peer of a dead connection may still be finishing its
     last records when the next one asks)."""
 
-    def __init__(self, tree: _agent.Tree) -> None:
+    def __init__(self, tree: Tree) -> None:
         self.tree = tree
         self.names: Dict[bytes, bytes] = {}
         self.fds: Dict[bytes, int] = {}
 
     def _folder(self) -> int:
         trash = self.tree.trash.folders()
-        fd = trash.get(_agent.STAGING + b"/" + RESUME, create=True)
+        fd = trash.get(protocol.STAGING + b"/" + RESUME, create=True)
         assert fd is not None
         return fd
 
@@ -312,7 +312,7 @@ class Partials:
                 agent_fs.remove_quietly(fd, name)
 
 
-def upkeep(tree: _agent.Tree, keep_days: float, budget: int) -> List[bytes]:
+def upkeep(tree: Tree, keep_days: float, budget: int) -> List[bytes]:
     """The trash of ``tree``: older than ``keep_days`` goes, then the oldest until it holds at most
     ``budget`` bytes (the agent's own book of the trash's sizes, ``.sizes``); a ``.gitignore`` in it
     keeps it out of ``git status``. The names removed."""

@@ -216,14 +216,15 @@ def git_phase(rel: str) -> int:
     return 0
 
 
-def conflict_name(rel: str, stamp: str) -> str:
+def conflict_name(rel: str, stamp: str, side: str = "runtime") -> str:
     """``dir/name.conflict-runtime-<stamp>.ext``: where the runtime's version of a conflict goes,
-    beside the laptop's."""
+    beside the laptop's (``conflict-laptop-``: the laptop's version, beside the runtime's, when
+    the sync runs in the runtime)."""
     folder, _, name = rel.rpartition("/")
     stem, dot, ext = name.rpartition(".")
     if not stem or stem.startswith(".") and "." not in stem[1:] and not ext:
         stem, dot, ext = name, "", ""
-    new = stem + CONFLICT_INFIX + stamp + (dot + ext if dot else "")
+    new = stem + CONFLICT_INFIX.replace("runtime", side) + stamp + (dot + ext if dot else "")
     return folder + "/" + new if folder else new
 
 

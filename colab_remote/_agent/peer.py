@@ -1,45 +1,47 @@
 """The runtime's half of a two-way sync, and the one home of its wire protocol.
 
 The laptop starts it over its ssh connection (``python3 -I -B -c <loader>``; the loader reads this
-file, :mod:`.fs`, :mod:`.rules` and the package :mod:`colab_remote._agent` from stdin and imports
-them from memory, so nothing is installed in the runtime). It then answers the laptop's records on
-stdin and reports every change in the runtime's folder on stdout as it happens (inotify through
-ctypes; a cheap scan every second where there is none). It writes only what the laptop sends,
-through :class:`colab_remote._agent.Tree` (temporary names, staging, the trash), and each write may
-carry a guard: it happens only when the path is still what the laptop last saw, else the laptop
+package from stdin and imports it from memory, so nothing is installed in the runtime). A sync
+started in the runtime runs it on the laptop instead, installed with the agent and started by a
+restricted key's forced command (:func:`main` with ``fixed``: the folder, the trash and the paths
+never taken are the laptop account's, see :meth:`Peer.confine`). It answers the coordinator's
+records on stdin and reports every change in its folder on stdout as it happens (inotify through
+ctypes; a cheap scan every second where there is none). It writes only what the coordinator sends,
+through :class:`.tree.Tree` (temporary names, staging, the trash), and each write may carry a
+guard: it happens only when the path is still what the coordinator last saw, else the coordinator
 hears what is there instead (a conflict).
 
-Records are :mod:`colab_remote._agent`'s (``HEADER``: op, path, mode, mtime, offset, data). A
+Records are the agent's (:mod:`.protocol`) (``HEADER``: op, path, mode, mtime, offset, data). A
 path's state travels as mode (with its type bits; 0: absent), mtime, offset (a file's size) and
 data (a link's target).
 
 Standard library only, Python >= 3.6 (it runs on whatever python3 the runtime has).
 """
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import pwd
 import select
 import stat
-import struct
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from colab_remote import _agent
-from colab_remote._agent import fs as agent_fs
-from colab_remote._twoway import fs
-from colab_remote._twoway.rules import MARKER, Rules
+from . import fs as agent_fs
+from . import protocol
+from . import syncfs as fs
+from .inotify import IN as _IN
+from .inotify import Inotify
+from .rules import MARKER, Rule, Rules, link_inside, protected
+from .tree import Tree
 
 PROTOCOL = "twoway-1"
 MAGIC = b"\0colab-remote-peer\0"  # before the first record: what a chatty shell printed is skipped
 
 # laptop -> peer. The agent's own ops keep their meaning: PUT, MKDIR, LINK, DELETE, END.
-OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_END = (_agent.OP_PUT, _agent.OP_MKDIR, _agent.OP_LINK,
-                                                _agent.OP_DELETE, _agent.OP_END)
+OP_PUT, OP_MKDIR, OP_LINK, OP_DELETE, OP_END = (protocol.OP_PUT, protocol.OP_MKDIR, protocol.OP_LINK,
+                                                protocol.OP_DELETE, protocol.OP_END)
 OP_START = b"S"   # data: JSON {root, rules, inline_max, keep_days, trash_budget}; R_HELLO answers
 OP_RULES = b"N"   # data: JSON rules (a .gitignore changed): watched anew, then R_RESCAN
 OP_MARK = b"T"    # data: the marker's text (which sync filled this folder)
@@ -78,89 +80,23 @@ SCAN_EVERY = 1.0      # without inotify
 UPKEEP_EVERY = 3600.0
 ECHO_KEEP = 5.0       # what the laptop wrote is not reported back for this long (unless changed)
 
-_IN = {"MODIFY": 0x2, "ATTRIB": 0x4, "CLOSE_WRITE": 0x8, "MOVED_FROM": 0x40, "MOVED_TO": 0x80,
-       "CREATE": 0x100, "DELETE": 0x200, "DELETE_SELF": 0x400, "MOVE_SELF": 0x800,
-       "Q_OVERFLOW": 0x4000, "IGNORED": 0x8000, "ONLYDIR": 0x01000000, "DONT_FOLLOW": 0x02000000,
-       "ISDIR": 0x40000000}
-_WATCH_MASK = (0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x01000000 | 0x02000000)
-_EVENT = struct.Struct("iIII")
-
-
 def state_record(op: bytes, rel: bytes, st: fs.Stat, data: Optional[bytes] = None) -> bytes:
-    return _agent.pack(op, rel, mode=st[0], mtime_ns=st[2], offset=st[1],
+    return protocol.pack(op, rel, mode=st[0], mtime_ns=st[2], offset=st[1],
                        data=st[3] if data is None else data)
-
-
-class Inotify:
-    """inotify on every synced folder (ctypes; Linux). ``fd`` is -1 where there is none."""
-
-    def __init__(self, root: bytes) -> None:
-        self.root, self.fd = root, -1
-        self.libc: Any = None
-        self.folders: Dict[int, bytes] = {}
-        self.root_wd = -1
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
-        except (OSError, AttributeError):
-            return
-        if fd >= 0:
-            self.libc, self.fd = libc, fd
-
-    def add(self, rel: bytes) -> bool:
-        """Watch one folder; False when the kernel's limit is reached."""
-        path = self.root + b"/" + rel if rel else self.root
-        wd = self.libc.inotify_add_watch(self.fd, path, _WATCH_MASK)
-        if wd < 0:
-            return ctypes.get_errno() != errno.ENOSPC
-        self.folders[wd] = rel
-        if not rel:
-            self.root_wd = wd
-        return True
-
-    def read(self) -> List[Tuple[int, bytes]]:
-        """(mask, rel) of the events queued; rel b"" with IN_Q_OVERFLOW."""
-        found: List[Tuple[int, bytes]] = []
-        while True:
-            try:
-                buf = os.read(self.fd, 1 << 20)
-            except (BlockingIOError, OSError):
-                return found
-            if not buf:
-                return found
-            off = 0
-            while off < len(buf):
-                wd, mask, _, size = _EVENT.unpack_from(buf, off)
-                name = buf[off + 16:off + 16 + size].rstrip(b"\0")
-                off += 16 + size
-                if mask & _IN["Q_OVERFLOW"]:
-                    found.append((mask, b""))
-                    continue
-                folder = self.folders.get(wd)
-                if mask & _IN["IGNORED"]:
-                    self.folders.pop(wd, None)
-                if folder is None:
-                    continue
-                if not name:
-                    if wd == self.root_wd and mask & (_IN["DELETE_SELF"] | _IN["MOVE_SELF"]):
-                        found.append((mask, b""))
-                    continue
-                found.append((mask, folder + b"/" + name if folder else name))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Peer:
     """The runtime's side: one folder, its tree, its watch, and the laptop's records."""
 
-    def __init__(self, inp: int = 0, out: int = 1) -> None:
+    def __init__(self, inp: int = 0, out: int = 1, fixed: Optional[dict] = None) -> None:
         self.inp, self.out = inp, out
+        # Run by a runtime's key on the laptop (:func:`run_fixed`): the folder, the trash and what
+        # is never taken are the account's (``fixed``), whatever the records say.
+        self.fixed = fixed
+        self.protect = tuple(Rule(p) for p in (fixed or {}).get("protect", ()))
         self.outbuf: List[bytes] = []
         self.outsize = 0
-        self.tree: Optional[_agent.Tree] = None
+        self.tree: Optional[Tree] = None
         self.partials: Optional[fs.Partials] = None
         self.root = b""
         self.rules = Rules()
@@ -192,10 +128,13 @@ class Peer:
             self.outbuf, self.outsize = [], 0
 
     def note(self, text: str) -> None:
-        self.send(_agent.pack(R_NOTE, data=text.encode("utf-8", "replace")))
+        self.send(protocol.pack(R_NOTE, data=text.encode("utf-8", "replace")))
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, request: dict) -> dict:
+        if self.fixed is not None:
+            request = dict(request, root=self.fixed["root"], keep_days=self.fixed["keep_days"],
+                           trash_budget=self.fixed["trash_budget"])
         path = request["root"]
         if not path.startswith("/"):
             path = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, path)
@@ -225,7 +164,7 @@ class Peer:
             assert self.partials is not None
             self.partials.close()
             self.tree.close()
-        self.tree = _agent.Tree(self.root)
+        self.tree = Tree(self.root)
         self.partials = fs.Partials(self.tree)
         self.root_gone = False
         if self.lane:
@@ -284,7 +223,7 @@ class Peer:
     def handle(self, op: bytes, p: bytes, mode: int, mtime: int, offset: int, data: bytes) -> bool:
         """One record; False to end."""
         if op == OP_START:
-            self.send(_agent.pack(R_HELLO, data=json.dumps(self.start(json.loads(data.decode()))).encode()))
+            self.send(protocol.pack(R_HELLO, data=json.dumps(self.start(json.loads(data.decode()))).encode()))
             return True
         tree = self.tree
         if tree is None:
@@ -292,7 +231,7 @@ class Peer:
             return False
         if op == OP_END:
             tree.finish(self.errors)
-            self.send(_agent.pack(R_ACK, offset=self.ops, data=json.dumps(
+            self.send(protocol.pack(R_ACK, offset=self.ops, data=json.dumps(
                 {"errors": self.errors[:200], "refused": self.refused}).encode()))
             self.errors, self.refused, self.ops = [], [], 0
             self.flush()
@@ -306,7 +245,7 @@ class Peer:
                 st, digest = fs.digest_of(tree.root_fd, p)
                 self.send(state_record(R_HASH, p, st, digest))
             except (OSError, ValueError) as e:
-                self.send(_agent.pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode()))
+                self.send(protocol.pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode()))
         elif op == OP_READ:
             self.read(p, offset)
         elif op == OP_GUARD:
@@ -317,24 +256,24 @@ class Peer:
             self.rules = Rules.from_json(json.loads(data.decode()))
             if not self.lane:
                 self.watch_all()
-                self.send(_agent.pack(R_RESCAN, data=b"rules"))
+                self.send(protocol.pack(R_RESCAN, data=b"rules"))
         elif op == OP_PING:  # what the kernel has queued counts too
             if self.watch is not None:
                 self.on_events(self.watch.read())
             elif self.snapshot is not None:
                 self.scan()
             self.report(everything=True)
-            self.send(_agent.pack(R_PONG))
+            self.send(protocol.pack(R_PONG))
             self.flush()
         elif op == OP_BIG:
             assert self.partials is not None
             why = b""
             try:
-                _agent.check_path(p)
+                protocol.check_path(p)
                 have = self.partials.begin(p, offset, mtime, wait=0.5)
             except (OSError, ValueError) as e:
                 why, have = ("%s: %s" % (type(e).__name__, e)).encode(), -1
-            self.send(_agent.pack(R_HAVE, p, offset=max(have, 0), mode=int(have < 0), data=why))
+            self.send(protocol.pack(R_HAVE, p, offset=max(have, 0), mode=int(have < 0), data=why))
             self.flush()
         else:
             self.write(op, p, mode, mtime, offset, data)
@@ -349,9 +288,11 @@ class Peer:
         if op != OP_PART:
             self.ops += 1
         try:
-            _agent.check_path(p)
+            protocol.check_path(p)
             if self.rules.excluded(os.fsdecode(p), op == OP_MKDIR):
                 raise ValueError("a path this sync skips")
+            if self.fixed is not None:
+                self.confine(op, p, data)
             if op != OP_PART and not self.guard_holds(p):
                 return
             if op == OP_PUT:
@@ -381,6 +322,14 @@ class Peer:
                 partials.drop(p)
             self.errors.append([os.fsdecode(p), "%s: %s" % (type(e).__name__, e)])
 
+    def confine(self, op: bytes, p: bytes, data: bytes) -> None:
+        """On the laptop: what its own coordinator never takes from the runtime, refused here."""
+        if protected(os.fsdecode(p), self.protect) or op == OP_ASIDE and protected(
+                os.fsdecode(data), self.protect):
+            raise ValueError("the runtime's version of this path is never applied on the laptop")
+        if op == OP_LINK and not link_inside(os.fsdecode(p), data):
+            raise ValueError("a link out of the folder is not taken from the runtime")
+
     def guard_holds(self, p: bytes) -> bool:
         guard = self.guards.pop(p, None)
         if guard is None:
@@ -401,7 +350,7 @@ class Peer:
     def aside(self, p: bytes, new: bytes) -> None:
         """The runtime's version of a conflict to ``new`` (in the same folder), reported at once."""
         assert self.tree is not None
-        _agent.check_path(new)
+        protocol.check_path(new)
         if new.rpartition(b"/")[0] != p.rpartition(b"/")[0]:
             raise ValueError("a conflict's copy goes beside the file")
         fd = fs.open_parent(self.tree.root_fd, p)
@@ -422,14 +371,14 @@ class Peer:
     def listing(self) -> None:
         assert self.tree is not None
         if self.root_gone or not os.path.isdir(self.root):
-            self.send(_agent.pack(R_LISTED, data=b"missing"))
+            self.send(protocol.pack(R_LISTED, data=b"missing"))
             self.flush()
             return
         count = 0
         for rel, st in fs.walk(self.tree.root_fd, self.rules):
             self.send(state_record(R_ENTRY, rel, st))
             count += 1
-        self.send(_agent.pack(R_LISTED, offset=count))
+        self.send(protocol.pack(R_LISTED, offset=count))
         self.flush()
 
     def read(self, p: bytes, offset: int) -> None:
@@ -438,12 +387,12 @@ class Peer:
         try:
             f = fs.open_file(self.tree.root_fd, p)
         except (OSError, ValueError) as e:
-            self.send(_agent.pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode()))
+            self.send(protocol.pack(R_FAIL, p, data=("%s: %s" % (type(e).__name__, e)).encode()))
             self.flush()
             return
         try:
             before = os.fstat(f)
-            h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
+            h = hashlib.blake2b(digest_size=protocol.DIGEST_SIZE)
             at = 0
             while True:
                 chunk = os.read(f, fs.READ_CHUNK)
@@ -452,13 +401,13 @@ class Peer:
                 h.update(chunk)
                 if at + len(chunk) > offset:
                     skip = max(0, offset - at)
-                    self.send(_agent.pack(R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns,
+                    self.send(protocol.pack(R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns,
                                           offset=at + skip, data=chunk[skip:]))
                 at += len(chunk)
             after = os.fstat(f)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) \
                     or at != after.st_size:
-                self.send(_agent.pack(R_FAIL, p, data=b"changed while it was read"))
+                self.send(protocol.pack(R_FAIL, p, data=b"changed while it was read"))
             else:
                 self.send(state_record(R_DONE, p, fs.stat_of(after), h.digest()))
         finally:
@@ -472,7 +421,7 @@ class Peer:
             if not rel:
                 why = b"overflow" if mask & _IN["Q_OVERFLOW"] else b"root"
                 self.root_gone = why == b"root"
-                self.send(_agent.pack(R_RESCAN, data=why))
+                self.send(protocol.pack(R_RESCAN, data=why))
                 if not self.root_gone:
                     self.watch_all()
                 continue
@@ -561,7 +510,7 @@ class Peer:
     def run(self) -> int:
         agent_fs.write_all(self.out, MAGIC)
         buf = bytearray()
-        size = _agent.HEADER.size
+        size = protocol.HEADER.size
         while True:
             fds = [self.inp] + ([self.watch.fd] if self.watch is not None else [])
             ready, _, _ = select.select(fds, [], [], self.next_wake())
@@ -572,7 +521,7 @@ class Peer:
                 buf += chunk
                 pos = 0
                 while len(buf) - pos >= size:
-                    op, plen, mode, mtime, offset, dlen = _agent.HEADER.unpack_from(buf, pos)
+                    op, plen, mode, mtime, offset, dlen = protocol.HEADER.unpack_from(buf, pos)
                     end = pos + size + plen + dlen
                     if end > len(buf):
                         break
@@ -599,12 +548,13 @@ class Peer:
         return 0
 
 
-def main() -> int:
+def main(fixed: Optional[dict] = None) -> int:
+    """Serve the records on stdin; ``fixed``: the account's settings for a runtime's key."""
     try:  # 1 MiB pipes: a batch in a few reads (Linux; fine without)
         import fcntl
         fcntl.fcntl(0, 1031, 1 << 20)
         fcntl.fcntl(1, 1031, 1 << 20)
     except (OSError, ValueError, ImportError):
         pass
-    return Peer().run()
+    return Peer(fixed=fixed).run()
 
