@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Inotify  # noqa: E402
+from bench._common import Inotify, compile_package  # noqa: E402
 from colab_remote import _install, _net, _proc  # noqa: E402
 from colab_remote.mirror import Mirror, mirror  # noqa: E402
 
@@ -576,8 +576,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10,000 watched files and 15 s idle")
     parser.add_argument("--files", type=int, help="files in the watched tree (default 100,000)")
-    parser.add_argument("--only", choices=("all", "burst"), default="all",
-                        help="burst: run target 2 (and its rsync -a anchor) only")
+    parser.add_argument("--only", choices=("all", "burst", "watch"), default="all",
+                        help="burst: run target 2 (and its rsync -a anchor) only; watch: targets "
+                             "1 and 3 and the verification only (--files 300000: the large tree)")
     parser.add_argument("--tmpfs", choices=("off", "on", "both"), default="both",
                         help="target 2's local tree and server copy on the disk (off), on a tmpfs "
                              "(on), or both in the same run (default)")
@@ -587,6 +588,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root: the benchmark creates a throwaway user and an sshd", file=sys.stderr)
         return 2
+    compile_package()
     n_files = args.files or (10_000 if args.quick else 100_000)
     idle_s = 15 if args.quick else 60
     base = Path(tempfile.mkdtemp(prefix="bench-mirror-"))
@@ -601,8 +603,10 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}" +
               (f"; {n_files} watched files; idle window {idle_s} s" if args.only == "all" else ""),
               flush=True)
-        if args.only == "all":
+        if args.only in ("all", "watch"):
             lines += targets_1_and_3(server, base, state, dest_base, n_files, idle_s, mirrors)
+        if args.only == "watch":
+            args.tmpfs = "none"
 
         # target 2: bursts, on the disk and/or on a tmpfs
         if args.tmpfs in ("off", "both"):

@@ -30,8 +30,13 @@ Figures (``--only NAME``):
             pieces): time until the server has it, bytes over the link / 1 MiB; rsync -a the same
   reverse   100 MiB read through reverse_forward()'s tunnel vs plain ``ssh -R``
   compress  a 10 MiB text tree and a 10 MiB random tree (P1/P2): the mirror, rsync -a, rsync -az
-  startup   loopback only: mirror() + flush() vs rsync -a, fresh (empty server copy) and restart
+  startup   loopback only: mirror() (and then flush()) vs rsync -a, fresh (empty server copy) and restart
             (identical server copy), at ``--startup-sizes`` files of 1 KiB, 100 per folder
+  link      P1/P2: the link's return and a silent drop. Return: every connection reset and the
+            link cut; a file written meanwhile; 5 s later the link is back: when the mirror saw
+            the server again (its log), was up again, and the file was on the server. Silent drop:
+            an idle mirror, packets vanish, connections stay open: when the mirror left 'up';
+            then the same three after the link is back
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from bench.wan import P1, P2, Profile, WanRelay  # noqa: E402
 from colab_remote import Mirror, mirror, reverse_forward, start_sshd  # noqa: E402
 
 FIGURES = ("sanity", "edit", "burst", "first", "bigedit", "cut", "killed", "growing", "reverse",
-           "compress", "startup")
+           "compress", "startup", "link")
 MiB = 1 << 20
 TREE_FILES, TREE_SIZE, TREE_PER_DIR = 2000, 4096, 100
 
@@ -763,8 +768,72 @@ def compress(b: Bench, link: Link, t: Trees) -> None:
         shutil.rmtree(sample)
 
 
+def _log_time(line: str) -> float | None:
+    """The wall-clock time of one line of the mirror's log (``2026-01-31 12:00:00,123 ...``)."""
+    with contextlib.suppress(ValueError, IndexError):
+        stamp, ms = line[:23].split(",")
+        return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+    return None
+
+
+def _back(m: Mirror, link: Link, server_file: Path, content: bytes) -> tuple[float | None, ...]:
+    """Restore the link; seconds until the mirror saw the server again (its log line: None where
+    it writes none), was up again, and ``server_file`` held ``content``."""
+    assert link.relay is not None
+    t0, w0 = time.perf_counter(), time.time()
+    link.relay.restore()
+    up = C.wait_until(lambda: m.status().get("state") == "up", 120, interval=0.005)
+    t_up = time.perf_counter() - t0 if up else None
+    arrived = C.wait_content(server_file, content, 120)
+    seen = [t for line in m.logs(400).splitlines() if "the server answers again" in line
+            and (t := _log_time(line)) is not None and t >= w0 - 0.01]
+    return (seen[0] - w0 if seen else None), t_up, (arrived - t0 if arrived else None)
+
+
+def link_figure(b: Bench, link: Link) -> None:
+    """The link's return after a cut, and a silent drop (see the module docstring)."""
+    assert link.relay is not None
+    src = b.local(link, "link")
+    C.make_tree(src, 200, 100, 1024)
+    dest = b.remote(link, "link-ours")
+    m = link.mirror(src, dest)
+    try:
+        m.flush(120)
+        C.settle()
+        link.relay.cut()
+        link.relay.reset()
+        during = b"written while the link was down\n"
+        (src / "during.txt").write_bytes(during)  # (an idle mirror that never looks would not see it)
+        C.wait_until(lambda: m.status().get("state") != "up", 60, interval=0.01)
+        time.sleep(5)
+        seen, up, arrived = _back(m, link, dest / "during.txt", during)
+        b.add(Result("link-return", link.name, seen if seen is not None else up, None, None, None, "s",
+                     [f"after a reset and 5 s cut: server seen again {fmt(seen, 's')}, mirror up "
+                      f"{fmt(up, 's')}, the file written meanwhile on the server {fmt(arrived, 's')} "
+                      "after the link returned"]))
+        m.flush(120)
+        C.settle()
+        t0 = time.perf_counter()
+        link.relay.cut()
+        left = C.wait_until(lambda: m.status().get("state") != "up", 60, interval=0.01)
+        noticed = time.perf_counter() - t0 if left else None
+        after = b"written after a silent drop\n"
+        (src / "after.txt").write_bytes(after)
+        time.sleep(max(0.0, 20 - (time.perf_counter() - t0)))
+        seen, up, arrived = _back(m, link, dest / "after.txt", after)
+        b.add(Result("silent-drop", link.name, noticed, None, None, None, "s",
+                     [f"an idle mirror left 'up' {fmt(noticed, 's')} after packets vanished (none "
+                      f"within 60 s: '-'); link back 20 s after the drop: server seen again "
+                      f"{fmt(seen, 's')}, mirror up {fmt(up, 's')}, the file written meanwhile on the "
+                      f"server {fmt(arrived, 's')} after that"]))
+    finally:
+        link.relay.restore()
+        m.stop(flush=False)
+
+
 def startup(b: Bench, sizes: list[int]) -> None:
-    """Loopback, tmpfs: mirror() + flush() against rsync -a (fresh login), fresh and restart."""
+    """Loopback, tmpfs: mirror() (its first pass on the server) against rsync -a (fresh login),
+    fresh and restart; mirror() then flush() beside it."""
     link = Link(b, None)
     try:
         for n in sizes:
@@ -788,13 +857,17 @@ def startup(b: Bench, sizes: list[int]) -> None:
             C.settle(15)
             t0 = time.perf_counter()
             m = link.mirror(src, dest_m, timeout=3600)
-            m.flush(3600)
             again = time.perf_counter() - t0
+            m.flush(3600)
+            again_flushed = time.perf_counter() - t0
             m.stop()
-            b.add(Result(f"startup-{n}-fresh", "loopback", fresh, None, rs_fresh, None, "s",
-                         [f"mirror() returned after {returned:.2f} s"]))
+            # mirror() returns once its first pass is on the server (rsync's whole job); flush()
+            # then verifies with a second whole-tree pass (issue 13), shown beside it
+            b.add(Result(f"startup-{n}-fresh", "loopback", returned, None, rs_fresh, None, "s",
+                         [f"mirror() then flush(): {fresh:.2f} s ({ratio(fresh, rs_fresh)})"]))
             b.add(Result(f"startup-{n}-restart", "loopback", again, None, rs_again, None, "s",
-                         ["restart over an identical server copy; rsync -a no-op"]))
+                         ["restart over an identical server copy; rsync -a no-op; mirror() then "
+                          f"flush(): {again_flushed:.2f} s ({ratio(again_flushed, rs_again)})"]))
             for p in (src, dest_m, dest_r):
                 shutil.rmtree(p, ignore_errors=True)
     finally:
@@ -838,6 +911,8 @@ def run_link(b: Bench, profile: Profile | None, only: set[str], rt: Runtime | No
             killed(b, link, trees)
         if trees is not None and want("growing"):
             growing(b, link, trees)
+        if profile is not None and want("link"):
+            link_figure(b, link)
     finally:
         if trees is not None:
             trees.close()
@@ -859,6 +934,8 @@ WORK = {
     "reverse": "read through the reverse tunnel (rsync column: plain ssh -R)",
     "compress-text": "text tree (rsync column: rsync -a)",
     "compress-random": "random tree (rsync column: rsync -a)",
+    "link-return": "the link's return noticed (reset + 5 s cut)",
+    "silent-drop": "a silent drop noticed (idle mirror)",
 }
 
 
@@ -911,6 +988,7 @@ def main() -> int:
         print("run as root: the benchmark creates throwaway users and sshd servers", file=sys.stderr)
         return 2
     C.exit_on_sigterm()
+    C.compile_package()
     profiles: list[Profile | None] = []
     names = [p.strip() for p in args.profiles.split(",") if p.strip()]
     for name in names:

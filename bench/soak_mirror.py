@@ -679,7 +679,7 @@ class SoakReport:
         if temps:
             out.append(f"5 (temporary files pile up): up to {temps} in the live copy")
         orphans = max((len(c.orphan_ssh) for c in self.checkpoints), default=0)
-        if orphans or any("ControlMaster" in e for e in self.events):
+        if orphans or any("ControlMaster" in e for e in self.events):  # mirror() re-run stops it
             out.append("6 (a SIGKILLed worker leaves its ssh ControlMaster running): "
                        + "; ".join(e for e in self.events if "ControlMaster" in e)[:300])
         if self.log_counts.get("link_stat"):
@@ -961,9 +961,6 @@ class Soak:
             os.kill(self.m.pid, signal.SIGKILL)
             self.begin_gap()
             self.work_for(self.rng.uniform(1, n))
-            if master and C.pid_alive(master):
-                self.event(f"worker-kill: the killed worker's ssh ControlMaster (pid {master}) "
-                           "still runs")
             self.start_mirror("after worker-kill")
             if master and C.pid_alive(master):
                 self.event(f"worker-kill: the killed worker's ssh ControlMaster (pid {master}) "

@@ -13,12 +13,14 @@ from .errors import (
     InstallError,
     MirrorError,
     SshdError,
+    SyncError,
     TunnelError,
 )
 from .mirror import Mirror, find_mirrors, mirror, push, stop_mirrors
 from .reverse import Tunnel, find_tunnels, load_tunnel, reverse_forward, stop_tunnels
 from .server import Sshd, kernel_environment, refresh_environment, start_sshd
 from .status import CheckResult, Status, revoke, self_check, status, stop_all
+from .sync import Sync, find_syncs, sync
 
 __version__ = "0.1.0"
 
@@ -33,9 +35,12 @@ __all__ = [
     "Sshd",
     "Status",
     "SshdError",
+    "Sync",
+    "SyncError",
     "Tunnel",
     "TunnelError",
     "find_mirrors",
+    "find_syncs",
     "find_tunnels",
     "gcloud_setup",
     "kernel_environment",
@@ -51,4 +56,5 @@ __all__ = [
     "stop_all",
     "stop_mirrors",
     "stop_tunnels",
+    "sync",
 ]

@@ -274,7 +274,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
                "keys": [{**purpose, "id": kid, "days": days,
                          "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
                          "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
-    known_before = _known(login)
+    known_before = known_lines(login)
     with contextlib.ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(_Session(login, password, error, timeout)).run
@@ -289,7 +289,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
         if key is not None:
             _verify(runner, login, key, kid, reply, error)
             _record(state, login, purpose, result, sha)
-    _announce_new_host_key(login, known_before, quiet)
+    announce_new_host_key(login, known_before, quiet)
     log.info("set up %s on %s: %s", purpose["purpose"], login.dest.target,
              "restricted key " + kid if key else "the account's own login")
     return result
@@ -358,16 +358,17 @@ def _reuse(state: Path, login: Login, purpose: dict[str, Any], kid: str) -> Gran
                  expires=info.get("expires"))
 
 
-def _known(login: Login) -> set[str]:
+def known_lines(login: Login) -> set[str]:
+    """The lines of the login's known_hosts (before a first contact: see announce_new_host_key)."""
     try:
         return set(login.known_hosts.read_text().splitlines())
     except OSError:
         return set()
 
 
-def _announce_new_host_key(login: Login, before: set[str], quiet: bool) -> None:
+def announce_new_host_key(login: Login, before: set[str], quiet: bool) -> None:
     """First contact: show the key that was recorded and how to pin it next time."""
-    new = [line for line in _known(login) - before if line.strip() and not line.startswith("#")]
+    new = [line for line in known_lines(login) - before if line.strip() and not line.startswith("#")]
     for line in new:
         words = line.split()
         with contextlib.suppress(ValueError, IndexError):

@@ -68,6 +68,9 @@ class State(str, enum.Enum):
     UP = "up"
     REFUSED = "refused"  # a mirror whose server refuses some changes (a full disk): retrying
     RECONNECTING = "reconnecting"
+    COMPARING = "comparing"      # a two-way sync comparing both sides
+    WAITING = "waiting"          # a two-way sync waiting for the runtime to come back
+    PAUSED = "paused"            # a two-way sync asking before it goes on
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -78,7 +81,8 @@ class State(str, enum.Enum):
     def busy(self) -> bool:
         """On its way (amber in a card), as opposed to up (green), failed (red) or stopped."""
         return self in (State.STARTING, State.CONNECTING, State.RESTORING, State.FIRST_PUSH,
-                        State.REFUSED, State.RECONNECTING)
+                        State.REFUSED, State.RECONNECTING, State.COMPARING, State.WAITING,
+                        State.PAUSED)
 
     @classmethod
     def of(cls, value: object) -> State:

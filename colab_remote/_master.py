@@ -139,8 +139,8 @@ class Master:
                 output = self.output()
                 self.end()
                 raise LoginFailed("timeout", f"no login within {timeout:g} s", output)
-            with contextlib.suppress(OSError, ValueError):
-                select.select([self.fd], [], [], min(left, 0.05))
+            with contextlib.suppress(OSError, ValueError):  # the socket appears silently: look often
+                select.select([self.fd], [], [], min(left, 0.005))
             self.pump()
         return self
 

@@ -36,7 +36,8 @@ class Bar:
         if self.quiet:
             return
         if fraction is not None:
-            self.fraction, self.text = max(self.fraction, min(fraction, 1.0)), text or self.text
+            self.fraction = max(self.fraction, min(fraction, 1.0))
+        self.text = text or self.text
         if self.bar is None:
             if time.monotonic() - self.since < PROGRESS_AFTER:
                 return

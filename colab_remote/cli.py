@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -241,7 +242,7 @@ def _add_status_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="default ~/.colab_remote")
     p.set_defaults(func=_cmd_revoke)
     p = sub.add_parser("logs", help="show the last lines of the logs", description="Show the last log lines.")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "sshd", "tunnel", "mirror"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "sshd", "tunnel", "mirror", "sync"])
     p.add_argument("-n", "--lines", type=positive_int, default=20,
                    help="how many lines of each log (default 20)")
     p.add_argument("--state-dir", help="default ~/.colab_remote")
@@ -314,8 +315,73 @@ def _add_mirror_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_mirror)
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from .sync import _run_foreground, find_syncs, status_text
+
+    if args.status:
+        print(status_text(args.state_dir))
+        return 0
+    if args.stop or args.resume:
+        found = [s for s in find_syncs(args.state_dir) if s.alive]
+        if args.local_dir:
+            local = os.path.realpath(os.path.expanduser(args.local_dir))
+            found = [s for s in found if s.local_dir == local]
+        if not found:
+            print("no running sync" + (f" of {args.local_dir}" if args.local_dir else ""))
+            return 1
+        for s in found:
+            if args.stop:
+                s.stop()
+                print(f"stopped the sync of {s.local_dir} <-> {s.remote}")
+            else:
+                print(f"{s.local_dir} <-> {s.remote}: {s.resume(args.resume)}")
+        return 0
+    if not args.local_dir or not args.remote:
+        raise ValueError("give LOCAL_DIR and HOST:PATH (e.g. ./project colab:/content/project), "
+                         "or --status, --stop, --resume")
+    return _run_foreground(args.local_dir, args.remote, password=read_password(args, "runtime password: "),
+                           port=args.port, identity_file=args.identity_file, ssh_config=args.ssh_config,
+                           state_dir=args.state_dir, exclude=args.exclude, gitignore=args.gitignore,
+                           protect=args.protect, mass_delete=args.mass_delete, yes=args.yes,
+                           keep_days=args.keep_days, trash_gb=args.trash_gb, notify=args.notify)
+
+
+def _add_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sync", help="keep a laptop folder and a runtime folder the same, both ways",
+                       description="Run on the laptop: keep LOCAL_DIR and HOST:PATH (the alias that "
+                                   "tunnel.ssh_config() printed) the same both ways until Ctrl-C. The "
+                                   "first comparison says what it does; conflicts keep both versions; "
+                                   "a mass delete pauses and asks. sync() in Python runs it detached.")
+    p.add_argument("local_dir", metavar="LOCAL_DIR", nargs="?")
+    p.add_argument("remote", metavar="HOST:PATH", nargs="?", help="e.g. colab:/content/project")
+    p.add_argument("--status", action="store_true", help="the syncs of the state folder, their conflicts "
+                   "and questions")
+    p.add_argument("--stop", action="store_true", help="stop the running syncs (of LOCAL_DIR if given)")
+    p.add_argument("--resume", choices=["yes", "delete", "restore"],
+                   help="answer a paused sync (of LOCAL_DIR if given)")
+    p.add_argument("--port", type=int, default=None, help="the runtime's SSH port (default: ~/.ssh/config's)")
+    p.add_argument("--password-stdin", action="store_true", help="read the runtime's password from stdin")
+    p.add_argument("--identity-file", metavar="KEY", help="private key to log in with")
+    p.add_argument("--ssh-config", metavar="FILE", help="another ssh config file (ssh -F)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="also leave out (gitignore syntax, repeatable)")
+    p.add_argument("--no-gitignore", dest="gitignore", action="store_false",
+                   help="sync what .gitignore names too")
+    p.add_argument("--protect", action="append", metavar="GLOB",
+                   help="never take the runtime's version of these (repeatable; git's config and hooks "
+                        "always)")
+    p.add_argument("--mass-delete", type=float, default=0.5, metavar="SHARE",
+                   help="deleting this share of the tree within seconds pauses the sync (default 0.5)")
+    p.add_argument("--yes", action="store_true", help="do not ask when the first comparison finds conflicts")
+    p.add_argument("--keep-days", type=float, default=7, help="days the trash keeps a file (default 7)")
+    p.add_argument("--trash-gb", type=float, default=2.0, help="each side's trash at most (default 2 GB)")
+    p.add_argument("--no-notify", dest="notify", action="store_false", help="no desktop notifications")
+    p.add_argument("--state-dir", help="status, logs, the last common state (default ~/.colab_remote)")
+    p.set_defaults(func=_cmd_sync)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_sshd, _add_tunnel, _add_mirror_commands, _add_gcloud_setup, _add_status_commands]
+    _add_sshd, _add_tunnel, _add_mirror_commands, _add_sync, _add_gcloud_setup, _add_status_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ __all__ = [
     "InstallError",
     "MirrorError",
     "SshdError",
+    "SyncError",
     "TunnelError",
 ]
 
@@ -65,3 +66,7 @@ class AuthenticationError(ColabRemoteError):
 
 class MirrorError(ColabRemoteError):
     """The mirror could not reach the server or could not copy files."""
+
+
+class SyncError(ColabRemoteError):
+    """The two-way sync could not reach the runtime or start there."""

@@ -249,6 +249,10 @@ def mirror(
                                    keep_days=keep_days, trash_share=float(trash_share),
                                    trash_max_gb=float(trash_max_gb), restricted=restricted,
                                    key_days=key_days, quiet=quiet)
+    login = _access.Login(ssh=cfg.ssh, dest=args["dest"], port=cfg.port,
+                          known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
+                          identity_file=cfg.identity_file)
+    known_before = _access.known_lines(login)  # the mirror process may make the first contact
     pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror", "--run-dir",
                                 str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
@@ -271,7 +275,7 @@ def mirror(
         return state in ("up", "refused", "failed", "stopped", "reconnecting") or not alive
 
     try:
-        _proc.wait_until(settled, timeout, interval=0.02)
+        _proc.wait_until(settled, timeout, interval=0.005)
     finally:
         bar.close(done=False)
     info = StatusFile.read(status)
@@ -286,6 +290,7 @@ def mirror(
                           fix="see the log above")
     if not status.exists():
         log.warning("the mirror is still starting after %g s; see .logs()", timeout)
+    _access.announce_new_host_key(login, known_before, quiet)
     if not quiet:
         announce(handle)
     return handle
@@ -313,14 +318,19 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         "host": dest.host, "path": dest.path, "port": args["port"],
         "identity_file": args["identity_file"], "known_hosts": str(known_hosts), "pinned": pinned,
         "exclude": args["exclude"], "ssh": ssh, "rsync": rsync, "agent": agent,
-        "restricted": restricted, **flags}
+        "restricted": restricted, "state_dir": str(state), **flags}
     secret = args["password"]
-    if agent or restricted:
+    purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
+               "keep_days": flags["keep_days"], "backup": flags["backup"],
+               "trash_share": flags.get("trash_share", _agent.TRASH_SHARE),
+               "trash_max_gb": flags.get("trash_max_gb", _agent.TRASH_MAX_GB)}
+    if agent and not restricted:
+        # The mirror process logs in with the account's own login anyway: it sets the server up
+        # through that login (one login in all, not two: a whole handshake less at start-up).
+        cfg["setup"] = purpose
+    elif agent or restricted:
         login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
                               pinned=pinned, identity_file=args["identity_file"])
-        purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
-                   "keep_days": flags["keep_days"], "backup": flags["backup"],
-                   "trash_share": flags["trash_share"], "trash_max_gb": flags["trash_max_gb"]}
         granted = _access.grant(state, login, purpose, password=args["password"], restricted=restricted,
                                 days=key_days, error=MirrorError, quiet=quiet)
         cfg.update(agent=granted.agent, key_id=granted.key_id, key_expires=granted.expires,
@@ -353,7 +363,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     """``colab-remote mirror``: the same mirror in this process until Ctrl-C (then it flushes).
 
     A failure to start raises the mirror's error (AuthenticationError, MirrorError)."""
-    from ._mirror import worker
+    from ._mirror import main as process
 
     args = checks.prepare(local_dir, destination, port=port, password=password,
                           identity_file=identity_file, state_dir=state_dir, exclude=exclude,
@@ -367,7 +377,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
                                    key_days=key_days, quiet=False)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return worker.run(cfg, secret, foreground=True)
+    return process.run(cfg, secret, foreground=True)
 
 
 def find_mirrors(state_dir: str | os.PathLike[str] | None = None) -> list[Mirror]:

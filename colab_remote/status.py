@@ -27,16 +27,18 @@ __all__ = ["CheckResult", "Status", "revoke", "self_check", "status", "stop_all"
 
 @dataclass
 class Status:
-    """The sshd, tunnels and mirrors recorded in one state folder: running ones first, then the
-    records of those that stopped or failed (:func:`stop_all` removes a tunnel's or mirror's)."""
+    """The sshd, tunnels, mirrors and syncs recorded in one state folder: running ones first,
+    then the records of those that stopped or failed (:func:`stop_all` removes a tunnel's,
+    mirror's or sync's)."""
 
     state_dir: Path
     sshd: Sshd | None
     tunnels: list[Any] = field(default_factory=list)
     mirrors: list[Any] = field(default_factory=list)
+    syncs: list[Any] = field(default_factory=list)
 
     def handles(self) -> list[Any]:
-        return [h for h in [self.sshd, *self.tunnels, *self.mirrors] if h is not None]
+        return [h for h in [self.sshd, *self.tunnels, *self.mirrors, *self.syncs] if h is not None]
 
     def running(self) -> list[Any]:
         """The handles whose process runs."""
@@ -82,6 +84,8 @@ def _name(handle: Any) -> str:
         return f"sshd {handle.user}@{f'[{host}]' if ':' in host else host}:{handle.port}"
     if hasattr(handle, "ssh_config"):
         return f"tunnel {handle.config.destination} {handle._spec()}"
+    if hasattr(handle, "remote"):
+        return f"sync {handle.local_dir} <-> {handle.remote}"
     return f"mirror {handle.local_dir} -> {handle.destination}"
 
 
@@ -96,20 +100,22 @@ def status(state_dir: str | os.PathLike[str] | None = None, *, display: bool = F
     """
     from .mirror import find_mirrors
     from .reverse import find_tunnels
+    from .sync import find_syncs
 
     state = state_path(state_dir)
-    found = Status(state, load_sshd(state), find_tunnels(state), find_mirrors(state))
+    found = Status(state, load_sshd(state), find_tunnels(state), find_mirrors(state), find_syncs(state))
     if display:
         announce(found)
     return found
 
 
 def stop_all(state_dir: str | os.PathLike[str] | None = None) -> int:
-    """Stop every mirror, tunnel and sshd started from ``state_dir``; return how many ran.
+    """Stop every sync, mirror, tunnel and sshd started from ``state_dir``; return how many ran.
 
     Mirrors go first and push what is pending; the sshd goes last. Then the records of the
     tunnels and mirrors (stopped now, earlier, or failed) are removed from ``state_dir``; the
-    sshd's folder stays (the next :func:`start_sshd` reuses its host keys).
+    sshd's folder stays (the next :func:`start_sshd` reuses its host keys), and so do the syncs'
+    (their last common state: the next :func:`sync` of the same folders goes on from it).
 
     Example:
         >>> colab_remote.stop_all()  # doctest: +SKIP
@@ -124,17 +130,18 @@ def _stop_all(state: Path) -> tuple[list[str], list[str]]:
     what had stopped or failed before."""
     from .mirror import find_mirrors
     from .reverse import find_tunnels
+    from .sync import find_syncs
 
     stopped: list[str] = []
     removed: list[str] = []
-    handles: list[Any] = [*find_mirrors(state), *find_tunnels(state)]
+    handles: list[Any] = [*find_syncs(state), *find_mirrors(state), *find_tunnels(state)]
     for handle in handles:
         if handle.alive:
             stopped.append(f"{_name(handle)} (pid {handle.pid})")
         else:
             removed.append(f"{'failed' if handle.state == 'error' else handle.state} {_name(handle)}")
         handle.stop()
-        if not handle.alive:
+        if not handle.alive and handle.kind != "sync":  # a sync's folder keeps its last common state
             shutil.rmtree(handle.run_dir, ignore_errors=True)
     sshd = load_sshd(state)
     if sshd is not None and sshd.alive:

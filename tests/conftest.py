@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-_IMPORTS = "import colab_remote, colab_remote.cli, colab_remote._demo"
+_IMPORTS = "import colab_remote, colab_remote.cli, colab_remote._demo, colab_remote._twoway.worker, pexpect"
 
 
 @pytest.fixture(scope="session")

@@ -76,14 +76,19 @@ class Agent:
 
     def manifest(self) -> dict[str, tuple[int, int, bytes]]:
         self.send(A.pack(A.OP_MANIFEST))
-        found = {}
+        found: dict[str, tuple[int, int, bytes]] = {}
+        records = 0
         while True:
-            op, path, mode, _, size, data = self.record()
+            op, path, _, _, more, data = self.record()
             if op == A.R_DONE:
-                assert size == len(found)
+                assert more == records
                 return found
-            assert op == A.R_ENTRY
-            found[path.decode()] = (mode, size, data)
+            assert op == A.R_FOLDER
+            records += 1
+            folder = path.decode()
+            assert not folder or folder in found  # a folder before what is in it
+            for name, (mode, _, size, target) in A.entries(data).items():
+                found[f"{folder}/{name.decode()}" if folder else name.decode()] = (mode, size, target)
 
     def get(self, rel: str) -> bytes | str:
         self.send(A.pack(A.OP_GET, rel.encode()))

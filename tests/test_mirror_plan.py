@@ -14,7 +14,8 @@ import pytest
 from colab_remote import _agent, _sync
 from colab_remote._mirror import git
 from colab_remote._mirror import plan as plan_module
-from colab_remote._mirror.plan import Entry, Planner, changed_paths, read_file, scan_local
+from colab_remote._mirror.compare import Compare
+from colab_remote._mirror.plan import Entry, Plan, Planner, read_file, scan_local
 from colab_remote._progress import Bar
 from colab_remote.mirror import Mirror, mirror, push
 
@@ -211,19 +212,59 @@ def test_a_repositorys_files_travel_in_the_order_git_writes_them(tmp_path: Path)
                                  ".git/refs/heads/main")], []),
         ([(_agent.OP_DELETE, ".git/objects/12/gone")], [])]
     assert plan.big == [".git/objects/pack/pack-1.pack"] and plan.deletes == [".git/objects/12/gone"]
+    # a commit read by a whole-tree pass whose tree (and that tree's subtree) were written after
+    # their folders were listed: they come from the watcher before the trees and commits go
+    calls: list[int] = []
+
+    def catch_up() -> Plan | None:
+        calls.append(1)
+        if len(calls) > 1:
+            return None
+        return planner.plan({f".git/objects/{oid[:2]}/{oid[2:]}" for oid in (sub, top)})
+
+    planner.sent.clear()
+    late = planner.plan({f".git/objects/{commit[:2]}/{commit[2:]}", ".git/refs/heads/main"},
+                        catch_up=catch_up)
+    order = [rel for stage in late.stages() for _, rel, *_ in stage.ops]
+    assert order == [f".git/objects/{oid[:2]}/{oid[2:]}" for oid in (sub, top, commit)] + [
+        ".git/refs/heads/main"], order
+    assert len(calls) == 2  # before the trees and commits, and before the names
     # an object folder gc emptied and a commit filled again is the same folder: nothing deleted
     again = planner.plan({f".git/objects/{top[:2]}"}, added={f".git/objects/{top[:2]}"},
                          deleted={f".git/objects/{top[:2]}"})
     assert _agent.OP_DELETE not in [op for op, *_ in again]
 
 
-def test_changed_paths_against_the_servers_listing(tmp_path: Path) -> None:
+def records(server: dict[str, Entry]) -> list[tuple[bytes, bytes, bool]]:
+    """The agent's R_FOLDER records for a listing (a folder before those in it; the top's in two)."""
+    folders: dict[str, list[bytes]] = {"": []}
+    for rel in sorted(server):
+        folder, _, name = rel.rpartition("/")
+        e = server[rel]
+        folders.setdefault(folder, []).append(_agent.LIST_ENTRY.pack(
+            len(name.encode()), e.mode, e.mtime_ns, e.size, len(e.target)) + name.encode() + e.target)
+        if stat.S_ISDIR(e.mode):
+            folders.setdefault(rel, [])
+    out = []
+    for folder in sorted(folders, key=lambda f: (f.count("/") + bool(f), f)):
+        parts = folders[folder]
+        if not folder and len(parts) > 1:  # a big folder comes in several records
+            out.append((b"", b"".join(parts[:1]), True))
+            parts = parts[1:]
+        out.append((folder.encode(), b"".join(parts), False))
+    return out
+
+
+def test_the_comparison_against_the_servers_listing(tmp_path: Path) -> None:
     root = tmp_path / "p"
     (root / "d").mkdir(parents=True)
     (root / "d" / "same").write_bytes(b"same")
     (root / "d" / "newer").write_bytes(b"newer")
     (root / "l").symlink_to("d")
     (root / "x.pyc").write_bytes(b"skip")
+    (root / "new" / "deep").mkdir(parents=True)
+    (root / "new" / "deep" / "f").write_bytes(b"f")
+    (root / "__pycache__").mkdir()
     st = {n: os.lstat(root / n) for n in ("d", "d/same", "d/newer")}
 
     def entry(name: str, **change: object) -> Entry:
@@ -233,11 +274,31 @@ def test_changed_paths_against_the_servers_listing(tmp_path: Path) -> None:
 
     server = {"d": entry("d"), "d/same": entry("d/same"),
               "d/newer": entry("d/newer", mtime_ns=st["d/newer"].st_mtime_ns - 10**9),
-              "l": Entry(stat.S_IFLNK | 0o777, 0, 0, b"elsewhere"),
+              "l": Entry(stat.S_IFDIR | 0o755, 0, 0, b""),  # a folder there, a link here
+              "l/inside": Entry(stat.S_IFREG | 0o644, 1, 0, b""),
               "only-there": Entry(stat.S_IFREG | 0o644, 1, 0, b"")}
-    paths, nbytes = changed_paths(str(root), _sync.MirrorFilter(str(root)), server)
-    assert paths == {"d/newer", "l"} and nbytes == 5  # never what exists only on the server
+    flt = _sync.MirrorFilter(str(root))
+    watched: list[str] = []
+
+    def compare(server: dict[str, Entry]) -> Compare:
+        c = Compare(str(root), flt, lambda path, rel: watched.append(rel))
+        for folder, data, more in records(server):
+            c.record(folder, data, more)
+        return c
+
+    c = compare(server)
+    # never what exists only on the server; a new folder whole (the plan walks it), not its files
+    assert c.paths == {"d/newer", "l"} and c.added == {"new"} and c.nbytes == 5
+    assert c.server_files == 4 and c.local_files == 3  # d/same, d/newer, l (new/ not walked)
+    assert c.count_local(3) == 3 and c.count_local(10) == 4  # new/ walked only when needed
+    assert watched == ["", "d"]  # each folder compared is watched before it is listed
     # a server that keeps whole seconds: the same second is the same time
     coarse = {**server, "d/newer": entry("d/newer", mtime_ns=st["d/newer"].st_mtime_ns // 10**9 * 10**9)}
-    assert changed_paths(str(root), _sync.MirrorFilter(str(root)), coarse)[0] == {"l"}
-    assert scan_local(str(root), _sync.MirrorFilter(str(root))) == (3, 5, 9)
+    assert compare(coarse).paths == {"l"}
+    # a mode that differs is a difference; a link's target too
+    (root / "d" / "same").chmod(0o600)
+    (root / "l").unlink()
+    (root / "l").symlink_to("elsewhere")
+    server["l"] = Entry(stat.S_IFLNK | 0o777, 0, 0, b"elsewhere")
+    assert compare(server).paths == {"d/newer", "d/same"}
+    assert scan_local(str(root), _sync.MirrorFilter(str(root))) == (4, 8, 10)

@@ -8,20 +8,25 @@ sshd as the forced command of a restricted key (``~/.ssh/authorized_keys``)::
     restrict,command="python3 -I -B ~/.colab-remote/agent-<sha12>.pyz --forced mirror ID" ssh-ed25519 ...
     restrict,port-forwarding,permitlisten="localhost:PORT",permitopen="localhost:PORT",
         command="python3 -I -B ~/.colab-remote/agent-<sha12>.pyz --forced tunnel ID PORT" ssh-ed25519 ...
+    restrict,command="python3 -I -B ~/.colab-remote/agent-<sha12>.pyz --forced sync ID" ssh-ed25519 ...
+
+(the last on a laptop, for a two-way sync started in the runtime: the laptop is then the server).
 
 So whatever the runtime holds (that key, a ControlMaster socket) can only do what this package
 answers: write into one destination folder (everything it replaces or deletes goes to the trash,
 kept ``keep_days`` and within a budget as the *server's* config says), read that folder back, list
-and reclaim the tunnel's own port. No shell, no other file, no pruning on request. One agent writes
-a destination at a time (:mod:`.writer`).
+and reclaim the tunnel's own port; a sync's key runs the sync's peer in its one folder. No shell,
+no other file, no pruning on request. One agent writes a destination at a time (:mod:`.writer`).
 
 The modules: :mod:`.protocol` (the records and the names both sides share: the client imports
 them from here), :mod:`.fs` (every write through a descriptor, never a path), :mod:`.tree` (the
-destination), :mod:`.trash` (what is replaced, within a budget), :mod:`.writer` (one writer per
-destination), :mod:`.serve` (the mirror's agent), :mod:`.lane` and :mod:`.partials` (its big-file
-lane: a second session that joins the writer and receives big files into partials kept across
-agents), :mod:`.tunnel` (the tunnel's helper), :mod:`.setup` (keys, config, revocation),
-:mod:`.main` (the entry point).
+destination), :mod:`.listing` (the copy listed a folder at a time), :mod:`.trash` (what is
+replaced, within a budget), :mod:`.writer` (one writer per destination), :mod:`.serve` (the
+mirror's agent), :mod:`.lane` and :mod:`.partials` (its big-file lane: a second session that joins
+the writer and receives big files into partials kept across agents), :mod:`.tunnel` (the tunnel's
+helper), :mod:`.setup` (keys, config, revocation), :mod:`.main` (the entry point); the two-way
+sync's peer (:mod:`.peer`, also sent into the runtime for a sync started on the laptop) and what it
+stands on: :mod:`.rules`, :mod:`.syncfs`, :mod:`.inotify`.
 
 Constraints: standard library only, Python >= 3.6 (old servers), relative imports only (inside the
 zip the package has another name), no import from the rest of colab_remote.
@@ -37,6 +42,8 @@ from .protocol import (
     CHUNK,
     DIGEST_SIZE,
     HEADER,
+    LIST_BYTES,
+    LIST_ENTRY,
     MODE_MASK,
     OP_CHUNK,
     OP_COMMIT,
@@ -56,8 +63,8 @@ from .protocol import (
     R_ACK,
     R_DATA,
     R_DONE,
-    R_ENTRY,
     R_FAIL,
+    R_FOLDER,
     R_GOT,
     R_HAVE,
     R_HELLO,
@@ -71,6 +78,7 @@ from .protocol import (
     VERSION,
     check_path,
     digest,
+    entries,
     pack,
     read_record,
     records,
@@ -79,12 +87,12 @@ from .protocol import (
 from .setup import revoke
 from .tree import Tree
 
-__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "MODE_MASK", "OP_CHUNK", "OP_COMMIT", "OP_DELETE",
-           "OP_DROP", "OP_END", "OP_FINISH", "OP_GET", "OP_HAVE", "OP_JOIN", "OP_LINK",
-           "OP_MANIFEST", "OP_MKDIR", "OP_PLACE", "OP_PUT", "OP_ZIP", "R_ACK", "R_DATA", "R_DONE",
-           "R_ENTRY", "R_FAIL", "R_GOT", "R_HAVE", "R_HELLO", "STAGING", "STALE_AFTER",
+__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "LIST_BYTES", "LIST_ENTRY", "MODE_MASK", "OP_CHUNK",
+           "OP_COMMIT", "OP_DELETE", "OP_DROP", "OP_END", "OP_FINISH", "OP_GET", "OP_HAVE", "OP_JOIN",
+           "OP_LINK", "OP_MANIFEST", "OP_MKDIR", "OP_PLACE", "OP_PUT", "OP_ZIP", "R_ACK", "R_DATA",
+           "R_DONE", "R_FAIL", "R_FOLDER", "R_GOT", "R_HAVE", "R_HELLO", "STAGING", "STALE_AFTER",
            "STAMP_FORMAT", "TMP_INFIX", "TRASH", "TRASH_MAX_GB", "TRASH_SHARE", "VERSION", "Tree",
-           "bundle", "check_path", "digest", "pack", "read_record", "records", "revoke",
+           "bundle", "check_path", "digest", "entries", "pack", "read_record", "records", "revoke",
            "trash_stamp"]
 
 PACKAGE = "colab_remote_agent"  # its name inside the zip

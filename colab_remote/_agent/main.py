@@ -5,17 +5,18 @@ import os
 import sys
 from typing import List
 
-from .home import ok_id, own_sha, runtime_of
+from . import peer
+from .home import home, ok_id, own_sha, runtime_of
 from .lane import run_lane
-from .protocol import TRASH_MAX_GB, TRASH_SHARE, VERSION, refuse
+from .protocol import HOME_DIR, TRASH_MAX_GB, TRASH_SHARE, VERSION, refuse
 from .serve import direct_mirror, mirror_config, run_mirror
 from .setup import print_revoked, revoke, setup
 from .tunnel import run_tunnel
 
 
 def main(argv: List[str]) -> int:
-    """``--forced mirror ID`` / ``--forced tunnel ID PORT`` (what restricted keys run: the request
-    is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [...]`` (see
+    """``--forced mirror ID`` / ``--forced sync ID`` / ``--forced tunnel ID PORT`` (what restricted
+    keys run: the request is in SSH_ORIGINAL_COMMAND); ``mirror --root PATH --keep-days N [...]`` (see
     :func:`direct_mirror`), ``setup`` (request on stdin) and ``revoke [--all | RUNTIME]`` (run
     directly by the account)."""
     if argv[:1] == ["--forced"]:
@@ -41,6 +42,8 @@ def main(argv: List[str]) -> int:
                               backup=bool(cfg.get("backup", True)),
                               share=cfg.get("trash_share", TRASH_SHARE),
                               max_gb=cfg.get("trash_max_gb", TRASH_MAX_GB), key_id=kid)
+        if args[:1] == ["sync"] and len(args) == 2:
+            return _forced_sync(ok_id(args[1]), words)
         return refuse("unknown request")
     if argv[:1] == ["setup"]:
         try:
@@ -58,3 +61,18 @@ def main(argv: List[str]) -> int:
     if argv[:2] == ["revoke", "--id"] and len(argv) == 3:
         return print_revoked(revoke(key_id=ok_id(argv[2])))
     return refuse("unknown request")
+
+
+def _forced_sync(kid: str, words: List[str]) -> int:
+    """A runtime's key for a two-way sync started there: the sync's peer, in the folder (and
+    with the trash and the protected paths) the set-up recorded for that key, and nothing else."""
+    if words == ["hello"]:
+        print("colab-remote-agent %s %s sync" % (VERSION, own_sha()))
+        return 0
+    if words == ["revoke"]:
+        return print_revoked(revoke(runtime=runtime_of(kid)))
+    if words != ["colab-remote", "peer"]:
+        return refuse("this key only runs the colab-remote sync peer")
+    with open(os.path.join(home(), HOME_DIR, "syncs", kid + ".json")) as f:
+        fixed = dict(json.load(f))
+    return peer.main(fixed)

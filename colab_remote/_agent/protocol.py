@@ -12,7 +12,7 @@ import struct
 import sys
 import time
 import zlib
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 VERSION = "5"  # the protocol: the client refuses an agent that speaks another one
 
@@ -30,7 +30,7 @@ OP_DELETE = b"X"    # move path to the trash
 OP_CHUNK = b"K"     # a part of a big file: mode, mtime, offset, data (offset 0 starts it anew)
 OP_COMMIT = b"F"    # a big file is whole: mode, mtime, offset = its size, data = its digest
 OP_END = b"E"       # end of a batch: the agent applies what is pending and answers R_ACK
-OP_MANIFEST = b"M"  # list the copy: R_ENTRY for each entry, then R_DONE
+OP_MANIFEST = b"M"  # list the copy: R_FOLDER records, a folder at a time, then R_DONE
 OP_GET = b"G"       # read one file back (restore): R_DATA chunks, then R_DONE, or R_FAIL
 OP_PLACE = b"Q"     # a big file a lane received is whole: put it in place: mode, mtime, offset =
                     # its size, data = its digest (the lane checked it: see .partials)
@@ -50,8 +50,9 @@ R_HELLO = b"H"      # first record: data is JSON (protocol, version, sha, trash,
                     # (data: why) when another mirror writes this destination
 R_ACK = b"A"        # a batch is applied: offset = ops, data = JSON {"errors": [[path, error]...],
                     # "trash": what it holds and what was pruned (see Tree.trash_report)}
-R_ENTRY = b"m"      # one entry of the manifest: mode (with the type bits), mtime, offset = size,
-                    # data = a link's target
+R_FOLDER = b"f"     # the manifest's entries in one folder: path = the folder (b"" the top), offset
+                    # = 1 when more records of the same folder follow, data = LIST_ENTRY + name
+                    # (+ a link's target) for each entry (see entries())
 R_DATA = b"g"       # a chunk of a file being read: mode, mtime, offset, data
 R_DONE = b"z"       # the end of a manifest (offset = entries) or of a file (offset = size)
 R_FAIL = b"!"       # a file could not be read: data is why (a lane: the request failed)
@@ -84,6 +85,11 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | O_CLOEXEC
 O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC
+
+# One entry of an R_FOLDER record: name length, mode (with the type bits), mtime in ns, size (a
+# file's; 0 otherwise), the link target's length; then the name and the target.
+LIST_ENTRY = struct.Struct(">HIqQH")
+LIST_BYTES = 1 << 20  # an R_FOLDER record holds about this much (a big folder takes several)
 
 
 def pack(op: bytes, path: bytes = b"", *, mode: int = 0, mtime_ns: int = 0, offset: int = 0,
@@ -130,6 +136,18 @@ def records(read: Callable[[int], bytes]) -> Iterator[Tuple[bytes, bytes, int, i
             if one is None:
                 break
             yield one
+
+
+def entries(data: bytes) -> Dict[bytes, Tuple[int, int, int, bytes]]:
+    """The entries of one R_FOLDER record: ``{name: (mode, mtime_ns, size, link target)}``."""
+    found = {}
+    unpack, size, off, end = LIST_ENTRY.unpack_from, LIST_ENTRY.size, 0, len(data)
+    while off < end:
+        nlen, mode, mtime, fsize, tlen = unpack(data, off)
+        off += size
+        found[data[off:off + nlen]] = (mode, mtime, fsize, data[off + nlen:off + nlen + tlen])
+        off += nlen + tlen
+    return found
 
 
 def digest(data: bytes) -> bytes:

@@ -5,7 +5,6 @@ lane: :mod:`.lane`)."""
 import fcntl
 import json
 import os
-import stat
 import sys
 import time
 from typing import BinaryIO, Callable, List, Optional
@@ -28,8 +27,8 @@ from .protocol import (
     R_ACK,
     R_DATA,
     R_DONE,
-    R_ENTRY,
     R_FAIL,
+    R_FOLDER,
     R_HELLO,
     TRASH_MAX_GB,
     TRASH_SHARE,
@@ -71,9 +70,8 @@ def serve(tree: Tree, inp: BinaryIO, out: BinaryIO, *, keep_days: float, hello: 
         if op == OP_MANIFEST:
             tree.finish(errors)
             count = 0
-            for rel, st, target in tree.manifest():
-                out.write(pack(R_ENTRY, rel, mode=st.st_mode, mtime_ns=st.st_mtime_ns,
-                               offset=st.st_size if stat.S_ISREG(st.st_mode) else 0, data=target))
+            for folder, data, more in tree.listing():
+                out.write(pack(R_FOLDER, folder, offset=int(more), data=data))
                 count += 1
             out.write(pack(R_DONE, offset=count))
             out.flush()

@@ -116,22 +116,23 @@ def print_revoked(gone: List[str]) -> int:
 
 
 def _tidy(state: int, lines: List[str], *, agents: bool = False) -> None:
-    """Remove the mirror configs no key line names (and with ``agents``, every installed agent:
+    """Remove the mirror and sync configs no key line names (and with ``agents``, every installed agent:
     a mirror without a restricted key runs one directly, so they stay otherwise)."""
     names = {_ours(line) for line in lines}
     if agents:
         for name in os.listdir(state):
             if name.startswith("agent-") and name.endswith((".py", ".pyz")):
                 remove_quietly(state, name.encode())
-    cfg = open_folder(state, b"mirrors", False)
-    if cfg is None:
-        return
-    try:
-        for name in os.listdir(cfg):
-            if name[:-5] not in names:
-                remove_quietly(cfg, name.encode())
-    finally:
-        os.close(cfg)
+    for folder in (b"mirrors", b"syncs"):
+        cfg = open_folder(state, folder, False)
+        if cfg is None:
+            continue
+        try:
+            for name in os.listdir(cfg):
+                if name[:-5] not in names:
+                    remove_quietly(cfg, name.encode())
+        finally:
+            os.close(cfg)
 
 
 def _free_port() -> int:
@@ -162,6 +163,17 @@ def resolve_dest(dest: str) -> str:
     return real
 
 
+def resolve_sync_folder(dest: str) -> str:
+    """A two-way sync's folder on this account (see :func:`resolve_dest`), and never one inside a
+    dot folder of the home (``~/.config``, ``~/.local``: what they hold decides what runs here)."""
+    real = resolve_dest(dest)
+    own = os.path.realpath(home())
+    if real.startswith(own + "/") and real[len(own) + 1:].startswith("."):
+        raise ValueError("the sync's folder %s is inside a dot folder of the home: pick a project "
+                         "folder, e.g. ~/project" % real)
+    return real
+
+
 def _command(words: List[str]) -> str:
     """``words`` as the text of a ``command="..."`` option (the account's shell runs it)."""
     text = " ".join(shlex.quote(w) for w in words)
@@ -185,8 +197,10 @@ def setup(request: dict) -> dict:
     through the login that may use the password).
 
     ``request``: ``sha`` (of the zip this runs from), ``restricted``, and ``keys``: a list of
-    ``{"id", "purpose": "tunnel", "port", "pubkey", "days"}`` or ``{"id", "purpose": "mirror",
-    "dest", "keep_days", "backup", "trash_share", "trash_max_gb", "pubkey", "days"}``. The reply
+    ``{"id", "purpose": "tunnel", "port", "pubkey", "days"}``, ``{"id", "purpose": "mirror",
+    "dest", "keep_days", "backup", "trash_share", "trash_max_gb", "pubkey", "days"}`` or
+    ``{"id", "purpose": "sync", "dest", "keep_days", "trash_budget", "protect", "pubkey", "days"}``
+    (a two-way sync started in the runtime: its key runs only the sync's peer, in that folder). The reply
     says, for each, the port (a free one for port 0), the destination's real path, when the key
     expires, and the command to run the agent directly (without ``restricted``).
     """
@@ -238,6 +252,22 @@ def setup(request: dict) -> dict:
                         write_file_at(cfg, kid + ".json", json.dumps(config).encode())
                     finally:
                         os.close(cfg)
+            elif key["purpose"] == "sync":
+                keep, budget = float(key.get("keep_days", 7)), int(key.get("trash_budget", 2 << 30))
+                if not keep > 0 or not budget > 0:
+                    raise ValueError("keep_days and trash_budget must be > 0")
+                config = {"root": resolve_sync_folder(key["dest"]), "keep_days": keep,
+                          "trash_budget": budget, "protect": [str(p) for p in key.get("protect", [])]}
+                reply["dest"] = config["root"]
+                forced = run + ["--forced", "sync", kid]
+                options = ["restrict"]
+                if not restricted:
+                    raise ValueError("a sync from the runtime needs a restricted key")
+                cfg = own_folder(os.path.join(home(), HOME_DIR, "syncs"))
+                try:
+                    write_file_at(cfg, kid + ".json", json.dumps(config).encode())
+                finally:
+                    os.close(cfg)
             else:
                 raise ValueError("unknown purpose %r" % key["purpose"])
             if restricted:

@@ -1,5 +1,6 @@
-"""The destination's tree: puts, folders, links, deletes, big files in chunks, the manifest and
-reads, every write through :mod:`.fs` and everything replaced kept in the :class:`~.trash.Trash`."""
+"""The destination's tree: puts, folders, links, deletes, big files in chunks, the listing
+(:mod:`.listing`) and reads, every write through :mod:`.fs` and everything replaced kept in the
+:class:`~.trash.Trash`."""
 
 import hashlib
 import os
@@ -12,7 +13,6 @@ from .fs import (
     join,
     lstat_at,
     names_in,
-    open_folder,
     remove_at,
     remove_quietly,
     same_content,
@@ -21,6 +21,7 @@ from .fs import (
     write_at,
     write_new,
 )
+from .listing import listing
 from .partials import Partials
 from .procs import left_by_dead
 from .protocol import (
@@ -33,7 +34,6 @@ from .protocol import (
     O_READ,
     STAGING,
     TMP_INFIX,
-    TRASH,
     TRASH_MAX_GB,
     TRASH_SHARE,
 )
@@ -392,40 +392,9 @@ class Tree:
         os.rmdir(sname, dir_fd=sparent)
 
     # -- reading -------------------------------------------------------------------------------
-    def manifest(self) -> Iterator[Tuple[bytes, os.stat_result, bytes]]:
-        """Every entry of the copy (the trash and temporary names left out): (rel, lstat, link
-        target). Temporary names left by dead agents are removed on the way."""
-        stack = [(b"", os.dup(self.root_fd))]
-        while stack:
-            rel, fd = stack.pop()
-            try:
-                for name in sorted(names_in(fd)):
-                    if not rel and name == TRASH:
-                        continue
-                    if TMP_INFIX in name:
-                        if left_by_dead(name):
-                            remove_quietly(fd, name)
-                        continue
-                    st = lstat_at(fd, name)
-                    if st is None:
-                        continue
-                    r = join(rel, name)
-                    target = b""
-                    if stat.S_ISLNK(st.st_mode):
-                        try:
-                            target = os.readlink(name, dir_fd=fd)
-                        except OSError:
-                            continue
-                    elif stat.S_ISDIR(st.st_mode):
-                        sub = open_folder(fd, name, False)
-                        if sub is None:
-                            continue
-                        stack.append((r, sub))
-                    elif not stat.S_ISREG(st.st_mode):
-                        continue
-                    yield r, st, target
-            finally:
-                os.close(fd)
+    def listing(self) -> Iterator[Tuple[bytes, bytes, bool]]:
+        """The copy a folder at a time: see :func:`.listing.listing`."""
+        return listing(self.root_fd)
 
     def read(self, p: bytes) -> Iterator[Tuple[int, int, int, bytes]]:
         """A file's chunks: (mode, mtime, offset, data); the last one is short (maybe empty)."""

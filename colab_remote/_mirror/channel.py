@@ -30,9 +30,10 @@ from pathlib import Path
 from .. import _agent, _proc, _sync
 from ..errors import MirrorError
 from . import git
+from .compare import Compare, Watch
 from .lane import Finished, Lane
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, Stage, changed_paths, identity
+from .plan import Entry, Plan, Planner, Stage, identity, join, scan_local
 from .report import Progress
 from .restore import Selection, Writer
 from .squeeze import Squeeze
@@ -63,17 +64,24 @@ class Sent:
         self.errors += other.errors
 
 
-Push = Callable[[set[str], Progress | None], Sent]  # the worker's push of a set of paths
+Push = Callable[[set[str], set[str], Progress | None], Sent]  # the worker's push (paths, new folders)
+Guard = Callable[[int, Callable[[int], int]], None]  # (server's files, count here up to n): may raise
 
 
 class Channel:
     """What the worker needs from the server side (see the module docstring)."""
 
     inline = True  # small files travel as whole records (the agent), not through rsync
+    lists = True   # whole_pass lists every folder here (and calls ``watch`` for each)
 
     def __init__(self, link: Link) -> None:
         self.link = link
         self.cfg = link.cfg
+
+    @property
+    def alive(self) -> bool:
+        """What runs on the server for this channel still runs (as far as this side knows)."""
+        return True
 
     def open(self) -> None:
         """Once the link is logged in: start what runs on the server."""
@@ -92,9 +100,14 @@ class Channel:
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
         raise NotImplementedError
 
-    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
-                   listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:
-        """Send whatever differs from the server copy, never deleting there."""
+    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
+        """Send whatever differs from the server copy, never deleting there. ``guard`` is called
+        once the server's file count is known, before anything is sent; ``watch(path, rel)`` for
+        each folder here before it is listed (with :attr:`lists`); ``changed_since``: files here
+        whose ctime is later are sent even where size and time match (with :attr:`lists`; rsync
+        goes by size and time)."""
         raise NotImplementedError
 
     def restore(self, root: str, flt: _sync.MirrorFilter, listing: dict[str, Entry] | None,
@@ -121,11 +134,12 @@ class AgentChannel(Channel):
     """Records to and from the agent over one ssh channel (non-blocking I/O with deadlines, so a
     dead link never hangs the mirror); big files through ``lane``."""
 
-    def __init__(self, link: Link, lane: Lane, squeeze: Squeeze) -> None:
+    def __init__(self, link: Link, command: str, lane: Lane, squeeze: Squeeze) -> None:
         super().__init__(link)
+        self.command = command  # how the server starts the agent
         self.lane, self.squeeze = lane, squeeze
         self.proc: subprocess.Popen[bytes] | None = None
-        self._buf = b""
+        self._buf = bytearray()  # read ahead (taken from the front: del is cheap on a bytearray)
         self.outstanding = 0
         self.sent_bytes = 0
         self.batches: collections.deque[tuple[float, int]] = collections.deque()  # (sent, bytes)
@@ -137,10 +151,10 @@ class AgentChannel(Channel):
     def open(self) -> None:
         """Start the agent installed on the server (a restricted key runs nothing else)."""
         log_path = Path(self.cfg.run_dir) / "mirror.log"
-        self.proc = _proc.open_pipes(self.link.mux(self.cfg.agent_command), stderr_path=log_path)
+        self.proc = _proc.open_pipes(self.link.mux(self.command), stderr_path=log_path)
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
-        self._buf = b""
+        self._buf = bytearray()
         self.outstanding = self.sent_bytes = 0
         self.batches.clear()
         try:
@@ -169,6 +183,10 @@ class AgentChannel(Channel):
     def close(self) -> None:
         _proc.end_pipes(self.proc, timeout=1)
         self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     # --- records -------------------------------------------------------------------------------
     def _write(self, data: bytes, deadline: float) -> None:
@@ -213,7 +231,8 @@ class AgentChannel(Channel):
             if not chunk:
                 raise ConnectionLost("the channel to the server closed")
             self._buf += chunk
-        out, self._buf = self._buf[:n], self._buf[n:]
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
         return out
 
     def _record(self, deadline: float) -> tuple[bytes, bytes, int, int, int, bytes]:
@@ -261,23 +280,36 @@ class AgentChannel(Channel):
         return errors
 
     # --- the interface --------------------------------------------------------------------------
-    def listing(self) -> dict[str, Entry]:
+    def _list(self, take: Callable[[bytes, bytes, bool], object]) -> None:
+        """The server copy's listing, each R_FOLDER record handed to ``take(folder, entries,
+        more)`` as it arrives (the agent lists the next folder meanwhile)."""
         errors = self._collect()  # nothing may be in flight: the listing comes in the same stream
         if errors:
             log.warning("server errors: %s", errors[:5])
         asked = time.monotonic()
         self._write(_agent.pack(_agent.OP_MANIFEST), asked + 30)
-        found: dict[str, Entry] = {}
-        deadline = time.monotonic() + 300
+        first = True
         while True:
-            op, path, mode, mtime, size, data = self._record(deadline)
-            if not found:
+            op, path, _, _, more, data = self._record(time.monotonic() + 300)
+            if first:
                 self.squeeze.note_rtt(time.monotonic() - asked)
+                first = False
             if op == _agent.R_DONE:
-                return found
-            if op != _agent.R_ENTRY:
+                return
+            if op != _agent.R_FOLDER:
                 raise ConnectionLost(f"unexpected answer from the server: {op!r}")
-            found[os.fsdecode(path)] = Entry(mode, size, mtime, data)
+            take(path, data, bool(more))
+
+    def listing(self) -> dict[str, Entry]:
+        found: dict[str, Entry] = {}
+
+        def take(folder: bytes, data: bytes, more: bool) -> None:
+            rel = os.fsdecode(folder)
+            for name, (mode, mtime, size, target) in _agent.entries(data).items():
+                found[join(rel, os.fsdecode(name))] = Entry(mode, size, mtime, target)
+
+        self._list(take)
+        return found
 
     def ping(self) -> None:
         self._send([])  # an empty batch: the agent notes the writer is active and answers
@@ -371,16 +403,24 @@ class AgentChannel(Channel):
                 if progress is not None:
                     progress.add(1, stage.keys[rel][0])
 
-    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
-                   listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:
-        listing = self.listing() if listing is None else listing
-        paths, nbytes = changed_paths(root, flt, listing)
-        log.info("whole-tree pass: %d of %d server entries differ", len(paths), len(listing))
-        if not paths:
+    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
+        """The listing, compared a folder at a time as it comes (see :mod:`.compare`); then what
+        differs, new folders walked and sent as they are read."""
+        compare = Compare(root, flt, watch, changed_since)
+        self._list(compare.record)
+        if guard is not None:
+            guard(compare.server_files, compare.count_local)
+        log.info("whole-tree pass: %d paths and %d new folders differ from the server's %d entries",
+                 len(compare.paths), len(compare.added), compare.server_entries)
+        if not compare.paths and not compare.added:
             return Sent()
-        if progress is not None:
-            progress = Progress(progress.reporter, progress.phase, len(paths), nbytes)
-        return push(paths, progress)
+        if progress is not None:  # new folders are counted as they are sent: no total known
+            known = not compare.added
+            progress = Progress(progress.reporter, progress.phase,
+                                len(compare.paths) if known else 0, compare.nbytes if known else 0)
+        return push(compare.paths | compare.added, compare.added, progress)
 
     def restore(self, root: str, flt: _sync.MirrorFilter, listing: dict[str, Entry] | None,
                 progress: Progress) -> None:
@@ -394,8 +434,9 @@ class AgentChannel(Channel):
             raise MirrorError(f"restoring {len(writer.failed)} files failed", log_tail="\n".join(
                 f"{rel}: {why}" for rel, why in writer.failed[:15]),
                 fix="see the errors above; nothing was deleted on either side")
-        log.info("restored %d files (%d bytes), %d folders, %d links", len(chosen.files),
-                 chosen.nbytes, len(chosen.folders), len(chosen.links))
+        log.info("restored %d files (%d bytes), %d folders, %d links; %d kept as they are here",
+                 len(chosen.files), chosen.nbytes, len(chosen.folders), len(chosen.links),
+                 chosen.kept)
 
     def _fetch(self, rels: list[str], writer: Writer, window: int = 64) -> None:
         """Read files back from the agent, ``window`` requests in flight."""
@@ -424,6 +465,7 @@ class ShellChannel(Channel):
     """No agent on the server: rsync for files and folders, a small sh script for deletes."""
 
     inline = False
+    lists = False
 
     def open(self) -> None:
         """Create the folder and check for rsync with one command."""
@@ -489,8 +531,21 @@ class ShellChannel(Channel):
                 sent.files += 1
                 sent.nbytes += st.st_size
 
-    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter,
-                   listing: dict[str, Entry] | None, progress: Progress | None) -> Sent:
+    def whole_pass(self, push: Push, root: str, flt: _sync.MirrorFilter, progress: Progress | None,
+                   *, guard: Guard | None = None, watch: Watch | None = None,
+                   changed_since: int | None = None) -> Sent:
+        scanned: list[tuple[int, int, int]] = []
+
+        def scan() -> tuple[int, int, int]:  # (files, entries, bytes) here, once
+            if not scanned:
+                scanned.append(scan_local(root, flt))
+            return scanned[0]
+
+        if guard is not None:
+            guard(self.count(None), lambda enough: scan()[0])
+        if progress is not None and not progress.estimate[0]:
+            _, entries, size = scan()  # rsync's own totals grow while it lists
+            progress = Progress(progress.reporter, progress.phase, entries, size)
         argv = _sync.rsync_push_argv(self.cfg.rsync, self.link.rsync_e(), root, self.link.rsync_dest,
                                      filters=flt.rsync_args(), backup_dir=self._backup_dir(),
                                      progress=progress is not None)
@@ -514,8 +569,9 @@ class ShellChannel(Channel):
                   timeout=300, check=False, error=MirrorError)
 
 
-def open_channel(link: Link, lane: Lane, squeeze: Squeeze) -> Channel:
-    """The channel this mirror's server takes (the set-up found out whether it has python3)."""
-    channel: Channel = AgentChannel(link, lane, squeeze) if link.cfg.agent else ShellChannel(link)
+def open_channel(link: Link, lane: Lane, squeeze: Squeeze, *, agent: bool, command: str) -> Channel:
+    """The channel this mirror's server takes (the set-up found out whether it has python3 and
+    how to start the agent there)."""
+    channel: Channel = AgentChannel(link, command, lane, squeeze) if agent else ShellChannel(link)
     channel.open()
     return channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from .._daemon import Config
 
@@ -28,6 +29,9 @@ class MirrorConfig(Config):
     rsync: str = "rsync"
     agent: bool = True           # the server runs our agent (it has python3)
     agent_command: str = ""      # how to start it ("colab-remote agent" under a restricted key)
+    setup: dict[str, Any] | None = None  # restricted=False: the set-up this process runs through
+                                 # its own login (the request's purpose), not a login of its own
+    state_dir: str = ""          # the state folder (the runtime's id, for the set-up)
     restricted: bool = False
     key_id: str | None = None
     key_expires: float | None = None

@@ -16,10 +16,12 @@ NAMES      ``HEAD``, refs, ``packed-refs``, the index, reflogs, commit graphs, t
 PACKED     deletes inside ``objects/`` (what a ``gc`` or ``repack`` made redundant)
 =========  ==========================================================================================
 
-A batch reads each file when it is planned, later than its event: the index or a ref read then
-may name objects whose events are still on their way. So before the names are sent, the plan
-catches up (:attr:`Plan.catch_up`): the watcher hands over every event up to now and the objects
-among them join the batch. So a server copy cut off anywhere (an outage, a killed agent, a full
+A batch reads each file when it is planned, later than its event: a commit, the index or a ref
+read then may name objects whose events are still on their way (a whole-tree pass lists each folder
+once: a tree written just after its folder was listed is not in it). So before the trees and
+commits are sent, and again before the names, the plan catches up (:attr:`Plan.catch_up`): the
+watcher hands over every event up to now and the objects among them join the batch, ordered with
+its own. So a server copy cut off anywhere (an outage, a killed agent, a full
 disk) passes ``git fsck``.
 The agent makes an object folder (``objects/ab``) in place, not in its staging area, so that each
 object is there the moment it is written.

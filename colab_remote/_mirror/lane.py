@@ -152,10 +152,9 @@ def lane_command(agent_command: str) -> str:
 class Session:
     """One lane session: the ssh process through the master, records both ways without blocking."""
 
-    def __init__(self, link: Link, token: str, log_path: Path) -> None:
+    def __init__(self, link: Link, token: str, command: str, log_path: Path) -> None:
         self.log_path = log_path
-        self.proc = _proc.open_pipes(link.mux(lane_command(link.cfg.agent_command)),
-                                     stderr_path=log_path)
+        self.proc = _proc.open_pipes(link.mux(lane_command(command)), stderr_path=log_path)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.wfd, False)
@@ -239,6 +238,7 @@ class Lane:
         self.dropped: list[Transfer] = []   # cancelled: the thread closes them, the server forgets
         self.link: Link | None = None
         self.token = ""
+        self.command = ""  # how the server starts the agent (the lane adds --lane)
         self.generation = 0                 # each attach and detach
         self.broken: str | None = None      # why the session failed (the worker checks the link)
         self.closing = False
@@ -258,9 +258,9 @@ class Lane:
         except (BlockingIOError, OSError):
             pass
 
-    def attach(self, link: Link, token: str) -> None:
+    def attach(self, link: Link, token: str, command: str) -> None:
         with self.cond:
-            self.link, self.token, self.broken = link, token, None
+            self.link, self.token, self.command, self.broken = link, token, command, None
             self.generation += 1
             self.cond.notify_all()
         self._wake()
@@ -379,10 +379,11 @@ class Lane:
                         self._drain_wake()
                     if self.closing:
                         return
-                    link, token, generation = self.link, self.token, self.generation
+                    link, token, command, generation = (self.link, self.token, self.command,
+                                                        self.generation)
                 assert link is not None
                 try:
-                    session = Session(link, token, self.log_path)
+                    session = Session(link, token, command, self.log_path)
                     self.stats["sessions"] += 1
                     backoff = RETRY[0]
                     self._serve(session, generation)

@@ -7,10 +7,12 @@ the agent, rsync and every shell command then ride on its control socket without
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .. import _proc, _ssh, _sync
+from .. import _access, _proc, _ssh, _sync
 from .._master import LoginFailed, Master
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
 from .config import MirrorConfig
@@ -38,7 +40,9 @@ class Link:
     def options(self) -> dict[str, str | int]:
         """ssh options of the master; every later command goes through its control socket."""
         opts: dict[str, str | int] = {
-            "ServerAliveInterval": 5, "ServerAliveCountMax": 3, "TCPKeepAlive": "yes",
+            # a silent link ends the master after 12 s (as the tunnel's): (3 + 1) keepalives
+            "ServerAliveInterval": _ssh.TUNNEL_ALIVE_INTERVAL,
+            "ServerAliveCountMax": _ssh.TUNNEL_ALIVE_COUNT, "TCPKeepAlive": "yes",
             "ConnectTimeout": 10, "NumberOfPasswordPrompts": 1,
             "BatchMode": "no" if self.password else "yes", "PermitLocalCommand": "no",
             "Compression": "no", "LogLevel": "ERROR",
@@ -58,6 +62,10 @@ class Link:
     @property
     def up(self) -> bool:
         return self.master is not None and self.master.alive
+
+    @property
+    def exit_text(self) -> str:
+        return self.master.exit_text if self.master is not None else "not started"
 
     @property
     def pid(self) -> int | None:
@@ -96,6 +104,21 @@ class Link:
                                fix="check the host, the port and that the server is up")
         return MirrorError(f"ssh to {self.dest.target} port {self.cfg.port} failed", log_tail=text,
                            fix="check the host, the port and that sshd runs there")
+
+    def set_up(self, purpose: dict[str, Any]) -> tuple[bool, str]:
+        """``restricted=False``: install the agent through this login (no second login for the
+        set-up); whether the server runs it, and how to start it there."""
+        cfg = self.cfg
+        login = _access.Login(ssh=cfg.ssh, dest=self.dest, port=cfg.port,
+                              known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
+                              identity_file=cfg.identity_file)
+
+        def run(command: str, data: bytes, timeout: float) -> _proc.Result:
+            return _proc.run(self.mux(command), input=data, timeout=timeout, check=False)
+
+        granted = _access.grant(Path(cfg.state_dir), login, purpose, password=None,
+                                restricted=False, error=MirrorError, quiet=True, runner=run)
+        return granted.agent, shlex.join(granted.command)
 
     def close(self) -> None:
         if self.master is not None:

@@ -145,22 +145,48 @@ class Plan:
     def stages(self) -> Iterator[Stage]:
         """The first stage streams as the folder is read; the later ones (a repository's pack
         indexes, trees and commits, names, packed-away objects) are known once it has been
-        iterated."""
+        iterated. Before the trees and commits, and again before the names, the objects git wrote
+        meanwhile join the batch (:attr:`catch_up`): a commit read here may name a tree written
+        after its folder was listed."""
         first = self._stages[git.BLOBS]
         first.ops = self._scan()
         yield first
-        for n in sorted(self._stages):
-            if n == git.NAMES and self.catch_up is not None:
+        done = git.BLOBS
+        while True:
+            n = min((k for k in self._stages if k > done), default=None)
+            if n is None:
+                return
+            if n in (git.OBJECTS, git.NAMES) and self.catch_up is not None:
                 extra = self.catch_up()
                 if extra is not None:
-                    yield from extra.stages()
-                    self.sending.update(extra.sending)
-                    self.big_keys.update(extra.big_keys)
-                    self.deletes += extra.deletes
+                    yield from self._join(extra, n)
             if n == git.OBJECTS:
                 self._stages[n].ops = git.ordered(list(self._stages[n].ops))
-            if n != git.BLOBS:
-                yield self._stages[n]
+            yield self._stages[n]
+            done = n
+
+    def _join(self, extra: Plan, n: int) -> Iterator[Stage]:
+        """A catch-up's plan: its stages before stage ``n`` go now, the others join this plan's
+        (its trees and commits are ordered with the batch's)."""
+        first = extra._stages[git.BLOBS]
+        first.ops = extra._scan()
+        yield first
+        for k in sorted(extra._stages):
+            stage = extra._stages[k]
+            if k == git.BLOBS:
+                continue
+            if k < n:
+                if k == git.OBJECTS:
+                    stage.ops = git.ordered(list(stage.ops))
+                yield stage
+                continue
+            mine = self._stages.setdefault(k, Stage([]))
+            mine.ops = [*mine.ops, *stage.ops]
+            mine.big += stage.big
+            mine.keys.update(stage.keys)
+        self.sending.update(extra.sending)
+        self.big_keys.update(extra.big_keys)
+        self.deletes += extra.deletes
 
     def __iter__(self) -> Iterator[Op]:
         for stage in self.stages():
@@ -383,33 +409,6 @@ def walk(root: str, flt: _sync.MirrorFilter) -> Iterator[tuple[str, os.DirEntry[
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
                         todo.append((r, entry.path))
-
-
-def changed_paths(root: str, flt: _sync.MirrorFilter, server: dict[str, Entry]) -> tuple[set[str], int]:
-    """Paths here that the server copy lacks or holds differently (type, size, time, mode, link
-    target), and the bytes of those files. What exists only on the server is not listed."""
-    paths: set[str] = set()
-    nbytes = 0
-    for r, entry in walk(root, flt):
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        there = server.get(r)
-        mode = stat.S_IMODE(st.st_mode) & _agent.MODE_MASK
-        if stat.S_ISDIR(st.st_mode):
-            if there is None or not stat.S_ISDIR(there.mode) or stat.S_IMODE(there.mode) != mode:
-                paths.add(r)
-        elif stat.S_ISLNK(st.st_mode):
-            if there is None or not stat.S_ISLNK(there.mode) or \
-                    there.target != os.fsencode(os.readlink(entry.path)):
-                paths.add(r)
-        elif stat.S_ISREG(st.st_mode):
-            if there is None or not stat.S_ISREG(there.mode) or there.size != st.st_size \
-                    or not same_time(st.st_mtime_ns, there.mtime_ns) or stat.S_IMODE(there.mode) != mode:
-                paths.add(r)
-                nbytes += st.st_size
-    return paths, nbytes
 
 
 def scan_local(root: str, flt: _sync.MirrorFilter) -> tuple[int, int, int]:

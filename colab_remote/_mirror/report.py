@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _sync
+from .. import _proc, _sync
 from .._daemon import State, StatusFile
 
 STATUS_EVERY = 1.0      # s: the status file at most this often while something changes
@@ -61,7 +61,7 @@ class Reporter:
     def phase(self, phase: str, items: int, nbytes: int) -> Progress:
         return Progress(self, phase, items, nbytes)
 
-    def show(self, phase: str, fraction: float, text: str, final: bool) -> None:
+    def show(self, phase: str, fraction: float | None, text: str, final: bool) -> None:
         if self.on_progress is not None:
             self.on_progress(phase, fraction, text)
         self.progress = {"phase": phase, "fraction": fraction, "text": text}
@@ -72,11 +72,13 @@ class Reporter:
 
 
 class Progress:
-    """One sync's progress (restore, first push): what is done of ``items`` and ``nbytes``."""
+    """One sync's progress (restore, first push): what is done of ``items`` and ``nbytes``; both
+    0: not known (a first push sends new folders as it reads them), the counts alone are shown."""
 
     def __init__(self, reporter: Reporter, phase: str, items: int, nbytes: int) -> None:
         self.reporter, self.phase, self.items, self.nbytes = reporter, phase, max(items, 1), nbytes
         self.estimate = (items or None, nbytes or None)  # for rsync: 0 means not known
+        self.known = bool(items or nbytes)
         self.done_items = self.done_bytes = 0
 
     def add(self, items: int, nbytes: int) -> None:
@@ -85,10 +87,15 @@ class Progress:
         self._show(False)
 
     def done(self) -> None:
-        self.done_items, self.done_bytes = self.items, self.nbytes
+        if self.known:
+            self.done_items, self.done_bytes = self.items, self.nbytes
         self._show(True)
 
     def _show(self, final: bool) -> None:
+        if not self.known:
+            text = f"{self.done_bytes / 1e6:.1f} MB, {self.done_items:,} files"
+            self.reporter.show(self.phase, 1.0 if final else None, text, final)
+            return
         fraction = min(1.0, max(self.done_items / self.items,
                                 self.done_bytes / self.nbytes if self.nbytes else 0.0))
         text = f"{self.done_bytes / 1e6:.1f} MB, {min(self.done_items, self.items):,}/{self.items:,} files"
@@ -111,6 +118,32 @@ class Progress:
                                fraction >= 1)
 
         return on_output
+
+
+class SyncMark:
+    """``synced``: a time before which every change here is on the server (0600, replaced whole).
+
+    A file rewritten while no mirror ran, with its size and modification time as they were (a
+    restore from an archive, ``cp -p``, a tool that keeps times), looks the same to the comparison;
+    its ``ctime`` cannot be set back. A mirror started again sends every file whose ``ctime`` is
+    after the mark its predecessor left, as a killed one left it. ``MARGIN``: the kernel's
+    timestamps come from a coarser clock than ours.
+    """
+
+    MARGIN = 1_000_000_000  # ns
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "synced"
+
+    def read(self) -> int | None:
+        try:
+            return int(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, t_ns: int) -> None:
+        """Every change made before ``t_ns`` (``time.time_ns()``) is on the server."""
+        _proc.write_private(self.path, str(t_ns - self.MARGIN))
 
 
 def trash_text(trash: dict[str, Any] | None) -> str:

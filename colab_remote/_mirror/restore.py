@@ -1,8 +1,10 @@
 """The server copy back into the runtime (``restore=True``): how a fresh runtime resumes.
 
 Never deletes a file here, and a file here that is as new as the server's (or newer) is kept, as
-rsync's ``--update`` does; nothing is written through a link in the runtime's folder. Files are
-written under a temporary name and renamed into place, with the server's mode and time.
+rsync's ``--update`` does (a file here where the server has a folder too: the first push then sends
+the file, the server's folder going to its trash); nothing is written through a link in the
+runtime's folder. Files are written under a temporary name and renamed into place, with the
+server's mode and time.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ class Selection:
         self.links: list[tuple[str, Entry]] = []
         self.files: list[str] = []
         self.nbytes = 0
+        self.kept = 0  # the server's entries under a folder that is a file here
         for rel in sorted(server):
             entry = server[rel]
             if flt.excluded(rel) or under_link(root, rel):
                 continue
             try:
                 st: os.stat_result | None = os.lstat(os.path.join(root, rel))
+            except NotADirectoryError:
+                self.kept += 1  # a file here where the server has a folder: the one here wins
+                continue
             except OSError:
                 st = None
             if stat.S_ISDIR(entry.mode):

@@ -1,10 +1,14 @@
-"""What changed in the mirrored folder, and when: watchfiles' notify and an inotify doorbell.
+"""What changed in the mirrored folder, and when: an inotify "doorbell", watchfiles' notify as
+the fallback.
 
-watchfiles (notify) records what changed; a plain inotify "doorbell" on the same folders says
-*when* to look, so an idle mirror sleeps in ``select`` instead of polling, and what notify misses:
-notify watches a new folder only once it has seen it made, the doorbell before the folder is listed.
-In a burst only the doorbell's events are read and watchfiles' notify thread is closed until it is
-quiet again (that thread wakes for every event: in a burst, the costliest part of the mirror).
+The doorbell is a plain inotify descriptor with a watch on every mirrored folder, each added just
+before the folder is listed (by the first pass's comparison, by the plan for a new folder), so
+nothing written into a folder falls between its listing and its watch, and setting the watches up
+is no walk of its own. An idle mirror sleeps in ``select`` on it. Its mask holds the changes only:
+notify's includes ``IN_OPEN``, which wakes its thread for every file anyone reads (the first push
+reading the whole tree, a training run reading its data set), and notify walks the whole tree
+once more, holding the GIL, before it watches anything. watchfiles' notify runs only when the
+doorbell cannot watch every folder (no inotify, or the kernel's watch limit reached).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class Doorbell:
         return self.fd >= 0 and not self.full
 
     def add_tree(self, top: str, flt: _sync.MirrorFilter) -> None:
+        """Watch every folder under ``top`` (where nothing else walks them first)."""
         for folder, dirs, _ in os.walk(top):
             rel = flt.relative(folder)
             if rel is not None and flt.excluded(rel):
@@ -134,12 +139,14 @@ class Doorbell:
 
 
 class Watcher(threading.Thread):
-    """watchfiles' notify backend, asked for changes when the doorbell rings (or every IDLE_CHECK).
+    """The doorbell's events, read when it rings (1 ms later: a write's events come as one batch);
+    in a burst (BURST_EVENTS changes within BURST_WINDOW) every BURST_STEP, until BURST_QUIET_WATCH
+    passes without any. Its watches are added by whoever lists a folder (:meth:`watch`).
 
-    A burst (BURST_EVENTS changes within BURST_WINDOW) switches to the doorbell's own events, read
-    every BURST_STEP, until BURST_QUIET_WATCH passes without any; then watchfiles watches again and
-    a whole-tree pass follows. Folders new in the burst are listed by the worker (as always) after
-    their doorbell watch is added, so a file created in between is never missed.
+    Without a complete doorbell (no inotify, or the watch limit reached) watchfiles' notify watches
+    instead, asked for changes when the doorbell rings or every IDLE_CHECK, and the bursts switch
+    to the doorbell's own events as above; when a burst is over notify watches again and a
+    whole-tree pass follows.
     """
 
     def __init__(self, root: str, flt: _sync.MirrorFilter, deliver: Any, lost: Any) -> None:
@@ -150,6 +157,8 @@ class Watcher(threading.Thread):
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self.bell = Doorbell()
+        # Without the doorbell (no inotify: macOS) nothing says when to look: look this often.
+        self.idle_check = IDLE_CHECK
         self._sync_lock = threading.Lock()
         self._sync_asked = 0
         self.synced = 0
@@ -162,7 +171,66 @@ class Watcher(threading.Thread):
         except TypeError:  # watchfiles before 0.21 has no ignore_permission_denied
             return RustNotify([self.root], False, False, 300, True)  # type: ignore[call-arg]
 
+    def watch(self, path: str, rel: str) -> None:
+        """Watch one folder before it is listed (see the module docstring)."""
+        if not self.bell.add(path, rel) and self.bell.fd >= 0:
+            self.ring()  # out of watches: the watcher turns to notify
+
+    def watch_all(self) -> None:
+        """Watch every folder now (for a first pass that does not list them here: rsync's)."""
+        self.bell.add_tree(self.root, self.flt)
+
     def run(self) -> None:
+        # tests: watchfiles' notify as when the doorbell is out of watches
+        if self.bell.complete and os.environ.get("COLAB_REMOTE_MIRROR_WATCHFILES") != "1":
+            self.ready.set()
+            try:
+                self._ring()
+            except Exception as e:
+                log.exception("the watcher failed")
+                self.error = e
+                self.lost()  # the worker watches again now, not at its next wake-up
+                self.bell.close()
+                return
+            if self.stopping:
+                self.bell.close()
+                return
+            log.warning("inotify watch limit reached: watchfiles' notify watches from now on, and "
+                        "changes may take up to %g s; raise fs.inotify.max_user_watches", IDLE_CHECK)
+            self.lost()  # what changed in a folder that got no watch
+        self._run_notify()
+
+    def _ring(self) -> None:
+        """The doorbell alone, until stopped or out of watches."""
+        burst_until = window_start = 0.0
+        window_count = 0
+        fds = [self._wake_r, self.bell.fd]
+        while not self.stopping and not self.bell.full:
+            now = time.monotonic()
+            if now < burst_until:
+                select.select([self._wake_r], [], [], BURST_STEP)
+            elif select.select(fds, [], [], IDLE_CHECK)[0] == [self.bell.fd]:
+                select.select([self._wake_r], [], [], 0.001)  # the rest of the write's events
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.set_blocking(self._wake_r, False)
+                os.read(self._wake_r, 4096)
+            asked = self._sync_asked
+            n = self._read_bell()
+            if n:
+                now = time.monotonic()
+                if now < burst_until:
+                    burst_until = now + BURST_QUIET_WATCH
+                else:
+                    if now - window_start > BURST_WINDOW:
+                        window_start, window_count = now, 0
+                    window_count += n
+                    if window_count >= BURST_EVENTS:
+                        burst_until = now + BURST_QUIET_WATCH
+                        log.info("a burst: reading inotify every %g s", BURST_STEP)
+            if asked != self.synced:
+                self._synced(asked)
+
+    def _run_notify(self) -> None:
         try:
             from watchfiles._rust_notify import WatchfilesRustInternalError
         except ImportError as e:  # pragma: no cover - watchfiles is a dependency
@@ -190,7 +258,7 @@ class Watcher(threading.Thread):
                     continue
                 if time.monotonic() > busy_until:
                     fds = [self._wake_r] + ([self.bell.fd] if self.bell.fd >= 0 else [])
-                    select.select(fds, [], [], IDLE_CHECK)
+                    select.select(fds, [], [], self.idle_check)
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.set_blocking(self._wake_r, False)
                         os.read(self._wake_r, 4096)
@@ -266,14 +334,14 @@ class Watcher(threading.Thread):
                 return notify
         return None
 
-    def _read_bell(self) -> bool:
+    def _read_bell(self) -> int:
         changes, overflow = self.bell.read(self.flt)
         if overflow:
             log.warning("the inotify queue overflowed; a whole-tree pass follows")
             self.lost()
         if changes:
             self.deliver(changes)
-        return bool(changes)
+        return len(changes)
 
     def _synced(self, asked: int) -> None:
         with self._synced_cond:

@@ -11,18 +11,16 @@ batches: the worker puts what it delivered in place), a :class:`Watcher` (the fo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import signal
-import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _net, _proc, _sync
+from .. import _net, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
 from . import git
@@ -31,8 +29,8 @@ from .config import MirrorConfig
 from .control import ControlServer
 from .lane import Lane
 from .link import ConnectionLost, Link
-from .plan import Entry, Plan, Planner, scan_local
-from .report import Progress, Reporter
+from .plan import Plan, Planner
+from .report import Progress, Reporter, SyncMark
 from .squeeze import Squeeze
 from .watch import Watcher
 
@@ -47,6 +45,12 @@ RETRY_AFTER_ERROR = 30.0    # what the server refused is sent again by a whole-t
 PRUNE_EVERY = 6 * 3600.0
 KEEPALIVE = 120.0           # an idle mirror tells its agent it is still there this often (the server
                             # lets another runtime take the folder over from one silent 5 minutes)
+LINK_CHECK = 1.0            # an idle mirror looks at its ssh processes this often (a dead link:
+                            # ssh's keepalives end the master after 12 s of silence)
+PROBE_EVERY = 0.1           # while the server is away: a probe of its SSH port this often ...
+PROBE_TIMEOUT = 1.0         # ... each given this long (a black hole answers nothing): its return
+                            # is noticed within about a second
+MARK_EVERY = 1.0            # an idle mirror marks what the server holds at most this often
 CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 
 
@@ -59,6 +63,10 @@ class Worker:
         self.flt = _sync.MirrorFilter(self.root, cfg.exclude)
         self.link = Link(cfg, password)
         self.channel: Channel | None = None
+        # the server's agent, and how to start it (restricted=False: found by the set-up this
+        # process runs through its own login, see Link.set_up)
+        self.agent: bool | None = None if cfg.setup is not None else cfg.agent
+        self.agent_command = cfg.agent_command
         self.planner = Planner(self.root, self.flt, delete=cfg.delete, inline=cfg.agent,
                                watch=self._watch_folder)
         self.cond = threading.Condition()
@@ -96,6 +104,10 @@ class Worker:
             "id": cfg.id, "local_dir": self.root, "destination": cfg.destination, "port": cfg.port,
             "sock_dir": cfg.sock_dir}, self.snapshot)
         self.control = ControlServer(Path(cfg.sock_dir) / "ctl", self._answer)
+        self.mark = SyncMark(Path(cfg.run_dir))
+        self.since = None if cfg.restore else self.mark.read()  # what the last mirror left
+        self.marked_events = 0      # the events the mark covers
+        self.last_mark = 0.0
 
     # -- status --------------------------------------------------------------------------------
     @property
@@ -146,7 +158,7 @@ class Worker:
 
     def _watch_folder(self, path: str, rel: str) -> None:
         if self.watcher is not None:
-            self.watcher.bell.add(path, rel)
+            self.watcher.watch(path, rel)
 
     # -- the control socket --------------------------------------------------------------------
     def _answer(self, words: list[str]) -> dict[str, Any]:
@@ -257,26 +269,29 @@ class Worker:
         retry = time.monotonic() + RETRY_AFTER_ERROR
         self.full_due = retry if self.full_due is None else min(self.full_due, retry)
 
-    def whole_pass(self, phase: str | None = None, estimate: tuple[int, int] = (0, 0),
-                   listing: dict[str, Entry] | None = None) -> None:
+    def whole_pass(self, phase: str | None = None, *, first: bool = False) -> None:
         """Send whatever differs from the server copy, never deleting there (``phase``: a name
-        for the progress in the status file, measured against ``estimate``: entries, bytes)."""
+        for the progress in the status file). ``first``: the start's pass, which refuses a folder
+        emptied here and sets the doorbell's watches up as it lists each folder."""
         assert self.channel is not None
-        t0 = time.monotonic()
-        progress = self.report.phase(phase, *estimate) if phase else None
+        t0, started = time.monotonic(), time.time_ns()
+        progress = self.report.phase(phase, 0, 0) if phase else None
         sent = Sent()
         if self.refused:  # what the server refused, deletes too, first
             retry, self.refused = self.refused, {}
             sent.add(self.push(set(retry), set(), {p for p, gone in retry.items() if gone},
                                whole=True))
-        sent.add(self.channel.whole_pass(lambda paths, p: self.push(paths, whole=True, progress=p),
-                                         self.root, self.flt, listing, progress))
+        sent.add(self.channel.whole_pass(
+            lambda paths, added, p: self.push(paths, added, whole=True, progress=p),
+            self.root, self.flt, progress, guard=self._guard if first and not self.cfg.restore else None,
+            watch=self._watch_folder if first else None, changed_since=self.since if first else None))
         self._errors(sent)
         self.stats["full_passes"] += 1
         self.last_full = time.monotonic()
         self.full_took = self.last_full - t0
         self.verify_errors = bool(sent.errors)
         if not sent.errors:  # the server holds the folder as it was at the pass's listing
+            self.mark.write(started)
             self.stats.update(verified=time.time(), verify_seconds=round(self.full_took, 4),
                               last_error=None)
             self.report.error = None
@@ -313,6 +328,18 @@ class Worker:
         self.last_prune = time.monotonic()
         self.channel.prune()
 
+    def mark_synced(self) -> None:
+        """Nothing pending once the watcher handed over every change made up to now: the server
+        holds all of them (the mark a restart starts from, see :class:`SyncMark`)."""
+        now, self.last_mark = time.time_ns(), time.monotonic()
+        if self.watcher is None or not self.watcher.sync(1):
+            return
+        with self.cond:
+            if self.pending or self.refused or self.full_due is not None:
+                return
+            self.marked_events = self.events
+        self.mark.write(now)
+
     def ping(self) -> None:
         assert self.channel is not None
         self.last_ping = time.monotonic()
@@ -322,10 +349,15 @@ class Worker:
     def connect(self) -> None:
         """Log in and start the channel (the set-up found out which one)."""
         self.link.open()
-        self.channel = open_channel(self.link, self.lane, self.squeeze)
-        if self.cfg.agent:
-            self.lane.attach(self.link, getattr(self.channel, "lane_token", ""))
+        if self.cfg.setup is not None and self.agent is None:
+            self.agent, self.agent_command = self.link.set_up(self.cfg.setup)
+            self.planner.inline = self.agent
+        self.channel = open_channel(self.link, self.lane, self.squeeze, agent=bool(self.agent),
+                                    command=self.agent_command)
+        if self.agent:
+            self.lane.attach(self.link, getattr(self.channel, "lane_token", ""), self.agent_command)
         self.connected = True
+
 
     def disconnect(self) -> None:
         self.connected = False
@@ -335,14 +367,22 @@ class Worker:
             self.channel = None
         self.link.close()
 
+    def link_alive(self) -> bool:
+        """The master and the channel still run (ssh ends them when its keepalives go unanswered)."""
+        return self.link.up and (self.channel is None or self.channel.alive)
+
     def reconnect(self) -> None:
-        """Wait for the server (cheap port probes, backoff) and log in again."""
+        """Wait for the server (a port probe every PROBE_EVERY, each at most PROBE_TIMEOUT: one
+        is always on its way, so the server's return is noticed within about a second) and log in
+        again; after a refused login, slowly."""
         self.disconnect()
         self.planner.sent.clear()  # the server may have changed meanwhile
         self.set_state(State.RECONNECTING)
-        backoff = Backoff(0.2, 5.0)
+        backoff: Backoff | None = None
         while not self.stop_asked or time.monotonic() < self.stop_flush_until:
-            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=2) is not None:
+            probed = time.monotonic()
+            if _net.ssh_banner(self.link.dest.host, self.cfg.port, timeout=PROBE_TIMEOUT) is not None:
+                log.info("the server answers again")
                 try:
                     self.connect()  # the new agent clears what a killed one left half-built
                     self.stats["reconnects"] += 1
@@ -362,8 +402,11 @@ class Worker:
                         # a changed password, another writer: keep trying, but slowly (no
                         # lockouts, no log spam)
                         backoff = Backoff(30.0, 60.0)
-            with self.cond:
-                self.cond.wait(backoff.next())
+            wait = backoff.next() if backoff is not None else \
+                PROBE_EVERY - (time.monotonic() - probed)
+            if wait > 0:
+                with self.cond:
+                    self.cond.wait(wait)
         raise ConnectionLost("stopped while the server was away")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -395,6 +438,10 @@ class Worker:
             if now - self.last_prune > PRUNE_EVERY:
                 self.in_flight = True
                 return "prune", set(), set(), set(), self.events
+            if self.events > self.marked_events and now - self.last_mark >= MARK_EVERY and \
+                    self.connected and not self.refused and self.full_due is None:
+                self.in_flight = True
+                return "mark", set(), set(), set(), self.events
             if now - max(self.last_push_end, self.last_full, self.last_ping) > KEEPALIVE:
                 self.in_flight = True
                 return "ping", set(), set(), set(), self.events
@@ -407,9 +454,16 @@ class Worker:
                 self.watcher = None
                 if os.path.isdir(self.root):
                     self._start_watcher()
+                    assert self.watcher is not None
+                    self.watcher.watch_all()  # (no first pass sets this one's watches up)
                     self.full_due = now + 1
                 continue
-            wait = min(30.0, KEEPALIVE) if self.full_due is None else self.full_due - now
+            if self.connected and not self.link_alive():
+                self.in_flight = True  # the link died while idle: reconnect now, not at the next push
+                return "lost", set(), set(), set(), self.events
+            wait = min(LINK_CHECK, KEEPALIVE) if self.full_due is None else self.full_due - now
+            if self.events > self.marked_events:
+                wait = min(wait, max(0.0, self.last_mark + MARK_EVERY - now))
             if self.report.dirty:
                 wait = min(wait, 1.0)
             self.in_flight = False
@@ -433,6 +487,10 @@ class Worker:
                     self.ping()
                 elif kind == "place":
                     self.place()
+                elif kind == "mark":
+                    self.mark_synced()
+                elif kind == "lost":
+                    raise ConnectionLost(f"ssh ended ({self.link.exit_text})")
                 else:
                     self.push(paths, added, deleted)
             except (ConnectionLost, OSError) as e:
@@ -463,19 +521,39 @@ class Worker:
         self.watcher = Watcher(self.root, self.flt, self.deliver, self.events_lost)
         self.watcher.start()
 
+    def _guard(self, server_files: int, count_local: Callable[[int], int]) -> None:
+        """Refuse to start from a folder holding fewer than half of the server copy's files."""
+        if not server_files:
+            return
+        local_files = count_local((server_files + 1) // 2)
+        log.info("server copy: %d files; local: at least %d files", server_files, local_files)
+        if local_files * 2 < server_files:
+            raise self._refusal("is empty" if local_files == 0 else
+                                f"holds {local_files} files, fewer than half of the server copy's",
+                                server_files)
+
+    def _refusal(self, why: str, server_files: int) -> MirrorError:
+        return MirrorError(
+            f"refusing to mirror: {self.root} {why}, while the server copy "
+            f"{self.cfg.destination} holds {server_files} files",
+            fix=f"to resume from the server copy, use mirror({self.root!r}, "
+                f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+
     def start(self) -> None:
-        """Connect, check or restore, start watching, first push. Raises on failure."""
+        """Connect, restore (or refuse an emptied folder), start watching, first push. Raises on
+        failure. The first push lists the server copy and compares it folder by folder as it
+        comes, sets up the watches on the way and sends new folders as it reads them (see
+        :mod:`.compare`): one walk here, overlapping the agent's."""
         self.set_state(State.CONNECTING)
         self.connect()
         self.report.master_pid = self.link.pid
         self.report.write(force=True)
         assert self.channel is not None
         root = Path(self.root)
-        listing = self.channel.listing()
-        server_files = self.channel.count(listing)
-        local_files, entries, size = scan_local(self.root, self.flt) if root.is_dir() else (0, 1, 0)
-        log.info("server copy: %d files; local: %d files", server_files, local_files)
         if self.cfg.restore:
+            listing = self.channel.listing()
+            server_files = self.channel.count(listing)
+            log.info("server copy: %d files", server_files)
             root.mkdir(parents=True, exist_ok=True)
             if server_files:
                 self.set_state(State.RESTORING)
@@ -485,15 +563,11 @@ class Worker:
                 except ConnectionLost as e:
                     raise MirrorError("restoring from the server failed", log_tail=str(e),
                                       fix="check the connection and try again") from e
-                _, entries, size = scan_local(self.root, self.flt)  # for the first push's bar
-        elif server_files and local_files * 2 < server_files:
-            why = ("is missing" if not root.exists() else "is empty" if local_files == 0
-                   else f"holds {local_files} files, fewer than half of the server copy's")
-            raise MirrorError(
-                f"refusing to mirror: {self.root} {why}, while the server copy "
-                f"{self.cfg.destination} holds {server_files} files",
-                fix=f"to resume from the server copy, use mirror({self.root!r}, "
-                    f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+        elif not root.is_dir():
+            server_files = self.channel.count(None)
+            if server_files:
+                raise self._refusal("is missing" if not root.exists() else "is not a folder",
+                                    server_files)
         root.mkdir(parents=True, exist_ok=True)
         self._start_watcher()
         assert self.watcher is not None
@@ -501,10 +575,12 @@ class Worker:
             raise MirrorError(f"cannot watch {self.root}: {self.watcher.error}",
                               fix="check the folder exists and is readable; raise "
                                   "fs.inotify.max_user_watches for very large trees")
+        if not self.channel.lists:
+            self.watcher.watch_all()
         self.set_state(State.FIRST_PUSH)
         self.prune()
         try:
-            self.whole_pass("first push", (entries, size), listing)
+            self.whole_pass("first push", first=True)
         except ConnectionLost as e:
             raise MirrorError("the first push failed", log_tail=str(e),
                               fix="check the connection and the server's disk") from e
@@ -521,78 +597,3 @@ class Worker:
         if Path(self.cfg.sock_dir) != Path(self.cfg.run_dir):  # a short folder in /tmp of our own
             with contextlib.suppress(OSError):
                 Path(self.cfg.sock_dir).rmdir()
-
-
-def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False) -> int:
-    """Run one mirror until stopped (SIGTERM, SIGINT, or ``stop`` on the control socket).
-
-    In the foreground a failure to start is raised (the CLI prints it); detached it goes into the
-    status file for :func:`colab_remote.mirror` to raise.
-    """
-    worker = Worker(cfg, password)
-
-    def on_signal(signum: int, frame: object) -> None:
-        # Never block in a handler: a helper thread takes the lock and wakes the loop.
-        threading.Thread(target=worker.request_stop,
-                         args=(cfg.stop_flush if foreground else 2.0,), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    bar = None
-    logs: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if foreground:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        from .._progress import Bar
-
-        bar = Bar()
-        worker.report.on_progress = bar.show
-        logs = logging_redirect_tqdm()  # log lines above the bar, not through it
-    try:
-        worker.control.start()
-        try:
-            with logs:
-                worker.start()
-            if bar is not None:
-                bar.close(done=True)
-        except ColabRemoteError as e:
-            worker.report.error_detail = {"type": type(e).__name__, "what": e.what,
-                                          "log_tail": e.log_tail, "fix": e.fix}
-            worker.set_state(State.FAILED, str(e))
-            if foreground:
-                raise
-            log.error("%s", e)
-            return 1
-        except Exception as e:
-            log.exception("the mirror failed to start")
-            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
-            return 1
-        if foreground:
-            print(f"mirroring {cfg.local_dir} -> {cfg.destination} (Ctrl-C stops)", flush=True)
-        try:
-            worker.loop()
-        except Exception as e:
-            log.exception("the mirror failed")
-            worker.set_state(State.FAILED, f"{type(e).__name__}: {e}")
-            return 1
-        worker.set_state(State.STOPPED)
-        return 0
-    finally:
-        if bar is not None:
-            bar.close(done=False)
-        worker.shutdown()
-        if worker.state is not State.FAILED:
-            worker.report.state = State.STOPPED
-        worker.report.write(force=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m colab_remote._mirror")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    cfg = MirrorConfig.load(args.run_dir)
-    password = _proc.receive_secret() if cfg.has_secret else None
-    return run(cfg, password)

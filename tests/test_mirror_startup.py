@@ -1,0 +1,187 @@
+"""The mirror's start-up and its link: one walk of the folder, no watch on reads, a server that
+comes back is noticed at once, a silently dead link is noticed (issue 15, part B).
+
+Real sshd, real ssh, the relay of the benchmarks (bench/wan.py) between them; small sizes. Timings
+are the benchmark's business (bench/bench_wan.py): these tests only check what happens.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import select
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.wan import Profile, WanRelay
+from colab_remote.mirror import Mirror, mirror
+
+from .conftest import needs_root, needs_sshd, wait_for
+
+pytestmark = [needs_root, needs_sshd, pytest.mark.timeout(180)]
+
+IN_OPEN, IN_ISDIR = 0x20, 0x40000000
+FAST = Profile("test", 5, 5, None, None)  # the relay without a cap: only its cut matters here
+
+
+def dest_of(server) -> str:
+    return f"{server.user.name}@127.0.0.1:backup/project"
+
+
+def server_root(server) -> Path:
+    return server.user.home / "backup" / "project"
+
+
+def start(tmp_path: Path, server, local: Path, port: int | None = None, **kw) -> Mirror:
+    kw.setdefault("password", server.user.password)
+    return mirror(local, dest_of(server), port=port or server.port, state_dir=tmp_path / "state",
+                  quiet=True, **kw)
+
+
+def make_tree(root: Path, folders: int = 5, files: int = 20) -> None:
+    for d in range(folders):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(files):
+            (root / f"d{d}" / f"f{i}.txt").write_text(f"{d}/{i}\n")
+
+
+class Opens:
+    """Who opens what under ``root`` (inotify IN_OPEN on the top and on each of its folders)."""
+
+    def __init__(self, root: Path) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(0o4000)  # IN_NONBLOCK
+        self.names: dict[int, str] = {}
+        for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), IN_OPEN)
+            assert wd >= 0, ctypes.get_errno()
+            self.names[wd] = "" if folder == root else folder.name
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def read(self) -> collections.Counter[str]:
+        """Opens since the last read: "folder/" for a folder, "folder/name" for a file."""
+        counts: collections.Counter[str] = collections.Counter()
+        while select.select([self.fd], [], [], 0)[0]:
+            buf = os.read(self.fd, 1 << 16)
+            off = 0
+            while off < len(buf):
+                wd, mask, _, size = struct.unpack_from("iIII", buf, off)
+                name = buf[off + 16:off + 16 + size].rstrip(b"\0").decode()
+                off += 16 + size
+                where = self.names.get(wd, "?")
+                if mask & IN_ISDIR:
+                    if name:  # a folder opened, seen from its parent
+                        counts[f"{name}/"] += 1
+                elif name:
+                    counts[f"{where}/{name}" if where else name] += 1
+        return counts
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def inotify_masks(pid: int) -> list[int]:
+    """The mask of every inotify watch process ``pid`` holds (from /proc/PID/fdinfo)."""
+    masks = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        masks += [int(word[5:], 16) for line in info.splitlines() if line.startswith("inotify wd:")
+                  for word in line.split() if word.startswith("mask:")]
+    return masks
+
+
+def test_the_start_walks_the_folder_once_and_reads_each_file_once(tmp_path: Path, server) -> None:
+    """A fresh start lists each folder once and reads each file once before mirror() returns (it
+    walked the tree five times: a count, watchfiles' walk, the doorbell's, the comparison, the
+    plan); a restart over the same server copy lists each folder once and reads no file."""
+    local = tmp_path / "project"
+    make_tree(local)
+    opens = Opens(local)
+    m: Mirror | None = None
+    try:
+        m = start(tmp_path, server, local)
+        first = opens.read()
+        folders = {k: v for k, v in first.items() if k.endswith("/")}
+        files = {k: v for k, v in first.items() if not k.endswith("/")}
+        assert folders == {f"d{d}/": 1 for d in range(5)}, folders
+        assert files == {f"d{d}/f{i}.txt": 1 for d in range(5) for i in range(20)}, files
+        m.flush(30)
+        m.stop()
+        opens.read()
+        m = start(tmp_path, server, local)
+        again = opens.read()
+        assert {k: v for k, v in again.items() if k.endswith("/")} == {f"d{d}/": 1 for d in range(5)}
+        assert not [k for k in again if not k.endswith("/")], again  # nothing read: all the same
+        # and the watch on the folder asks for changes only: reading a file wakes nobody
+        assert m.pid is not None
+        masks = inotify_masks(m.pid)
+        assert masks and not [hex(mask) for mask in masks if mask & IN_OPEN], [hex(x) for x in masks]
+        (local / "d3" / "new.txt").write_text("new")
+        wait_for(lambda: (server_root(server) / "d3" / "new.txt").exists(), 20, "new.txt on the server")
+    finally:
+        opens.close()
+        if m is not None:
+            m.stop()
+
+
+@pytest.fixture
+def relay(server) -> Iterator[WanRelay]:
+    with WanRelay(server.port, FAST) as r:
+        yield r
+
+
+def test_the_servers_return_is_noticed_after_a_cut(tmp_path: Path, server, relay) -> None:
+    """The link cut and every connection reset: the mirror probes the server's port until it
+    answers (a probe always on its way, none of the back-off that waited up to 5 s) and delivers
+    what changed meanwhile. (How soon: bench_wan.py's linkreturn figure.)"""
+    local = tmp_path / "project"
+    make_tree(local, 2, 5)
+    m = start(tmp_path, server, local, port=relay.port)
+    try:
+        relay.cut()
+        relay.reset()  # the connections die at once; new ones get nothing while it is cut
+        wait_for(lambda: m.status().get("state") == "reconnecting", 20, "the mirror reconnecting")
+        (local / "d1" / "during.txt").write_text("written while the server was away")
+        time.sleep(1.5)  # a few probes go unanswered
+        relay.restore()
+        wait_for(lambda: (server_root(server) / "d1" / "during.txt").exists(), 30,
+                 "during.txt on the server after the link returned")
+        assert m.stats["reconnects"] >= 1
+        assert m.status().get("state") == "up"
+    finally:
+        relay.restore()
+        m.stop()
+
+
+def test_a_silent_drop_is_noticed(tmp_path: Path, server, relay) -> None:
+    """Packets vanish, every connection stays open, nothing changes here: the mirror leaves the
+    state 'up' (ssh's keepalives end the master after 12 s; the idle mirror looks every second;
+    before, an idle mirror noticed at its next keepalive batch, 2 minutes later), and once the
+    link is back the edit made meanwhile arrives."""
+    local = tmp_path / "project"
+    make_tree(local, 2, 5)
+    m = start(tmp_path, server, local, port=relay.port)
+    try:
+        assert m.status().get("state") == "up"
+        relay.cut()
+        t0 = time.monotonic()
+        wait_for(lambda: m.status().get("state") != "up", 40, "the mirror to notice the dead link")
+        noticed = time.monotonic() - t0
+        (local / "d0" / "after.txt").write_text("after the drop")
+        relay.restore()
+        wait_for(lambda: (server_root(server) / "d0" / "after.txt").exists(), 30,
+                 "after.txt on the server once the link is back")
+        print(f"silent drop noticed after {noticed:.1f} s")
+    finally:
+        relay.restore()
+        m.stop()
