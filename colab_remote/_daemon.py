@@ -253,6 +253,20 @@ class Handle:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _stop_master(self, status: dict[str, Any]) -> None:
+        """The process's ssh ControlMaster (a session of its own: it outlives a killed process),
+        then its short socket folder in /tmp (``status``: read before the process was stopped)."""
+        sock_dir = Path(getattr(self.config, "sock_dir", "") or status.get("sock_dir") or self.run_dir)
+        master = status.get("master_pid")
+        if isinstance(master, int):
+            _proc.stop(master, marker=f"ControlPath={sock_dir / 'cm'}", timeout=2)
+        if sock_dir != self.run_dir:
+            for name in ("ctl", "cm"):
+                with contextlib.suppress(OSError):
+                    (sock_dir / name).unlink()
+            with contextlib.suppress(OSError):
+                sock_dir.rmdir()
+
     def _stop_process(self, also: Iterable[int] = ()) -> None:
         """SIGTERM to the process group (and ``also``), wait, then SIGKILL: only pids still ours."""
         pid = self.status().get("pid")

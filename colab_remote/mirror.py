@@ -122,16 +122,7 @@ class Mirror(Handle):
             query(self._sock, "stop 0", 2)
             _proc.wait_until(lambda: not self.alive, 5, interval=0.02)
         self._stop_process()
-        sock_dir = Path(self.config.sock_dir or status.get("sock_dir") or self.run_dir)
-        master = status.get("master_pid")
-        if isinstance(master, int):
-            _proc.stop(master, marker=f"ControlPath={sock_dir / 'cm'}", timeout=2)
-        if sock_dir != self.run_dir:
-            for name in ("ctl", "cm"):
-                with contextlib.suppress(OSError):
-                    (sock_dir / name).unlink()
-            with contextlib.suppress(OSError):
-                sock_dir.rmdir()
+        self._stop_master(status)
 
     def _summary(self) -> tuple[str, dict[str, Any]]:
         stats = self.stats
