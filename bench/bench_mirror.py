@@ -46,7 +46,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Inotify, compile_package  # noqa: E402
+from bench._common import (  # noqa: E402
+    Inotify,
+    compile_package,
+    cpu_seconds,
+    pct,
+    rss_mb,
+    tree_pids,
+    user_pids,
+)
 from colab_remote import _install, _net, _proc  # noqa: E402
 from colab_remote.mirror import Mirror, mirror  # noqa: E402
 
@@ -127,47 +135,6 @@ class Server:
 
 
 # --- measuring -----------------------------------------------------------------------------------
-
-
-def tree_pids(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if _proc.pid_alive(p):
-            found.append(p)
-            todo += _proc.children(p)
-    return found
-
-
-def user_pids(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def edit_latencies(local_file: Path, server_file: Path, n: int = 50) -> list[float]:

@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import cpu_seconds, pct, rss_mb, tree_pids  # noqa: E402
 from bench.wan import PROFILES, WanRelay  # noqa: E402
 from colab_remote import _net, _proc  # noqa: E402
 from colab_remote._demo import MINIMAL_ENVIRONMENT  # noqa: E402
@@ -144,37 +145,6 @@ class Setup:
 
 
 # --- measuring -------------------------------------------------------------------------------------
-
-
-def tree_pids(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if _proc.pid_alive(p):
-            found.append(p)
-            todo += _proc.children(p)
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def latencies(src: Path, dst: Path, n: int, owner: tuple[int, int] | None = None) -> list[float]:
