@@ -52,6 +52,7 @@ from bench._common import (  # noqa: E402
     cpu_seconds,
     pct,
     rss_mb,
+    settle,
     tree_pids,
     user_pids,
 )
@@ -243,28 +244,6 @@ def cpu_spent(before: tuple[float, float, dict[int, float]],
     return after[0] - before[0], after[1] - before[1], srv
 
 
-def busy_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine so far (iowait counts as idle)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(fields[:8])
-    return total - fields[3] - fields[4], total
-
-
-def settle(limit: float = 60.0) -> float:
-    """Write back what earlier steps wrote and wait (at most ``limit`` s) until the machine is
-    quiet (< 5 % busy over 0.5 s), so a burst is not measured against the writeback of the
-    trees written before it. The seconds it took."""
-    t0 = time.perf_counter()
-    os.sync()
-    while time.perf_counter() - t0 < limit:
-        b0, n0 = busy_ticks()
-        time.sleep(0.5)
-        b1, n1 = busy_ticks()
-        if n1 > n0 and (b1 - b0) / (n1 - n0) < 0.05:
-            break
-    return time.perf_counter() - t0
-
-
 def burst(local_root: Path, server_root: Path, tag: str,
           samples: list[tuple[float, int]] | None = None, mirror_pid: int | None = None,
           server_uid: int | None = None) -> tuple[float, float, int]:
@@ -272,7 +251,7 @@ def burst(local_root: Path, server_root: Path, tag: str,
     has them all, files missing. ``samples`` (traced runs) gets (seconds, server count) pairs."""
     src = local_root / tag
     dst = server_root / tag
-    quiet = settle()
+    quiet = settle(60)
     load = os.getloadavg()[0]
     cpu0 = cpu_now(mirror_pid, server_uid)
     threads0 = thread_cpu(mirror_pid)
@@ -468,7 +447,7 @@ def burst_target(server: Server, state: Path, local_base: Path, server_base: Pat
     rsync_cpu: list[tuple[float, float]] = []
     for k in range(3):
         src = local_base / f"plain-b{k}"
-        settle()
+        settle(60)
         t0 = time.perf_counter()
         write_burst(src)
         t1 = time.perf_counter()
@@ -491,7 +470,7 @@ def burst_target(server: Server, state: Path, local_base: Path, server_base: Pat
                  f"its CPU s, client (rsync, ssh, the ControlMaster) / server: "
                  f"{', '.join(f'{c:.2f} / {v:.2f}' for c, v in rsync_cpu)})")
     print(lines[-1], flush=True)
-    settle()
+    settle(60)
     t0 = time.perf_counter()
     subprocess.run(["rsync", "-a", "-e", " ".join(server.ssh_argv()), f"{burst_root}/b0/",
                     f"{target}/rsync-settled/"], check=True)

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import pwd
 import random
 import secrets
-import select
 import shutil
 import statistics
 import subprocess
@@ -47,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import cpu_seconds, pct, rss_mb, tree_pids  # noqa: E402
+from bench._common import Inotify, cpu_seconds, pct, rss_mb, tree_pids  # noqa: E402
 from bench.wan import PROFILES, WanRelay  # noqa: E402
 from colab_remote import _net, _proc  # noqa: E402
 from colab_remote._demo import MINIMAL_ENVIRONMENT  # noqa: E402
@@ -57,28 +55,6 @@ from colab_remote.status import stop_all  # noqa: E402
 from colab_remote.sync import sync  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-IN_CLOSE_WRITE, IN_MOVED_TO = 0x08, 0x80
-
-
-class Inotify:
-    """Readable when something lands in one folder (to time arrivals without polling)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(0o4000)
-        if self.libc.inotify_add_watch(self.fd, os.fsencode(folder), IN_CLOSE_WRITE | IN_MOVED_TO) < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
-
-    def wait(self, timeout: float) -> None:
-        select.select([self.fd], [], [], timeout)
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 65536):
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def make_user(prefix: str) -> tuple[str, Path, int, int]:
     name = prefix + secrets.token_hex(4)
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
