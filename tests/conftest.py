@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
+import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,7 +172,21 @@ def make_user() -> Iterator:
 
     yield make
     for name in made:
+        uid = pwd.getpwnam(name).pw_uid
         subprocess.run(["userdel", "--remove", "--force", name], capture_output=True)
+        remove_private_tmp(uid)
+
+
+def remove_private_tmp(uid: int) -> None:
+    """The private folder a removed throwaway user's processes made in /tmp
+    (``/tmp/colab_remote-<uid>``: socket folders), when it is that user's and not a link."""
+    path = Path(tempfile.gettempdir()) / f"colab_remote-{uid}"
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ServerSshd:
