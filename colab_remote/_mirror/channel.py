@@ -323,10 +323,13 @@ class AgentChannel(Channel):
 
     def send(self, plan: Plan, progress: Progress | None = None) -> Sent:
         """Each stage's records, its big files to the lane; a stage of a repository that follows
-        big files of one is sent once those are in place (see :class:`Plan`)."""
+        big files of one (of this batch or an earlier one) is sent once those are in place (see
+        :class:`Plan`)."""
         sent = Sent()
         before: list[str] = []  # a repository's big files the next stage may name
-        for stage in plan.stages():
+        for n, stage in enumerate(plan.stages()):
+            if n:  # ... and those of earlier batches still on their way (a pack, then its gc's deletes)
+                before += [rel for rel in self.lane.in_repositories() if rel not in before]
             if before:
                 sent.errors += self._collect()
                 self.lane.wait_for(before)

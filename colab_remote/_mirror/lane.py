@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .. import _agent, _proc
 from ..errors import MirrorError
+from . import git
 from .link import ConnectionLost, Link
 from .plan import Digest, identity
 from .squeeze import Squeeze
@@ -306,6 +307,12 @@ class Lane:
                 self.dropped.append(t)
             self.cond.notify_all()
         self._wake()
+
+    def in_repositories(self) -> list[str]:
+        """A repository's big files on their way or not placed yet (a later batch's trees, names
+        or deletes of packed objects may need them: a pack)."""
+        with self.cond:
+            return [r for r in (*self.transfers, *self.finished) if git.in_repository(r)]
 
     def busy_at(self, rel: str) -> bool:
         return rel in self.transfers or rel in self.finished
