@@ -30,6 +30,7 @@ from . import _access, _html, _install, _proc, _ssh
 from ._agent import rules
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
+from ._mirror import checks
 from ._mirror.control import query
 from ._twoway.config import SyncConfig
 from .errors import AuthenticationError, SyncError
@@ -194,31 +195,22 @@ def parse_remote(remote: object) -> tuple[str, str]:
 
 def _local_dir(local_dir: object) -> str:
     """The laptop's folder: never one whose files decide what runs on the laptop."""
-    if not isinstance(local_dir, (str, os.PathLike)):
-        raise TypeError(f"local_dir must be a path, got {local_dir!r}")
-    text = os.fspath(local_dir)
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("local_dir must not be empty")
-    path = os.path.realpath(os.path.expanduser(text))
+    path = checks.local_dir_of(local_dir, "sync()")
     home = os.path.realpath(os.path.expanduser("~"))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"local_dir {text} is a file; sync() takes a folder")
-    if path == home or home.startswith(path.rstrip("/") + "/") or path == "/":
-        raise ValueError(f"local_dir {text} holds your home folder: the runtime could then write your "
+    if path == home or home.startswith(path.rstrip("/") + "/"):
+        raise ValueError(f"local_dir {path} holds your home folder: the runtime could then write your "
                          "shell's start-up files and ~/.ssh; sync a project folder (e.g. ~/project)")
     inside = os.path.relpath(path, home).split(os.sep)
     if not path.startswith(home + "/") and path.startswith(("/etc", "/usr", "/bin", "/sbin", "/var/lib")):
-        raise ValueError(f"local_dir {text} is a system folder; sync a project folder")
+        raise ValueError(f"local_dir {path} is a system folder; sync a project folder")
     if path.startswith(home + "/") and inside[0].startswith("."):
-        raise ValueError(f"local_dir {text} is inside {os.path.join(home, inside[0])}: folders like "
+        raise ValueError(f"local_dir {path} is inside {os.path.join(home, inside[0])}: folders like "
                          "~/.ssh, ~/.config, ~/.local hold what runs on the laptop; sync a project folder")
-    if rules.TRASH in Path(path).parts:
-        raise ValueError(f"local_dir {text} is (inside) a {rules.TRASH} folder")
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"local_dir {text}: {parent} is not writable by this user")
+        raise ValueError(f"local_dir {path}: {parent} is not writable by this user")
     return path
 
 

@@ -33,7 +33,9 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def local_dir_of(local_dir: object) -> str:
+def local_dir_of(local_dir: object, call: str = "mirror()") -> str:
+    """``local_dir`` as a real absolute path (not a file, the trash, or /); ``call`` names the
+    function in the messages."""
     if not isinstance(local_dir, (str, os.PathLike)):
         raise TypeError(f"local_dir must be a path, got {local_dir!r}")
     text = os.fspath(local_dir)
@@ -41,9 +43,9 @@ def local_dir_of(local_dir: object) -> str:
         raise ValueError("local_dir must not be empty")
     path = os.path.realpath(os.path.expanduser(text))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"local_dir {text} is a file; mirror() takes a folder")
+        raise ValueError(f"local_dir {text} is a file; {call} takes a folder")
     if _sync.TRASH in Path(path).parts:
-        raise ValueError(f"local_dir {text} is (inside) a {_sync.TRASH} folder; mirror the project instead")
+        raise ValueError(f"local_dir {text} is (inside) a {_sync.TRASH} folder; use the project instead")
     if path == "/":
         raise ValueError("local_dir must not be /")
     return path
