@@ -147,6 +147,7 @@ class Grant:
     command: tuple[str, ...] = () # a mirror without restrictions: how to run the agent directly
     expires: float | None = None
     agent: bool = True            # the server has python3 (without it: no agent, rsync only)
+    trusted: bool = False         # reused on the record's word, not checked by a login (trust=True)
 
 
 class _Session:
@@ -246,23 +247,32 @@ Runner = Callable[[str, bytes, float], "_proc.Result"]  # (command, stdin, timeo
 
 def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str | None,
           restricted: bool = True, days: float = KEY_DAYS, error: type[ColabRemoteError],
-          quiet: bool = False, timeout: float = SETUP_TIMEOUT, runner: Runner | None = None) -> Grant:
+          quiet: bool = False, timeout: float = SETUP_TIMEOUT, runner: Runner | None = None,
+          trust: bool = False) -> Grant:
     """Log in once and set the server up for one tunnel or mirror (see the module docstring).
 
     ``purpose``: ``{"purpose": "tunnel", "name": ..., "port": N}`` or ``{"purpose": "mirror",
     "name": ..., "dest": path, "keep_days": d, "backup": b}``. Without ``restricted`` no key is
     installed (the account's own login is used from then on) but the agent still is. ``runner``
     runs the set-up's command some other way than a login to ``login`` (``gcloud compute ssh``);
-    the new key is still checked with a plain login to ``login``.
+    the new key is still checked with a plain login to ``login``. ``trust``: a key this runtime
+    installed for the same purpose, agent and server is taken without logging in to check it
+    (``Grant.trusted``): the caller's own login then checks it, and calls again without ``trust``
+    when it fails.
 
     Raises:
         AuthenticationError: the server refused the login.
         error: the server is unreachable, lacks python3 or a new enough OpenSSH, or did not take
             the key.
     """
-    _check_server(login, restricted, error)
     rid = runtime_id(state)
     kid = f"{rid}.{purpose['name']}"
+    if restricted and trust:
+        reused = _reuse(state, login, purpose, kid, check=False)
+        if reused is not None:
+            log.info("reusing the key %s (on record)", kid)
+            return reused
+    _check_server(login, restricted, error)
     if restricted:
         reused = _reuse(state, login, purpose, kid)
         if reused is not None:
@@ -284,11 +294,15 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
             return Grant(key=None, key_id=kid, agent=False)
         reply = _reply(done, login, error)
         found = reply["keys"][0]
+        command = direct_command(reply["python"], reply["agent"], purpose, kid) \
+            if purpose["purpose"] == "mirror" else []
         result = Grant(key=key, key_id=kid, port=found.get("port"), dest=found.get("dest"),
-                       command=tuple(found.get("command", ())), expires=found.get("expires"))
+                       command=tuple(command), expires=found.get("expires"))
         if key is not None:
             _verify(runner, login, key, kid, reply, error)
             _record(state, login, purpose, result, sha)
+        else:
+            _record_agent(state, login, reply)
     announce_new_host_key(login, known_before, quiet)
     log.info("set up %s on %s: %s", purpose["purpose"], login.dest.target,
              "restricted key " + kid if key else "the account's own login")
@@ -334,12 +348,60 @@ def _record(state: Path, login: Login, purpose: dict[str, Any], granted: Grant, 
         "expires": granted.expires}))
 
 
+def direct_command(python: str, agent: str, purpose: dict[str, Any], kid: str) -> list[str]:
+    """How the account's own login runs a mirror's agent (``restricted=False``): the destination
+    as the user gave it (the agent checks and makes it as the set-up does); ``-S``: the agent
+    needs no site-packages, and it starts sooner without them."""
+    return [python, "-I", "-B", "-S", agent, "mirror", "--dest", purpose["dest"],
+            "--keep-days", repr(float(purpose["keep_days"])),
+            "--trash-share", repr(float(purpose.get("trash_share", _agent.TRASH_SHARE))),
+            "--trash-max-gb", repr(float(purpose.get("trash_max_gb", _agent.TRASH_MAX_GB))),
+            "--id", kid, *([] if purpose.get("backup", True) else ["--no-backup"])]
+
+
+def _agent_record(state: Path, login: Login) -> Path:
+    target = f"{login.dest.user}@{login.dest.host}:{login.port}"
+    return state / "agents" / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}.json"
+
+
+def _record_agent(state: Path, login: Login, reply: dict[str, Any]) -> None:
+    """Which agent a set-up through the account's own login installed (see :func:`installed_agent`)."""
+    path = _agent_record(state, login)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    _proc.write_private(path, json.dumps({"target": login.dest.target, "port": login.port,
+                                          "sha": reply["sha"], "python": reply["python"],
+                                          "agent": reply["agent"]}))
+
+
+def installed_agent(state: Path, login: Login, purpose: dict[str, Any]) -> list[str] | None:
+    """How to run a mirror's agent through the account's own login without a set-up: a set-up
+    through this login installed this version's agent earlier (a start then needs one command on
+    the server, not two). None without that record; when the command no longer starts the agent
+    (the server changed), :func:`forget_agent` and set it up."""
+    try:
+        info = json.loads(_agent_record(state, login).read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("sha") != agent_source()[1] or not all(
+            isinstance(info.get(k), str) and info[k] for k in ("python", "agent")):
+        return None
+    return direct_command(info["python"], info["agent"], purpose,
+                          f"{runtime_id(state)}.{purpose['name']}")
+
+
+def forget_agent(state: Path, login: Login) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _agent_record(state, login).unlink()
+
+
 REUSE_MARGIN = 3600.0  # a key that expires sooner than this is replaced (when a password is given)
 
 
-def _reuse(state: Path, login: Login, purpose: dict[str, Any], kid: str) -> Grant | None:
+def _reuse(state: Path, login: Login, purpose: dict[str, Any], kid: str, *,
+           check: bool = True) -> Grant | None:
     """The key a cell run earlier in this runtime installed for the same purpose, when the server
-    still takes it and runs this version's agent: a re-run needs no password."""
+    still takes it and runs this version's agent (``check``: a login says so; else the record):
+    a re-run needs no password."""
     name = purpose["name"]
     key = state / "keys" / name
     try:
@@ -351,11 +413,12 @@ def _reuse(state: Path, login: Login, purpose: dict[str, Any], kid: str) -> Gran
             and info.get("port") == login.port and info.get("user") == login.dest.user)
     if not same or (info.get("expires") or 0) < time.time() + REUSE_MARGIN:
         return None
-    done = _proc.run(login.argv("hello", key=str(key)), timeout=15, check=False)
-    if not done.stdout.startswith(f"colab-remote-agent {_agent.VERSION} {info['sha']}"):
-        return None
+    if check:
+        done = _proc.run(login.argv("hello", key=str(key)), timeout=15, check=False)
+        if not done.stdout.startswith(f"colab-remote-agent {_agent.VERSION} {info['sha']}"):
+            return None
     return Grant(key=key, key_id=kid, port=info.get("granted_port"), dest=info.get("dest"),
-                 expires=info.get("expires"))
+                 expires=info.get("expires"), trusted=not check)
 
 
 def known_lines(login: Login) -> set[str]:

@@ -52,11 +52,13 @@ class Master:
         self.failure: tuple[str, str] | None = None
         self.started = 0.0
 
-    def start(self) -> Master:
-        with contextlib.suppress(FileNotFoundError):
-            self.control_path.unlink()
+    def start(self, child: Any = None) -> Master:
+        """Start ssh; or take ``child``, the same argv started already (see ``_mirror.boot``)."""
+        if child is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.control_path.unlink()
         self.started = time.monotonic()
-        self.child = _proc.spawn_pty(self.argv, env=self.env)
+        self.child = child if child is not None else _proc.spawn_pty(self.argv, env=self.env)
         return self
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -29,7 +30,7 @@ from typing import Any
 from . import _access, _agent, _html, _install, _proc, _ssh, _sync
 from ._daemon import Handle, State, StatusFile, socket_dir, state_path
 from ._html import announce
-from ._mirror import checks
+from ._mirror import boot, checks
 from ._mirror.channel import ShellChannel
 from ._mirror.config import MirrorConfig
 from ._mirror.control import query
@@ -236,16 +237,35 @@ def mirror(
     checks.check_bool("restricted", restricted)
     _access.check_days(key_days)
     checks.check_local_folder(args["local_dir"], local_dir, create=restore)
-    cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
-                                   keep_days=keep_days, trash_share=float(trash_share),
-                                   trash_max_gb=float(trash_max_gb), restricted=restricted,
-                                   key_days=key_days, quiet=quiet)
+    flags: dict[str, Any] = dict(delete=delete, backup=backup, restore=restore, keep_days=keep_days,
+                                 trash_share=float(trash_share), trash_max_gb=float(trash_max_gb),
+                                 restricted=restricted, key_days=key_days, quiet=quiet)
+    cfg, run_dir, secret, trusted = _config(args, trust=True, **flags)
     login = _access.Login(ssh=cfg.ssh, dest=args["dest"], port=cfg.port,
                           known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
                           identity_file=cfg.identity_file)
     known_before = _access.known_lines(login)  # the mirror process may make the first contact
-    pid = _proc.spawn_detached([sys.executable, "-m", "colab_remote._mirror", "--run-dir",
-                                str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
+    try:
+        handle = _launch(run_dir, secret, timeout, quiet)
+    except (AuthenticationError, MirrorError) as e:
+        if not trusted:
+            raise
+        # the key on record, taken without a login to check it (a re-run's start-up is one login
+        # shorter), did not work: set the server up again, as a first run does
+        log.info("the mirror's key on record did not work (%s): setting the server up again", e.what)
+        cfg, run_dir, secret, _ = _config(args, trust=False, **flags)
+        handle = _launch(run_dir, secret, timeout, quiet)
+    _access.announce_new_host_key(login, known_before, quiet)
+    if not quiet:
+        announce(handle)
+    return handle
+
+
+def _launch(run_dir: Path, secret: str | None, timeout: float, quiet: bool) -> Mirror:
+    """Start the mirror process of ``run_dir`` and wait (showing its progress) until it is up, or
+    ``timeout``; its failure to start is raised here."""
+    pid = _proc.spawn_detached([sys.executable, str(Path(boot.__file__)), "--run-dir", str(run_dir)],
+                               run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
     status = run_dir / "status.json"
     bar = Bar(quiet=quiet)
@@ -281,17 +301,15 @@ def mirror(
                           fix="see the log above")
     if not status.exists():
         log.warning("the mirror is still starting after %g s; see .logs()", timeout)
-    _access.announce_new_host_key(login, known_before, quiet)
-    if not quiet:
-        announce(handle)
     return handle
 
 
 def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: bool,
-            **flags: Any) -> tuple[MirrorConfig, Path, str | None]:
-    """Set the server up (one login), write the mirror's config (no secret in it) and stop an
-    earlier mirror of the same pair. Returns the config, its run folder, and the secret the
-    mirror process needs (only without restrictions: the password)."""
+            trust: bool = False, **flags: Any) -> tuple[MirrorConfig, Path, str | None, bool]:
+    """Set the server up (one login; none for a key on record with ``trust``), write the
+    mirror's config (no secret in it) and stop an earlier mirror of the same pair. Returns the
+    config, its run folder, the secret the mirror process needs (only without restrictions: the
+    password), and whether the key was taken on the record's word (see :func:`_access.grant`)."""
     dest: _ssh.Destination = args["dest"]
     state: Path = args["state"]
     ident = _sync.mirror_id(args["local_dir"], str(dest), args["port"])
@@ -311,6 +329,7 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         "exclude": args["exclude"], "ssh": ssh, "rsync": rsync, "agent": agent,
         "restricted": restricted, "state_dir": str(state), **flags}
     secret = args["password"]
+    trusted = False
     purpose = {"purpose": "mirror", "name": f"mirror-{ident}", "dest": dest.path,
                "keep_days": flags["keep_days"], "backup": flags["backup"],
                "trash_share": flags.get("trash_share", _agent.TRASH_SHARE),
@@ -323,7 +342,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
         login = _access.Login(ssh=ssh, dest=dest, port=args["port"], known_hosts=known_hosts,
                               pinned=pinned, identity_file=args["identity_file"])
         granted = _access.grant(state, login, purpose, password=args["password"], restricted=restricted,
-                                days=key_days, error=MirrorError, quiet=quiet)
+                                days=key_days, error=MirrorError, quiet=quiet, trust=trust)
+        trusted = granted.trusted
         cfg.update(agent=granted.agent, key_id=granted.key_id, key_expires=granted.expires,
                    remote_root=granted.dest)
         if granted.key is not None:  # the password goes no further
@@ -340,8 +360,10 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
     config = MirrorConfig(run_dir=str(run_dir), has_secret=secret is not None,
                           sock_dir=str(socket_dir(run_dir)),  # after the old one removed its own
                           **cfg)
+    if secret is None:  # a key login: the mirror process starts it before its imports (see boot)
+        config = dataclasses.replace(config, early_login=Link(config, None).master_argv())
     config.save()
-    return config, run_dir, secret
+    return config, run_dir, secret, trusted
 
 
 def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port: int = 22,
@@ -362,7 +384,7 @@ def _run_foreground(local_dir: str | os.PathLike[str], destination: str, *, port
     checks.check_budget(trash_share, trash_max_gb)
     _access.check_days(key_days)
     checks.check_local_folder(args["local_dir"], local_dir, create=restore)
-    cfg, run_dir, secret = _config(args, delete=delete, backup=backup, restore=restore,
+    cfg, run_dir, secret, _ = _config(args, delete=delete, backup=backup, restore=restore,
                                    keep_days=keep_days, trash_share=float(trash_share),
                                    trash_max_gb=float(trash_max_gb), restricted=restricted,
                                    key_days=key_days, quiet=False)

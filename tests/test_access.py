@@ -449,6 +449,50 @@ def test_a_rerun_in_the_same_runtime_needs_no_password(tmp_path: Path, server) -
         tunnel.stop()
 
 
+def test_a_rerun_takes_the_mirrors_key_on_record_and_sets_up_again_when_it_fails(
+        tmp_path: Path, server, caplog: pytest.LogCaptureFixture) -> None:
+    """A re-run's mirror() took the key on record only after a login that checked it (a whole
+    handshake before the mirror's own): now the mirror's own login checks it. A key the server no
+    longer takes (its line removed by hand) fails that login, and mirror() sets the server up
+    again with the password, as a first run does."""
+    state = tmp_path / "state"
+    local = tmp_path / "project"
+    local.mkdir()
+    (local / "a.txt").write_text("a")
+    dest = f"{server.user.name}@127.0.0.1:backup/project"
+
+    def run(password: str | None) -> colab_remote.Mirror:
+        return mirror(local, dest, port=server.port, password=password, state_dir=state, quiet=True)
+
+    run(server.user.password).stop()
+    keys = server.user.home / ".ssh" / "authorized_keys"
+    caplog.set_level("INFO", logger="colab_remote")
+    caplog.clear()
+    m = run(None)
+    try:
+        assert any("(on record)" in r.getMessage() for r in caplog.records), caplog.text
+        assert not any("the server still takes it" in r.getMessage() for r in caplog.records)
+        (local / "b.txt").write_text("b")
+        m.flush(30)
+        assert (server.user.home / "backup/project/b.txt").read_text() == "b"
+    finally:
+        m.stop()
+    keys.write_text("".join(line + "\n" for line in keys.read_text().splitlines()
+                            if ".mirror-" not in line))  # the mirror's line gone, by hand
+    with pytest.raises(colab_remote.AuthenticationError):
+        run(None)  # no password and no other way in
+    caplog.clear()
+    m = run(server.user.password)
+    try:
+        assert "setting the server up again" in caplog.text
+        assert ".mirror-" in keys.read_text()
+        (local / "c.txt").write_text("c")
+        m.flush(30)
+        assert (server.user.home / "backup/project/c.txt").read_text() == "c"
+    finally:
+        m.stop()
+
+
 @pytest.mark.parametrize("link", ["ssh_dir", "authorized_keys"])
 def test_setup_refuses_a_linked_ssh_folder_or_authorized_keys(tmp_path: Path, make_user, link) -> None:
     """The set-up runs as the server account: it never writes through a link it finds there."""

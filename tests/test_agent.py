@@ -590,3 +590,23 @@ def test_one_writer_per_destination(tmp_path: Path) -> None:
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 if f is not None:
                     f.close()
+
+
+def test_a_direct_mirror_checks_the_destination_as_the_set_up_does(tmp_path: Path) -> None:
+    """``mirror --dest PATH`` (how a mirror without restrictions starts an agent installed
+    earlier, without a set-up) refuses what the set-up refuses, before writing anything."""
+    for dest in ("/", "a/../b", "~other/x", ""):
+        done = subprocess.run([sys.executable, "-I", "-B", "-S", str(AGENT), "mirror", "--dest", dest,
+                               "--keep-days", "7"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and "refused" in done.stderr and not done.stdout, (dest, done)
+    assert "holds the home folder" in subprocess.run(
+        [sys.executable, "-I", "-B", "-S", str(AGENT), "mirror", "--dest", "/", "--keep-days", "7"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL).stderr
+    dest = tmp_path / "made" / "here"
+    agent = subprocess.run([sys.executable, "-I", "-B", "-S", str(AGENT), "mirror", "--dest", str(dest),
+                            "--keep-days", "7"], capture_output=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+    assert agent.returncode == 0 and dest.is_dir() and b'"protocol"' in agent.stdout, agent
+    hello = json.loads(agent.stdout[agent.stdout.index(b"{"):agent.stdout.rindex(b"}") + 1])
+    assert hello["root"] == str(dest.resolve())

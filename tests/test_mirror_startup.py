@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import os
 import select
 import struct
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from bench.wan import Profile, WanRelay
+from colab_remote._mirror.report import SyncMark
+from colab_remote.errors import AuthenticationError
 from colab_remote.mirror import Mirror, mirror
 
 from .conftest import needs_root, needs_sshd, wait_for
@@ -106,6 +109,9 @@ def test_the_start_walks_the_folder_once_and_reads_each_file_once(tmp_path: Path
     plan); a restart over the same server copy lists each folder once and reads no file."""
     local = tmp_path / "project"
     make_tree(local)
+    # a restart re-sends what changed less than SyncMark.MARGIN before the mark its predecessor
+    # left (the kernel's coarser clock): the tree must be older than that for "reads no file"
+    time.sleep(SyncMark.MARGIN / 1e9 + 0.1)
     opens = Opens(local)
     m: Mirror | None = None
     try:
@@ -184,4 +190,61 @@ def test_a_silent_drop_is_noticed(tmp_path: Path, server, relay) -> None:
         print(f"silent drop noticed after {noticed:.1f} s")
     finally:
         relay.restore()
+        m.stop()
+
+
+def allow_key(server, client_key: Path) -> None:
+    """The account's own key on the server: ``mirror(identity_file=...)`` (no restrictions)."""
+    ssh_dir = server.user.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(Path(str(client_key) + ".pub").read_text())
+    for p in (ssh_dir, ssh_dir / "authorized_keys"):
+        os.chown(p, server.user.uid, server.user.gid)
+
+
+def test_a_restart_runs_the_installed_agent_without_a_set_up(tmp_path: Path, server,
+                                                               client_key: Path) -> None:
+    """Without restrictions the set-up (install the agent, check the destination) ran at every
+    start, one command on the server before the agent's own: now once per server and version. A
+    restart, and a mirror to a new folder of the same server, start the installed agent at once;
+    an agent gone from the server is set up again. The first login is started before the mirror
+    process's imports (boot.py); a key the server refuses still says so."""
+    local = tmp_path / "project"
+    make_tree(local, 2, 5)
+    with pytest.raises(AuthenticationError, match="refused the login"):
+        start(tmp_path, server, local, password=None, identity_file=client_key)
+    allow_key(server, client_key)
+
+    def set_ups(m: Mirror) -> int:
+        return (m.run_dir / "mirror.log").read_text().count("set up mirror on")
+
+    m = start(tmp_path, server, local, password=None, identity_file=client_key)
+    assert json.loads((m.run_dir / "config.json").read_text())["early_login"][0].endswith("ssh")
+    m.flush(30)
+    m.stop()
+    assert set_ups(m) == 1
+    (local / "d0" / "again.txt").write_text("after a restart")
+    m = start(tmp_path, server, local, password=None, identity_file=client_key)
+    try:
+        wait_for(lambda: (server_root(server) / "d0" / "again.txt").exists(), 20, "again.txt")
+        assert set_ups(m) == 1, m.logs(40)  # no second set-up
+    finally:
+        m.stop()
+    other = mirror(local, f"{server.user.name}@127.0.0.1:backup/other", port=server.port,
+                   identity_file=client_key, state_dir=tmp_path / "state", quiet=True)
+    try:
+        other.flush(30)
+        assert (server.user.home / "backup" / "other" / "d1" / "f4.txt").read_text() == "1/4\n"
+        assert set_ups(other) == 0, other.logs(40)
+    finally:
+        other.stop()
+    for installed in (server.user.home / ".colab-remote").glob("agent-*.pyz"):
+        installed.unlink()
+    (local / "d1" / "gone.txt").write_text("after the agent went")
+    m = start(tmp_path, server, local, password=None, identity_file=client_key)
+    try:
+        wait_for(lambda: (server_root(server) / "d1" / "gone.txt").exists(), 20, "gone.txt")
+        text = (m.run_dir / "mirror.log").read_text()
+        assert "the agent on record did not start" in text and set_ups(m) == 2, m.logs(40)
+    finally:
         m.stop()

@@ -97,6 +97,7 @@ __all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "LIST_BYTES", "LIST_ENTRY", "MODE_M
 
 PACKAGE = "colab_remote_agent"  # its name inside the zip
 _MAIN = b"import sys\nfrom %s.main import main\nsys.exit(main(sys.argv[1:]))\n" % PACKAGE.encode()
+_INIT = b'"""The server half of colab-remote (its modules: see colab_remote/_agent)."""\n'
 
 
 def bundle() -> Tuple[bytes, str]:
@@ -112,8 +113,9 @@ def bundle() -> Tuple[bytes, str]:
             info.external_attr = 0o644 << 16
             z.writestr(info, data)
         add("__main__.py", _MAIN)
+        add("%s/__init__.py" % PACKAGE, _INIT)  # the client's names above cost the server's start-up
         for name in sorted(os.listdir(here)):
-            if name.endswith(".py"):
+            if name.endswith(".py") and name != "__init__.py":
                 with open(os.path.join(here, name), "rb") as f:
                     add("%s/%s" % (PACKAGE, name), f.read())
     data = out.getvalue()

@@ -1,5 +1,6 @@
 """The agent's own folder in the server account's home (``~/.colab-remote``): agents, the
-mirrors' config, the tunnels' sessions; who this agent is (its zip, its sha256) and key ids."""
+mirrors' config, the tunnels' sessions; who this agent is (its zip, its sha256), key ids, and
+which folders of the account a mirror or a sync may write."""
 
 import errno
 import hashlib
@@ -60,3 +61,36 @@ def ok_id(text: str) -> str:
     if not text or len(text) > 80 or any(not (c.isalnum() or c in "-_.") for c in text):
         raise ValueError("a key id is 1-80 letters, digits, '-', '_', '.': %r" % text)
     return text
+
+
+def resolve_dest(dest: str) -> str:
+    """The destination as an absolute real path (made when missing); refused when the mirror could
+    write over the account itself (the home folder, ``~/.ssh``, our own folder) from there."""
+    if not dest or "\0" in dest or "\n" in dest:
+        raise ValueError("the destination must be a folder path")
+    if ".." in dest.split("/"):
+        raise ValueError("the destination must not contain '..': %r" % dest)
+    if dest.startswith("~") and not dest.startswith("~/"):
+        raise ValueError("the destination must be a folder of this account: %r" % dest)
+    own = os.path.realpath(home())
+    path = os.path.join(own, dest[2:] if dest.startswith("~/") else dest)
+    os.makedirs(path, 0o700, exist_ok=True)
+    real = os.path.realpath(path)
+    if real == own or own.startswith(real.rstrip("/") + "/"):
+        raise ValueError("the destination %s holds the home folder: pick a folder of its own, "
+                         "e.g. ~/backup/project" % real)
+    for guarded in (os.path.join(own, ".ssh"), os.path.join(own, HOME_DIR)):
+        if real == guarded or real.startswith(guarded + "/"):
+            raise ValueError("the destination %s is inside %s" % (real, guarded))
+    return real
+
+
+def resolve_sync_folder(dest: str) -> str:
+    """A two-way sync's folder on this account (see :func:`resolve_dest`), and never one inside a
+    dot folder of the home (``~/.config``, ``~/.local``: what they hold decides what runs here)."""
+    real = resolve_dest(dest)
+    own = os.path.realpath(home())
+    if real.startswith(own + "/") and real[len(own) + 1:].startswith("."):
+        raise ValueError("the sync's folder %s is inside a dot folder of the home: pick a project "
+                         "folder, e.g. ~/project" % real)
+    return real

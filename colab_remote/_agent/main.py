@@ -5,13 +5,12 @@ import os
 import sys
 from typing import List
 
-from . import peer
 from .home import home, ok_id, own_sha, runtime_of
-from .lane import run_lane
 from .protocol import HOME_DIR, TRASH_MAX_GB, TRASH_SHARE, VERSION, refuse
-from .serve import direct_mirror, mirror_config, run_mirror
-from .setup import print_revoked, revoke, setup
-from .tunnel import run_tunnel
+
+# Each request imports only what it runs: the agent starts from its zip, which Python compiles on
+# every start (about half of a mirror's agent start-up; the sync's peer and the set-up are not on
+# the mirror's path).
 
 
 def main(argv: List[str]) -> int:
@@ -23,6 +22,8 @@ def main(argv: List[str]) -> int:
         words = (os.environ.get("SSH_ORIGINAL_COMMAND") or "").split()
         args = argv[1:]
         if args[:1] == ["tunnel"] and len(args) == 3 and args[2].isdigit():
+            from .tunnel import run_tunnel
+
             return run_tunnel(ok_id(args[1]), int(args[2]), words)
         if args[:1] == ["mirror"] and len(args) == 2:
             kid = ok_id(args[1])
@@ -30,11 +31,15 @@ def main(argv: List[str]) -> int:
                 print("colab-remote-agent %s %s mirror" % (VERSION, own_sha()))
                 return 0
             if words == ["revoke"]:
-                return print_revoked(revoke(runtime=runtime_of(kid)))
+                return _revoke(runtime=runtime_of(kid))
             if words not in (["colab-remote", "agent"], ["colab-remote", "lane"]):
                 return refuse("this key only runs the colab-remote mirror agent")
+            from .serve import mirror_config, run_mirror
+
             cfg = mirror_config(kid)
             if words[1] == "lane":
+                from .lane import run_lane
+
                 return run_lane(cfg["root"].encode(), key_id=kid,
                                 share=cfg.get("trash_share", TRASH_SHARE),
                                 max_gb=cfg.get("trash_max_gb", TRASH_MAX_GB))
@@ -46,6 +51,8 @@ def main(argv: List[str]) -> int:
             return _forced_sync(ok_id(args[1]), words)
         return refuse("unknown request")
     if argv[:1] == ["setup"]:
+        from .setup import setup
+
         try:
             reply = setup(json.loads(sys.stdin.buffer.read().decode()))
         except Exception as e:  # noqa: BLE001 - the client shows it
@@ -53,14 +60,22 @@ def main(argv: List[str]) -> int:
         sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
         return 0
     if argv[:1] == ["mirror"]:
+        from .serve import direct_mirror
+
         return direct_mirror(argv[1:])
     if argv in (["revoke"], ["revoke", "--all"]):
-        return print_revoked(revoke())
+        return _revoke()
     if argv[:2] == ["revoke", "--runtime"] and len(argv) == 3:
-        return print_revoked(revoke(runtime=ok_id(argv[2])))
+        return _revoke(runtime=ok_id(argv[2]))
     if argv[:2] == ["revoke", "--id"] and len(argv) == 3:
-        return print_revoked(revoke(key_id=ok_id(argv[2])))
+        return _revoke(key_id=ok_id(argv[2]))
     return refuse("unknown request")
+
+
+def _revoke(**which: str) -> int:
+    from .setup import print_revoked, revoke
+
+    return print_revoked(revoke(**which))
 
 
 def _forced_sync(kid: str, words: List[str]) -> int:
@@ -70,9 +85,11 @@ def _forced_sync(kid: str, words: List[str]) -> int:
         print("colab-remote-agent %s %s sync" % (VERSION, own_sha()))
         return 0
     if words == ["revoke"]:
-        return print_revoked(revoke(runtime=runtime_of(kid)))
+        return _revoke(runtime=runtime_of(kid))
     if words != ["colab-remote", "peer"]:
         return refuse("this key only runs the colab-remote sync peer")
     with open(os.path.join(home(), HOME_DIR, "syncs", kid + ".json")) as f:
         fixed = dict(json.load(f))
+    from . import peer
+
     return peer.main(fixed)

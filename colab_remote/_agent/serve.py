@@ -9,7 +9,7 @@ import sys
 import time
 from typing import BinaryIO, Callable, List, Optional
 
-from .home import home, ok_id, own_sha
+from .home import home, ok_id, own_sha, resolve_dest
 from .lane import run_lane
 from .protocol import (
     HOME_DIR,
@@ -165,9 +165,11 @@ def mirror_config(key_id: str) -> dict:
 
 
 def direct_mirror(args: List[str]) -> int:
-    """``--root PATH --keep-days N [--trash-share S] [--trash-max-gb G] [--id KEY] [--no-backup]
-    [--lane]`` (``--lane``: the big-file lane of the agent that writes there, see :mod:`.lane`)"""
-    values = {"--root": "", "--keep-days": "", "--trash-share": repr(TRASH_SHARE),
+    """``(--root PATH | --dest PATH) --keep-days N [--trash-share S] [--trash-max-gb G] [--id KEY]
+    [--no-backup] [--lane]`` (``--dest``: the destination as the user gave it, checked and made
+    here as the set-up does; ``--lane``: the big-file lane of the agent that writes there, see
+    :mod:`.lane`)"""
+    values = {"--root": "", "--dest": "", "--keep-days": "", "--trash-share": repr(TRASH_SHARE),
               "--trash-max-gb": repr(TRASH_MAX_GB), "--id": ""}
     backup, lane, i = True, False, 0
     while i < len(args):
@@ -179,13 +181,15 @@ def direct_mirror(args: List[str]) -> int:
             values[args[i]], i = args[i + 1], i + 2
         else:
             return refuse("unknown mirror option %r" % args[i])
-    if not values["--root"] or not values["--keep-days"]:
-        return refuse("mirror needs --root PATH --keep-days N")
+    if not (values["--root"] or values["--dest"]) or not values["--keep-days"]:
+        return refuse("mirror needs --root PATH (or --dest PATH) --keep-days N")
     try:
+        if values["--dest"]:
+            values["--root"] = resolve_dest(values["--dest"])
         keep_days = float(values["--keep-days"])
         share, max_gb = check_budget(values["--trash-share"], values["--trash-max-gb"])
         key_id = ok_id(values["--id"]) if values["--id"] else ""
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return refuse(str(e))
     if lane:
         return run_lane(values["--root"].encode(), key_id=key_id, share=share, max_gb=max_gb)

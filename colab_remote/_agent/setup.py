@@ -15,7 +15,16 @@ import time
 from typing import List, Optional
 
 from .fs import open_folder, remove_quietly, write_file_at
-from .home import home, ok_id, own_archive, own_folder, runtime_of, state_dir
+from .home import (
+    home,
+    ok_id,
+    own_archive,
+    own_folder,
+    resolve_dest,
+    resolve_sync_folder,
+    runtime_of,
+    state_dir,
+)
 from .protocol import HOME_DIR, O_CLOEXEC, O_READ, TRASH_MAX_GB, TRASH_SHARE, VERSION
 from .trash import check_budget
 
@@ -141,39 +150,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def resolve_dest(dest: str) -> str:
-    """The destination as an absolute real path (made when missing); refused when the mirror could
-    write over the account itself (the home folder, ``~/.ssh``, our own folder) from there."""
-    if not dest or "\0" in dest or "\n" in dest:
-        raise ValueError("the destination must be a folder path")
-    if ".." in dest.split("/"):
-        raise ValueError("the destination must not contain '..': %r" % dest)
-    if dest.startswith("~") and not dest.startswith("~/"):
-        raise ValueError("the destination must be a folder of this account: %r" % dest)
-    own = os.path.realpath(home())
-    path = os.path.join(own, dest[2:] if dest.startswith("~/") else dest)
-    os.makedirs(path, 0o700, exist_ok=True)
-    real = os.path.realpath(path)
-    if real == own or own.startswith(real.rstrip("/") + "/"):
-        raise ValueError("the destination %s holds the home folder: pick a folder of its own, "
-                         "e.g. ~/backup/project" % real)
-    for guarded in (os.path.join(own, ".ssh"), os.path.join(own, HOME_DIR)):
-        if real == guarded or real.startswith(guarded + "/"):
-            raise ValueError("the destination %s is inside %s" % (real, guarded))
-    return real
-
-
-def resolve_sync_folder(dest: str) -> str:
-    """A two-way sync's folder on this account (see :func:`resolve_dest`), and never one inside a
-    dot folder of the home (``~/.config``, ``~/.local``: what they hold decides what runs here)."""
-    real = resolve_dest(dest)
-    own = os.path.realpath(home())
-    if real.startswith(own + "/") and real[len(own) + 1:].startswith("."):
-        raise ValueError("the sync's folder %s is inside a dot folder of the home: pick a project "
-                         "folder, e.g. ~/project" % real)
-    return real
-
-
 def _command(words: List[str]) -> str:
     """``words`` as the text of a ``command="..."`` option (the account's shell runs it)."""
     text = " ".join(shlex.quote(w) for w in words)
@@ -201,8 +177,9 @@ def setup(request: dict) -> dict:
     "dest", "keep_days", "backup", "trash_share", "trash_max_gb", "pubkey", "days"}`` or
     ``{"id", "purpose": "sync", "dest", "keep_days", "trash_budget", "protect", "pubkey", "days"}``
     (a two-way sync started in the runtime: its key runs only the sync's peer, in that folder). The reply
-    says, for each, the port (a free one for port 0), the destination's real path, when the key
-    expires, and the command to run the agent directly (without ``restricted``).
+    says, for each, the port (a free one for port 0), the destination's real path and when the key
+    expires; and for all, the python and the agent's path (how the client runs the agent directly
+    without ``restricted``).
     """
     with open(own_archive(), "rb") as f:
         source = f.read()
@@ -240,10 +217,6 @@ def setup(request: dict) -> dict:
                           "backup": bool(key.get("backup", True)),
                           "trash_share": share, "trash_max_gb": max_gb}
                 reply["dest"] = config["root"]
-                reply["command"] = run + ["mirror", "--root", config["root"], "--keep-days",
-                                          repr(config["keep_days"]), "--trash-share", repr(share),
-                                          "--trash-max-gb", repr(max_gb), "--id", kid] + \
-                    ([] if config["backup"] else ["--no-backup"])
                 forced = run + ["--forced", "mirror", kid]
                 options = ["restrict"]
                 if restricted:  # what the key may do is fixed here, on the server

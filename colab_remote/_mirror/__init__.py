@@ -1,7 +1,8 @@
 """The mirror process: watch a folder and push every change to the server.
 
-Started detached by :func:`colab_remote.mirror` (``python -m colab_remote._mirror --run-dir DIR``)
-or in the foreground by ``colab-remote mirror``. One concept per module:
+Started detached by :func:`colab_remote.mirror` (``python .../_mirror/boot.py --run-dir DIR``:
+:mod:`.boot` starts the login before the rest is imported; ``python -m colab_remote._mirror`` runs
+the same without that) or in the foreground by ``colab-remote mirror``. One concept per module:
 
 - :mod:`.config` -- what the process needs, written once by the caller (:class:`MirrorConfig`);
 - :mod:`.link` -- the ssh ControlMaster to the server and the commands through it;

@@ -32,6 +32,8 @@ class MirrorConfig(Config):
     setup: dict[str, Any] | None = None  # restricted=False: the set-up this process runs through
                                  # its own login (the request's purpose), not a login of its own
     state_dir: str = ""          # the state folder (the runtime's id, for the set-up)
+    early_login: list[str] = dataclasses.field(default_factory=list)  # the master's ssh, started
+                                 # before the imports (key logins; see .boot)
     restricted: bool = False
     key_id: str | None = None
     key_expires: float | None = None

@@ -30,12 +30,13 @@ class ConnectionLost(Exception):
 class Link:
     """The ControlMaster of one mirror (``sock_dir/cm``) and argv for commands through it."""
 
-    def __init__(self, cfg: MirrorConfig, password: str | None) -> None:
+    def __init__(self, cfg: MirrorConfig, password: str | None, *, early: object = None) -> None:
         self.cfg = cfg
         self.password = password
         self.dest = _ssh.Destination(cfg.user, cfg.host, cfg.path)
         self.control_path = Path(cfg.sock_dir) / "cm"
         self.master: Master | None = None
+        self.early = early  # the first login's ssh, started before the imports (see .boot)
 
     def options(self) -> dict[str, str | int]:
         """ssh options of the master; every later command goes through its control socket."""
@@ -59,6 +60,11 @@ class Link:
             opts["PreferredAuthentications"] = "password,keyboard-interactive"
         return opts
 
+    def master_argv(self) -> list[str]:
+        """The master's ssh (what :mod:`.boot` starts for the first login, written in the config)."""
+        return _ssh.master_argv(self.cfg.ssh, self.dest, port=self.cfg.port,
+                                control_path=self.control_path, options=self.options())
+
     @property
     def up(self) -> bool:
         return self.master is not None and self.master.alive
@@ -74,11 +80,10 @@ class Link:
     def open(self, timeout: float = 30) -> None:
         """Log in (the password typed once at most); raise our own error on failure."""
         self.close()
-        argv = _ssh.master_argv(self.cfg.ssh, self.dest, port=self.cfg.port,
-                                control_path=self.control_path, options=self.options())
-        self.master = Master(argv, self.control_path, self.password)
+        self.master = Master(self.master_argv(), self.control_path, self.password)
+        early, self.early = self.early, None
         try:
-            self.master.start().wait(timeout)
+            self.master.start(early).wait(timeout)
         except LoginFailed as e:
             self.close()
             raise self._login_error(e, timeout) from None
@@ -105,18 +110,28 @@ class Link:
         return MirrorError(f"ssh to {self.dest.target} port {self.cfg.port} failed", log_tail=text,
                            fix="check the host, the port and that sshd runs there")
 
+    @property
+    def login(self) -> _access.Login:
+        cfg = self.cfg
+        return _access.Login(ssh=cfg.ssh, dest=self.dest, port=cfg.port,
+                             known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
+                             identity_file=cfg.identity_file)
+
+    def installed(self, purpose: dict[str, Any]) -> str | None:
+        """``restricted=False``: how to start this version's agent when an earlier set-up through
+        this login installed it (no set-up then: one command on the server less at start-up)."""
+        command = _access.installed_agent(Path(self.cfg.state_dir), self.login, purpose)
+        return shlex.join(command) if command is not None else None
+
     def set_up(self, purpose: dict[str, Any]) -> tuple[bool, str]:
         """``restricted=False``: install the agent through this login (no second login for the
         set-up); whether the server runs it, and how to start it there."""
-        cfg = self.cfg
-        login = _access.Login(ssh=cfg.ssh, dest=self.dest, port=cfg.port,
-                              known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
-                              identity_file=cfg.identity_file)
+        _access.forget_agent(Path(self.cfg.state_dir), self.login)  # until the set-up says again
 
         def run(command: str, data: bytes, timeout: float) -> _proc.Result:
             return _proc.run(self.mux(command), input=data, timeout=timeout, check=False)
 
-        granted = _access.grant(Path(cfg.state_dir), login, purpose, password=None,
+        granted = _access.grant(Path(self.cfg.state_dir), self.login, purpose, password=None,
                                 restricted=False, error=MirrorError, quiet=True, runner=run)
         return granted.agent, shlex.join(granted.command)
 

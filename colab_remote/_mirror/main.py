@@ -1,4 +1,4 @@
-"""The mirror process's life: ``python -m colab_remote._mirror --run-dir DIR`` (detached, its
+"""The mirror process's life: ``python .../_mirror/boot.py --run-dir DIR`` (detached, its
 secret on stdin), or the CLI's foreground mirror; signals, the start, the loop, the shutdown."""
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from .worker import Worker
 log = logging.getLogger("colab_remote.mirror")
 
 
-def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False) -> int:
+def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False,
+        early: object = None) -> int:
     """Run one mirror until stopped (SIGTERM, SIGINT, or ``stop`` on the control socket).
 
     In the foreground a failure to start is raised (the CLI prints it); detached it goes into the
-    status file for :func:`colab_remote.mirror` to raise.
+    status file for :func:`colab_remote.mirror` to raise. ``early``: ssh of the first login,
+    already started (see :mod:`.boot`).
     """
-    worker = Worker(cfg, password)
+    worker = Worker(cfg, password, early=early)
 
     def on_signal(signum: int, frame: object) -> None:
         # Never block in a handler: a helper thread takes the lock and wakes the loop.
@@ -85,7 +87,7 @@ def run(cfg: MirrorConfig, password: str | None, *, foreground: bool = False) ->
         worker.report.write(force=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: object = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m colab_remote._mirror")
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -93,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     cfg = MirrorConfig.load(args.run_dir)
     password = _proc.receive_secret() if cfg.has_secret else None
-    return run(cfg, password)
+    return run(cfg, password, early=early)

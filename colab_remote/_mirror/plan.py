@@ -162,8 +162,18 @@ class Plan:
                     yield from self._join(extra, n)
             if n == git.OBJECTS:
                 self._stages[n].ops = git.ordered(list(self._stages[n].ops))
+            if n == git.PACKED:
+                self._stages[n].ops = self._still_gone(self._stages[n].ops)
             yield self._stages[n]
             done = n
+
+    def _still_gone(self, ops: Iterable[Op]) -> Iterator[Op]:
+        """The deletes that travel last, each only when its path is still gone here: git may have
+        made it again since the plan looked (an object folder a gc emptied, then a new object in
+        it) and this batch's earlier stages sent what is in it now."""
+        for op in ops:
+            if op[0] != _agent.OP_DELETE or not os.path.lexists(os.path.join(self.planner.root, op[1])):
+                yield op
 
     def _join(self, extra: Plan, n: int) -> Iterator[Stage]:
         """A catch-up's plan: its stages before stage ``n`` go now, the others join this plan's

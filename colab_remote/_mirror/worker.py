@@ -57,11 +57,11 @@ CHANGE_ADDED, CHANGE_MODIFIED, CHANGE_DELETED = 1, 2, 3  # watchfiles.Change
 class Worker:
     """One mirror (see the module docstring)."""
 
-    def __init__(self, cfg: MirrorConfig, password: str | None) -> None:
+    def __init__(self, cfg: MirrorConfig, password: str | None, *, early: object = None) -> None:
         self.cfg = cfg
         self.root = cfg.local_dir
         self.flt = _sync.MirrorFilter(self.root, cfg.exclude)
-        self.link = Link(cfg, password)
+        self.link = Link(cfg, password, early=early)
         self.channel: Channel | None = None
         # the server's agent, and how to start it (restricted=False: found by the set-up this
         # process runs through its own login, see Link.set_up)
@@ -347,13 +347,25 @@ class Worker:
 
     # -- the connection ------------------------------------------------------------------------
     def connect(self) -> None:
-        """Log in and start the channel (the set-up found out which one)."""
+        """Log in and start the channel (the set-up found out which one; without restrictions, an
+        agent an earlier set-up installed is started without one, and set up when it fails)."""
         self.link.open()
         if self.cfg.setup is not None and self.agent is None:
-            self.agent, self.agent_command = self.link.set_up(self.cfg.setup)
+            known = self.link.installed(self.cfg.setup)
+            if known is not None:
+                try:
+                    self.channel = open_channel(self.link, self.lane, self.squeeze, agent=True,
+                                                command=known)
+                except MirrorError as e:
+                    log.info("the agent on record did not start (%s): setting the server up", e.what)
+                else:
+                    self.agent, self.agent_command = True, known
+            if self.agent is None:
+                self.agent, self.agent_command = self.link.set_up(self.cfg.setup)
             self.planner.inline = self.agent
-        self.channel = open_channel(self.link, self.lane, self.squeeze, agent=bool(self.agent),
-                                    command=self.agent_command)
+        if self.channel is None:
+            self.channel = open_channel(self.link, self.lane, self.squeeze, agent=bool(self.agent),
+                                        command=self.agent_command)
         if self.agent:
             self.lane.attach(self.link, getattr(self.channel, "lane_token", ""), self.agent_command)
         self.connected = True
