@@ -137,8 +137,8 @@ def test_a_new_mirror_handle_knows_the_calls_values(tmp_path, monkeypatch) -> No
     args = checks.prepare(project, "bob@127.0.0.1:backup/p", port=2222, password=None,
                            identity_file=None, state_dir=state, exclude=None, host_key=None)
     monkeypatch.setenv("COLAB_REMOTE_MIRROR_AGENT", "0")  # no set-up login: nothing listens there
-    _, run_dir, _ = mirror_module._config(args, delete=True, backup=True, restore=False, keep_days=7,
-                                          restricted=False, key_days=3, quiet=True)
+    _, run_dir, _, _ = mirror_module._config(args, delete=True, backup=True, restore=False, keep_days=7,
+                                             restricted=False, key_days=3, quiet=True)
     assert not (run_dir / "status.json").exists()
     handle = Mirror(run_dir)
     assert (handle.local_dir, handle.port) == (str(project), 2222)
