@@ -146,10 +146,13 @@ class Tree:
     def put(self, p: bytes, mode: int, mtime: int, data: bytes) -> None:
         mode &= MODE_MASK
         staged = self._in_stage(p)
-        if staged is not None:
+        if staged is not None:  # a folder this batch builds: the name is new but for a resend
             fd, name, _ = staged
-            remove_at(fd, name)
-            write_new(fd, name, mode, mtime, data)
+            try:
+                write_new(fd, name, mode, mtime, data)
+            except FileExistsError:
+                remove_at(fd, name)
+                write_new(fd, name, mode, mtime, data)
             return
         fd, name, st = self._live_parent(p)
         if st is not None and stat.S_ISDIR(st.st_mode):

@@ -16,6 +16,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 
 
 def early_login(run_dir: str) -> object:
@@ -28,6 +29,7 @@ def early_login(run_dir: str) -> object:
             return None
         import pexpect
 
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as the mirror process does (ssh inherits it)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(cfg["sock_dir"], "cm"))  # as Master.start does
         child = pexpect.spawn(argv[0], list(argv[1:]), env=dict(os.environ, LC_ALL="C"),
