@@ -526,3 +526,22 @@ def test_setup_refuses_a_linked_ssh_folder_or_authorized_keys(tmp_path: Path, ma
             assert (user.home / "other_file").read_text() == "untouched\n"
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_refused_destination_is_refused_before_anything_is_made(make_user) -> None:
+    """The agent refused ``~/.colab-remote/x`` or ``~/.ssh/keys`` only after making the folder
+    (``os.makedirs`` came first): now nothing is made for a refused destination."""
+    python = "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip("no system python3")
+    user = make_user()
+    source, _ = _access.agent_source()
+    agent = user.write("agent.pyz", source, 0o644)
+    for dest in ("~/.colab-remote/x/y", ".ssh/keys", "~/"):
+        done = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
+                               python, "-I", "-B", "-S", str(agent), "mirror", "--dest", dest,
+                               "--keep-days", "7"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL, env={"HOME": str(user.home), "PATH": "/usr/bin:/bin"},
+                              cwd=user.home)
+        assert done.returncode == 1 and "refused" in done.stderr, (dest, done.stderr)
+    assert not (user.home / ".colab-remote").exists() and not (user.home / ".ssh").exists()

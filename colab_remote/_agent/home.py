@@ -74,15 +74,20 @@ def resolve_dest(dest: str) -> str:
         raise ValueError("the destination must be a folder of this account: %r" % dest)
     own = os.path.realpath(home())
     path = os.path.join(own, dest[2:] if dest.startswith("~/") else dest)
+    _refused(os.path.realpath(path), own)  # before anything is made
     os.makedirs(path, 0o700, exist_ok=True)
     real = os.path.realpath(path)
+    _refused(real, own)  # (and as made: a link may have appeared on the way)
+    return real
+
+
+def _refused(real: str, own: str) -> None:
     if real == own or own.startswith(real.rstrip("/") + "/"):
         raise ValueError("the destination %s holds the home folder: pick a folder of its own, "
                          "e.g. ~/backup/project" % real)
     for guarded in (os.path.join(own, ".ssh"), os.path.join(own, HOME_DIR)):
         if real == guarded or real.startswith(guarded + "/"):
             raise ValueError("the destination %s is inside %s" % (real, guarded))
-    return real
 
 
 def resolve_sync_folder(dest: str) -> str:
