@@ -18,7 +18,6 @@ data (a link's target).
 Standard library only, Python >= 3.6 (it runs on whatever python3 the runtime has).
 """
 
-import hashlib
 import json
 import os
 import pwd
@@ -392,24 +391,14 @@ class Peer:
             return
         try:
             before = os.fstat(f)
-            h = hashlib.blake2b(digest_size=protocol.DIGEST_SIZE)
-            at = 0
-            while True:
-                chunk = os.read(f, fs.READ_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                if at + len(chunk) > offset:
-                    skip = max(0, offset - at)
-                    self.send(protocol.pack(R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns,
-                                          offset=at + skip, data=chunk[skip:]))
-                at += len(chunk)
+            at, digest = fs.send_from(f, offset, lambda off, data: self.send(protocol.pack(
+                R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns, offset=off, data=data)))
             after = os.fstat(f)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) \
                     or at != after.st_size:
                 self.send(protocol.pack(R_FAIL, p, data=b"changed while it was read"))
             else:
-                self.send(state_record(R_DONE, p, fs.stat_of(after), h.digest()))
+                self.send(state_record(R_DONE, p, fs.stat_of(after), digest))
         finally:
             os.close(f)
         self.flush()

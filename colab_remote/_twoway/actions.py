@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -241,30 +240,22 @@ class Actions:
         except (OSError, ValueError):
             e.post("streamed", rel, here, None, 0)
             return
-        h = hashlib.blake2b(digest_size=_agent.DIGEST_SIZE)
-        p, at, same = enc(rel), 0, False
+        p, same, digest = enc(rel), False, b""
         try:
             st = os.fstat(f)
             if (st.st_size, st.st_mtime_ns) == (here.size, here.mtime_ns):  # else changed: decided again
                 if offset:
                     log.info("%s: the runtime has %d of %d bytes from before: resuming", _safe(rel), offset,
                              st.st_size)
-                while True:
-                    chunk = os.read(f, fs.READ_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    if at + len(chunk) > offset:
-                        skip = max(0, offset - at)
-                        channel.send(_agent.pack(peer.OP_PART, p, offset=at + skip, data=chunk[skip:]))
-                    at += len(chunk)
+                at, digest = fs.send_from(f, offset, lambda off, data: channel.send(
+                    _agent.pack(peer.OP_PART, p, offset=off, data=data)))
                 same = at == here.size  # else it grew or shrank while it was read
         finally:
             os.close(f)
         if not same:
             e.post("streamed", rel, here, None, 0)
             return
-        entry = here._replace(digest=h.digest())
+        entry = here._replace(digest=digest)
         n = next(self.numbers)
         e.post("streamed", rel, here, entry, n)  # the base follows before the runtime's answer
 
