@@ -2,11 +2,12 @@
 runtime) could swap for a link: every component opened with ``O_NOFOLLOW`` from the destination."""
 
 import errno
+import hashlib
 import os
 import stat
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .protocol import MODE_MASK, O_CLOEXEC, O_DIR, O_NEW, O_READ
+from .protocol import CHUNK, DIGEST_SIZE, MODE_MASK, O_CLOEXEC, O_DIR, O_NEW, O_READ
 
 
 def split(p: bytes) -> Tuple[bytes, bytes]:
@@ -272,3 +273,22 @@ def write_file_at(fd: int, name: str, data: bytes, mode: int = 0o600, sync: bool
     except BaseException:
         remove_quietly(fd, tmp.encode())
         raise
+
+
+def read_digest(f: int, send: Optional[Callable[[int, bytes], None]] = None,
+                offset: int = 0) -> Tuple[int, bytes]:
+    """Read the open file ``f`` to its end: (the bytes read, the blake2b digest of all of them);
+    with ``send``, what lies from ``offset`` on goes to ``send(at, data)`` as it is read (a
+    transfer resumed there)."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    at = 0
+    while True:
+        chunk = os.read(f, CHUNK)
+        if not chunk:
+            break
+        h.update(chunk)
+        if send is not None and at + len(chunk) > offset:
+            skip = max(0, offset - at)
+            send(at + skip, chunk[skip:])
+        at += len(chunk)
+    return at, h.digest()

@@ -391,8 +391,8 @@ class Peer:
             return
         try:
             before = os.fstat(f)
-            at, digest = fs.send_from(f, offset, lambda off, data: self.send(protocol.pack(
-                R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns, offset=off, data=data)))
+            at, digest = agent_fs.read_digest(f, lambda off, data: self.send(protocol.pack(
+                R_DATA, p, mode=before.st_mode, mtime_ns=before.st_mtime_ns, offset=off, data=data)), offset)
             after = os.fstat(f)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) \
                     or at != after.st_size:

@@ -14,7 +14,7 @@ import hashlib
 import os
 import stat
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import fs as agent_fs
 from . import protocol
@@ -113,35 +113,12 @@ def read_whole(root_fd: int, rel: bytes, limit: int) -> Tuple[Stat, bytes]:
         os.close(f)
 
 
-def send_from(f: int, offset: int, send: Callable[[int, bytes], None]) -> Tuple[int, bytes]:
-    """Read the open file ``f`` to its end: what lies from ``offset`` on goes to ``send(at,
-    data)`` as it is read (a transfer resumed there), the digest covers the whole file. Returns
-    (the bytes read, the digest)."""
-    h = hashlib.blake2b(digest_size=protocol.DIGEST_SIZE)
-    at = 0
-    while True:
-        chunk = os.read(f, READ_CHUNK)
-        if not chunk:
-            break
-        h.update(chunk)
-        if at + len(chunk) > offset:
-            skip = max(0, offset - at)
-            send(at + skip, chunk[skip:])
-        at += len(chunk)
-    return at, h.digest()
-
-
 def digest_of(root_fd: int, rel: bytes) -> Tuple[Stat, bytes]:
     """A file's (stat, blake2b digest), read once without following a link."""
     f = open_file(root_fd, rel)
     try:
-        h = hashlib.blake2b(digest_size=protocol.DIGEST_SIZE)
-        while True:
-            chunk = os.read(f, READ_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-        return stat_of(os.fstat(f)), h.digest()
+        digest = agent_fs.read_digest(f)[1]
+        return stat_of(os.fstat(f)), digest
     finally:
         os.close(f)
 

@@ -2,7 +2,6 @@
 (:mod:`.listing`) and reads, every write through :mod:`.fs` and everything replaced kept in the
 :class:`~.trash.Trash`."""
 
-import hashlib
 import os
 import stat
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -13,6 +12,7 @@ from .fs import (
     join,
     lstat_at,
     names_in,
+    read_digest,
     remove_at,
     remove_quietly,
     same_content,
@@ -26,7 +26,6 @@ from .partials import Partials
 from .procs import left_by_dead
 from .protocol import (
     CHUNK,
-    DIGEST_SIZE,
     MODE_MASK,
     O_CLOEXEC,
     O_DIR,
@@ -292,15 +291,8 @@ class Tree:
         sfd = self._partials()
         fd = os.open(name, O_READ, dir_fd=sfd)
         try:
-            h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-            got = 0
-            while True:
-                chunk = os.read(fd, CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                got += len(chunk)
-            if got != size or (want and h.digest() != want):
+            got, digest = read_digest(fd)
+            if got != size or (want and digest != want):
                 raise ValueError("the file arrived damaged (%d of %d bytes)" % (got, size))
             os.fchmod(fd, mode & MODE_MASK)
             os.utime(fd, ns=(mtime, mtime))

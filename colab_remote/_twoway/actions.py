@@ -247,8 +247,8 @@ class Actions:
                 if offset:
                     log.info("%s: the runtime has %d of %d bytes from before: resuming", _safe(rel), offset,
                              st.st_size)
-                at, digest = fs.send_from(f, offset, lambda off, data: channel.send(
-                    _agent.pack(peer.OP_PART, p, offset=off, data=data)))
+                at, digest = agent_fs.read_digest(f, lambda off, data: channel.send(
+                    _agent.pack(peer.OP_PART, p, offset=off, data=data)), offset)
                 same = at == here.size  # else it grew or shrank while it was read
         finally:
             os.close(f)
