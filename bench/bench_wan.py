@@ -186,8 +186,9 @@ class Link:
 
     def mirror(self, local: Path, dest: Path, **kw: Any) -> Mirror:
         kw.setdefault("identity_file", self.bench.server.key)
+        kw.setdefault("state_dir", self.bench.state)
         return mirror(local, f"{self.bench.server.name}@127.0.0.1:{dest}", port=self.port,
-                      state_dir=self.bench.state, quiet=True, **kw)
+                      quiet=True, **kw)
 
     def close(self) -> None:
         self.bench.server.close_master(self.master)
@@ -833,7 +834,10 @@ def link_figure(b: Bench, link: Link) -> None:
 
 def startup(b: Bench, sizes: list[int]) -> None:
     """Loopback, tmpfs: mirror() (its first pass on the server) against rsync -a (fresh login),
-    fresh and restart; mirror() then flush() beside it."""
+    fresh and restart; mirror() then flush() beside it. Fresh: a new runtime (a state folder of
+    its own) and an empty server copy; the server has this version's agent, as after any earlier
+    runtime's first start. The very first contact (a server without the agent: the set-up
+    installs it) is shown once, at the first size."""
     link = Link(b, None)
     try:
         for n in sizes:
@@ -845,9 +849,21 @@ def startup(b: Bench, sizes: list[int]) -> None:
             dest_r = b.remote(link, f"startup-{n}-rsync")
             C.settle(15)
             rs_fresh = link.rsync(f"{src}/", dest_r, warm=False)
+            if n == sizes[0]:
+                shutil.rmtree(b.server.home / ".colab-remote", ignore_errors=True)
+                dest_f = b.remote(link, f"startup-{n}-first")
+                C.settle(15)
+                t0 = time.perf_counter()
+                link.mirror(src, dest_f, timeout=3600, state_dir=b.base / "state-first").stop()
+                b.add(Result(f"startup-{n}-first-contact", "loopback", time.perf_counter() - t0,
+                             None, rs_fresh, None, "s",
+                             ["a server without this version's agent: the set-up installs it "
+                              "(once per server and version)"]))
+                shutil.rmtree(dest_f, ignore_errors=True)
+            state = b.base / f"state-{n}"  # a new runtime
             C.settle(15)
             t0 = time.perf_counter()
-            m = link.mirror(src, dest_m, timeout=3600)
+            m = link.mirror(src, dest_m, timeout=3600, state_dir=state)
             returned = time.perf_counter() - t0
             m.flush(3600)
             fresh = time.perf_counter() - t0
@@ -856,7 +872,7 @@ def startup(b: Bench, sizes: list[int]) -> None:
             rs_again = link.rsync(f"{src}/", dest_r, warm=False)
             C.settle(15)
             t0 = time.perf_counter()
-            m = link.mirror(src, dest_m, timeout=3600)
+            m = link.mirror(src, dest_m, timeout=3600, state_dir=state)
             again = time.perf_counter() - t0
             m.flush(3600)
             again_flushed = time.perf_counter() - t0

@@ -236,10 +236,47 @@ _BOOT = ("import atexit, os, sys, tempfile; fd, path = tempfile.mkstemp(suffix='
          "from %s.main import main; sys.exit(main(sys.argv[1:]))")
 
 
-def _setup_command(source: bytes) -> str:
+def _setup_command(source: bytes, then: list[str] | None = None) -> str:
     boot = _BOOT % (len(source), _agent.PACKAGE)
+    more = " --then " + shlex.join(then) if then else ""
     return ("if command -v python3 >/dev/null 2>&1; then exec python3 -I -B -c "
-            f"{shlex.quote(boot)} setup; fi; echo CRA-NOPYTHON; exit 97")
+            f"{shlex.quote(boot)} setup{more}; fi; echo CRA-NOPYTHON; exit 97")
+
+
+def _request(state: Path, purpose: dict[str, Any], *, restricted: bool, days: float = KEY_DAYS,
+             key: Path | None = None) -> tuple[bytes, str, bytes]:
+    """The set-up's request for one purpose: (the agent's zip, its sha256, the request)."""
+    source, sha = agent_source()
+    request = {"sha": sha, "restricted": restricted,
+               "keys": [{**purpose, "id": f"{runtime_id(state)}.{purpose['name']}", "days": days,
+                         "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
+                         "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
+    return source, sha, json.dumps(request).encode()
+
+
+def setup_then_mirror(state: Path, purpose: dict[str, Any]) -> tuple[str, bytes]:
+    """``restricted=False``: the set-up of a mirror through the account's own login that then runs
+    the mirror's agent in the same session (a runtime's first start runs one command on the
+    server, not two): (the command, its stdin). Its first line out: see :func:`mirror_set_up`."""
+    source, _, request = _request(state, purpose, restricted=False)
+    kid = f"{runtime_id(state)}.{purpose['name']}"
+    return _setup_command(source, then=mirror_args(purpose, kid)), source + request + b"\n"
+
+
+def mirror_set_up(state: Path, login: Login, purpose: dict[str, Any], stdout: str,
+                  error: type[ColabRemoteError]) -> list[str] | None:
+    """What :func:`setup_then_mirror`'s command printed before its agent's records, taken as
+    :func:`grant` takes a set-up's reply: how to start the agent from now on (recorded, see
+    :func:`installed_agent`), or None when the server has no python3. Raises ``error`` when the
+    set-up failed."""
+    if "CRA-NOPYTHON" in stdout:
+        log.warning("%s has no python3: the mirror copies with rsync alone", login.dest.host)
+        return None
+    reply = _reply(_proc.Result(0, stdout, ""), login, error)
+    _record_agent(state, login, reply)
+    log.info("set up mirror on %s: the account's own login (its agent runs next)", login.dest.target)
+    return direct_command(reply["python"], reply["agent"], purpose,
+                          f"{runtime_id(state)}.{purpose['name']}")
 
 
 Runner = Callable[[str, bytes, float], "_proc.Result"]  # (command, stdin, timeout) -> what it did
@@ -279,16 +316,12 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
             log.info("reusing the key %s: the server still takes it", kid)
             return reused
     key = key_file(state, purpose["name"]) if restricted else None
-    source, sha = agent_source()
-    request = {"sha": sha, "restricted": restricted,
-               "keys": [{**purpose, "id": kid, "days": days,
-                         "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
-                         "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
+    source, sha, request = _request(state, purpose, restricted=restricted, days=days, key=key)
     known_before = known_lines(login)
     with contextlib.ExitStack() as stack:
         if runner is None:
             runner = stack.enter_context(_Session(login, password, error, timeout)).run
-        done = runner(_setup_command(source), source + json.dumps(request).encode(), timeout)
+        done = runner(_setup_command(source), source + request, timeout)
         if "CRA-NOPYTHON" in done.stdout and not restricted:
             log.warning("%s has no python3: the mirror copies with rsync alone", login.dest.host)
             return Grant(key=None, key_id=kid, agent=False)
@@ -352,8 +385,12 @@ def direct_command(python: str, agent: str, purpose: dict[str, Any], kid: str) -
     """How the account's own login runs a mirror's agent (``restricted=False``): the destination
     as the user gave it (the agent checks and makes it as the set-up does); ``-S``: the agent
     needs no site-packages, and it starts sooner without them."""
-    return [python, "-I", "-B", "-S", agent, "mirror", "--dest", purpose["dest"],
-            "--keep-days", repr(float(purpose["keep_days"])),
+    return [python, "-I", "-B", "-S", agent, *mirror_args(purpose, kid)]
+
+
+def mirror_args(purpose: dict[str, Any], kid: str) -> list[str]:
+    """The agent's words for a mirror run by the account's own login (see ``direct_mirror``)."""
+    return ["mirror", "--dest", purpose["dest"], "--keep-days", repr(float(purpose["keep_days"])),
             "--trash-share", repr(float(purpose.get("trash_share", _agent.TRASH_SHARE))),
             "--trash-max-gb", repr(float(purpose.get("trash_max_gb", _agent.TRASH_MAX_GB))),
             "--id", kid, *([] if purpose.get("backup", True) else ["--no-backup"])]
@@ -373,20 +410,22 @@ def _record_agent(state: Path, login: Login, reply: dict[str, Any]) -> None:
                                           "agent": reply["agent"]}))
 
 
-def installed_agent(state: Path, login: Login, purpose: dict[str, Any]) -> list[str] | None:
-    """How to run a mirror's agent through the account's own login without a set-up: a set-up
-    through this login installed this version's agent earlier (a start then needs one command on
-    the server, not two). None without that record; when the command no longer starts the agent
-    (the server changed), :func:`forget_agent` and set it up."""
+def installed_agent(state: Path, login: Login, purpose: dict[str, Any]) -> tuple[list[str], bool]:
+    """How to run a mirror's agent through the account's own login without a set-up (a start then
+    needs one command on the server, not two), and whether a set-up through this login installed
+    this version's agent earlier (on record). Without that record (a new runtime), where a set-up
+    installs this version (``python3``, ``~/.colab-remote/agent-<sha12>.pyz``): another runtime's
+    set-up may have. When the command does not start the agent, :func:`forget_agent` and set up."""
+    sha = agent_source()[1]
+    kid = f"{runtime_id(state)}.{purpose['name']}"
     try:
         info = json.loads(_agent_record(state, login).read_text())
     except (OSError, ValueError):
-        return None
-    if info.get("sha") != agent_source()[1] or not all(
-            isinstance(info.get(k), str) and info[k] for k in ("python", "agent")):
-        return None
-    return direct_command(info["python"], info["agent"], purpose,
-                          f"{runtime_id(state)}.{purpose['name']}")
+        info = {}
+    if info.get("sha") == sha and all(isinstance(info.get(k), str) and info[k]
+                                      for k in ("python", "agent")):
+        return direct_command(info["python"], info["agent"], purpose, kid), True
+    return direct_command("python3", f"{_agent.HOME_DIR}/agent-{sha[:12]}.pyz", purpose, kid), False
 
 
 def forget_agent(state: Path, login: Login) -> None:

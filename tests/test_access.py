@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -384,14 +385,14 @@ def test_unrestricted_and_identity_file_behave_as_before(tmp_path: Path, server,
 
 
 def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_path: Path, make_user) -> None:
-    # sessions on this server see a PATH without python3 (sh, rsync and friends only)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    # sessions on this server see a PATH without python3 (sh, rsync and friends only; in a folder
+    # the server's user can reach, as pytest's own are not)
+    bin_dir = Path(tempfile.mkdtemp(prefix="crt-bin-"))
+    bin_dir.chmod(0o755)
     for tool in ("sh", "bash", "rsync", "mkdir", "find", "wc", "cat", "mv", "rm", "env", "ls", "test"):
         found = _install.find_program(tool)
         if found:
             (bin_dir / tool).symlink_to(found)
-    os.chmod(tmp_path, 0o755)
     srv = ServerSshd(tmp_path / "server", _net.free_port(), make_user(),
                      extra=[f"SetEnv PATH={bin_dir}"]).start()
     try:
@@ -400,12 +401,23 @@ def test_a_server_without_python3_or_with_an_old_sshd_gets_a_clear_message(tmp_p
         with pytest.raises(MirrorError, match="has no python3"):
             mirror(local, f"{srv.user.name}@127.0.0.1:backup/p", port=srv.port,
                    password=srv.user.password, state_dir=tmp_path / "state", quiet=True)
+        # without restrictions the mirror copies with rsync alone (its set-up's command said so)
+        (local / "a.txt").write_text("with rsync alone")
+        m = mirror(local, f"{srv.user.name}@127.0.0.1:backup/p", port=srv.port, restricted=False,
+                   password=srv.user.password, state_dir=tmp_path / "state", quiet=True)
+        try:
+            m.flush(30)
+            assert (srv.user.home / "backup" / "p" / "a.txt").read_text() == "with rsync alone"
+            assert "copies with rsync alone" in m.logs(40)
+        finally:
+            m.stop()
         with pytest.raises(TunnelError, match="has no python3"):
             reverse_forward(f"{srv.user.name}@127.0.0.1", port=srv.port, password=srv.user.password,
                             remote_port=_net.free_port(), local_port=srv.port,
                             state_dir=tmp_path / "state", quiet=True)
     finally:
         srv.stop()
+        shutil.rmtree(bin_dir)
     # an sshd too old for restricted keys: said before any login (a server that only shows a banner)
     with socket.socket() as old:
         old.bind(("127.0.0.1", 0))

@@ -5,6 +5,8 @@ Pure tier: a subprocess reading records on stdin in a temporary folder; any lapt
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -441,6 +443,31 @@ def test_trash_is_pruned_by_the_servers_keep_days_only(tmp_path: Path) -> None:
         assert recent.exists()
     finally:
         agent.close()
+
+
+def test_the_installed_agent_starts_from_its_compiled_modules(tmp_path: Path) -> None:
+    """The set-up installs the zip with each module compiled by the server's python: nothing is
+    compiled at a start (the agent's start took 64 ms, 32 ms with them here). It still says the sha
+    of the zip as sent; a python with another magic compiles the source as before."""
+    from colab_remote._agent.setup import compiled
+
+    source, sha = A.bundle()
+    path = tmp_path / f"agent-{sha[:12]}.pyz"
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import colab_remote_agent.serve as s; "
+             "from colab_remote_agent.home import own_sha; print(s.__file__, own_sha())")
+    for magic, suffix in ((None, ".pyc"), (b"\x00\x00\r\n", ".py")):
+        data = compiled(source, str(path), sha)
+        if magic is not None:  # as another python finds it
+            data = data.replace(importlib.util.MAGIC_NUMBER, magic)
+        path.write_bytes(data)
+        done = subprocess.run([sys.executable, "-I", "-B", "-S", "-c", probe, str(path)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.stdout.split() == [f"{path}/colab_remote_agent/serve{suffix}", sha], done.stderr
+        hello = subprocess.run([sys.executable, "-I", "-B", "-S", str(path), "--forced", "mirror",
+                                "rid.mirror-1"], env=dict(os.environ, SSH_ORIGINAL_COMMAND="hello"),
+                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert hello.stdout == f"colab-remote-agent {A.VERSION} {sha} mirror\n", hello.stderr
+    assert len(source) < len(data) and sha != hashlib.sha256(data).hexdigest()
 
 
 def test_forced_command_runs_only_the_agent(tmp_path: Path) -> None:

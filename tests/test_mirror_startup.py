@@ -14,12 +14,14 @@ import os
 import select
 import struct
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.wan import Profile, WanRelay
+from colab_remote import _agent
 from colab_remote._mirror.report import SyncMark
 from colab_remote.errors import AuthenticationError
 from colab_remote.mirror import Mirror, mirror
@@ -222,6 +224,24 @@ def test_a_restart_runs_the_installed_agent_without_a_set_up(tmp_path: Path, ser
     assert json.loads((m.run_dir / "config.json").read_text())["early_login"][0].endswith("ssh")
     m.flush(30)
     m.stop()
+    # the set-up's command ran the agent next (one command on the server); it left nothing in /tmp
+    # and installed the agent compiled, its sha in the zip's comment
+    text = (m.run_dir / "mirror.log").read_text()
+    assert "no agent of this version on the server" in text and "its agent runs next" in text
+    assert set_ups(m) == 1 and text.count("agent on the server: pid") == 1, text
+    assert not [p for p in Path("/tmp").glob("tmp*.pyz") if p.lstat().st_uid == server.user.uid]
+    installed, = (server.user.home / ".colab-remote").glob("agent-*.pyz")
+    with zipfile.ZipFile(installed) as z:
+        assert "colab_remote_agent/serve.pyc" in z.namelist()
+        assert z.comment.split()[1].decode() == _agent.bundle()[1]
+    # a new runtime (its own state folder) starts the agent another runtime's set-up installed
+    fresh = mirror(local, dest_of(server), port=server.port, identity_file=client_key,
+                   state_dir=tmp_path / "new-runtime", quiet=True)
+    try:
+        fresh.flush(30)
+        assert set_ups(fresh) == 0 and "did not start" not in fresh.logs(40), fresh.logs(40)
+    finally:
+        fresh.stop()
     assert set_ups(m) == 1
     (local / "d0" / "again.txt").write_text("after a restart")
     m = start(tmp_path, server, local, password=None, identity_file=client_key)

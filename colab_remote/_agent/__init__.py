@@ -1,7 +1,8 @@
 """The server half of colab-remote: the mirror's agent, the tunnel's helper, and their set-up.
 
 This package is installed once on the user's server as one zip file,
-``~/.colab-remote/agent-<sha12>.pyz`` (:func:`bundle`), by the set-up login
+``~/.colab-remote/agent-<sha12>.pyz`` (:func:`bundle`, its modules compiled there by
+:func:`.setup.compiled`), by the set-up login
 (:mod:`colab_remote._access`, the one login that may use the password), and is then run there by
 sshd as the forced command of a restricted key (``~/.ssh/authorized_keys``)::
 
@@ -42,6 +43,7 @@ from .protocol import (
     CHUNK,
     DIGEST_SIZE,
     HEADER,
+    HOME_DIR,
     LIST_BYTES,
     LIST_ENTRY,
     MODE_MASK,
@@ -87,7 +89,7 @@ from .protocol import (
 from .setup import revoke
 from .tree import Tree
 
-__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "LIST_BYTES", "LIST_ENTRY", "MODE_MASK", "OP_CHUNK",
+__all__ = ["CHUNK", "DIGEST_SIZE", "HEADER", "HOME_DIR", "LIST_BYTES", "LIST_ENTRY", "MODE_MASK", "OP_CHUNK",
            "OP_COMMIT", "OP_DELETE", "OP_DROP", "OP_END", "OP_FINISH", "OP_GET", "OP_HAVE", "OP_JOIN",
            "OP_LINK", "OP_MANIFEST", "OP_MKDIR", "OP_PLACE", "OP_PUT", "OP_ZIP", "R_ACK", "R_DATA",
            "R_DONE", "R_FAIL", "R_FOLDER", "R_GOT", "R_HAVE", "R_HELLO", "STAGING", "STALE_AFTER",

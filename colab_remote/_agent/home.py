@@ -15,13 +15,27 @@ def own_archive() -> str:
     return getattr(globals().get("__loader__"), "archive", "")
 
 
+STAMP = "colab-remote-agent"  # an installed agent's zip comment starts so (see .setup.stamp)
+
+
+def installed_stamp(data: bytes) -> bytes:
+    """The comment of an installed agent's zip ``data`` (b"" when it has none of ours)."""
+    at = data.rfind(STAMP.encode(), -200)
+    if at < 2 or int.from_bytes(data[at - 2:at], "little") != len(data) - at:
+        return b""
+    return data[at:]
+
+
 def own_sha() -> str:
-    """sha256 of the zip this agent runs from (what the client pinned); "" when not from one."""
+    """sha256 of the zip this agent came as (what the client pinned: an installed agent's zip
+    also holds its compiled modules, and says so in its comment); "" when not from one."""
     try:
         with open(own_archive(), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            data = f.read()
     except OSError:
         return ""
+    words = installed_stamp(data).split()
+    return words[1].decode() if len(words) == 3 else hashlib.sha256(data).hexdigest()
 
 
 def home() -> str:

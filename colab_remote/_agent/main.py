@@ -5,12 +5,11 @@ import os
 import sys
 from typing import List
 
-from .home import home, ok_id, own_sha, runtime_of
+from .home import home, ok_id, own_archive, own_sha, runtime_of
 from .protocol import HOME_DIR, TRASH_MAX_GB, TRASH_SHARE, VERSION, refuse
 
-# Each request imports only what it runs: the agent starts from its zip, which Python compiles on
-# every start (about half of a mirror's agent start-up; the sync's peer and the set-up are not on
-# the mirror's path).
+# Each request imports only what it runs (the sync's peer and the set-up are not on the mirror's
+# path): a zip as sent is compiled on every start, and every import costs a start from source.
 
 
 def main(argv: List[str]) -> int:
@@ -51,14 +50,7 @@ def main(argv: List[str]) -> int:
             return _forced_sync(ok_id(args[1]), words)
         return refuse("unknown request")
     if argv[:1] == ["setup"]:
-        from .setup import setup
-
-        try:
-            reply = setup(json.loads(sys.stdin.buffer.read().decode()))
-        except Exception as e:  # noqa: BLE001 - the client shows it
-            reply = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
-        sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
-        return 0
+        return _setup(argv[2:] if argv[1:2] == ["--then"] else [])
     if argv[:1] == ["mirror"]:
         from .serve import direct_mirror
 
@@ -70,6 +62,29 @@ def main(argv: List[str]) -> int:
     if argv[:2] == ["revoke", "--id"] and len(argv) == 3:
         return _revoke(key_id=ok_id(argv[2]))
     return refuse("unknown request")
+
+
+def _setup(then: List[str]) -> int:
+    """The set-up: the request on stdin (to its end; one line with ``then``), the reply on stdout.
+    ``then``: ``mirror ARGS`` (see :func:`direct_mirror`), run next in the same session by the agent
+    just installed, so that a runtime's first start runs one command on the server, not two (the
+    client sends nothing more before this reply, so nothing it sends is left in this process)."""
+    from .setup import setup
+
+    try:
+        if then[:1] not in ([], ["mirror"]):
+            raise ValueError("a set-up runs only the mirror's agent next")
+        reply = setup(json.loads((sys.stdin.buffer.readline() if then else
+                                  sys.stdin.buffer.read()).decode()))
+    except Exception as e:  # noqa: BLE001 - the client shows it
+        reply = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+    sys.stdout.write("CRA-SETUP %s\n" % json.dumps(reply))
+    sys.stdout.flush()
+    if then and reply["ok"]:
+        if own_archive() != reply["agent"]:  # the set-up's temporary copy (exec runs no atexit)
+            os.unlink(own_archive())
+        os.execv(reply["python"], [reply["python"], "-I", "-B", "-S", reply["agent"], *then])
+    return 0
 
 
 def _revoke(**which: str) -> int:

@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import os
+import re
 import select
 import shlex
 import stat
@@ -130,6 +131,9 @@ def _stamp() -> str:
     return time.strftime(_agent.STAMP_FORMAT, time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
+_REPLY = re.compile(rb"^CRA-(?:SETUP .*|NOPYTHON)\n", re.M)  # a set-up's reply line (see start)
+
+
 class AgentChannel(Channel):
     """Records to and from the agent over one ssh channel (non-blocking I/O with deadlines, so a
     dead link never hangs the mirror); big files through ``lane``."""
@@ -150,13 +154,41 @@ class AgentChannel(Channel):
     # --- start and stop ------------------------------------------------------------------------
     def open(self) -> None:
         """Start the agent installed on the server (a restricted key runs nothing else)."""
-        log_path = Path(self.cfg.run_dir) / "mirror.log"
-        self.proc = _proc.open_pipes(self.link.mux(self.command), stderr_path=log_path)
+        self.start()
+        self.greet()
+
+    def start(self, setup: bytes | None = None) -> str:
+        """Start ``command``; with ``setup``, a set-up's command that runs the agent next (see
+        :func:`colab_remote._access.setup_then_mirror`): its stdin goes first, and what it printed
+        before its reply line, that line included, is returned."""
+        self.proc = _proc.open_pipes(self.link.mux(self.command), stderr_path=self.log_path)
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
         self._buf = bytearray()
         self.outstanding = self.sent_bytes = 0
         self.batches.clear()
+        if setup is None:
+            return ""
+        deadline = time.monotonic() + 60
+        try:
+            self._write(setup, deadline)
+            while (found := _REPLY.search(self._buf)) is None:
+                self._fill(deadline)  # (the account's shell may print something first)
+        except ConnectionLost as e:
+            self.close()
+            raise MirrorError("setting the server up failed", log_tail=_proc.tail(self.log_path),
+                              fix="read the log above; the server's shell start-up files must "
+                                  "not print") from e
+        said = bytes(self._buf[:found.end()])
+        del self._buf[:found.end()]
+        return said.decode(errors="replace")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.cfg.run_dir) / "mirror.log"
+
+    def greet(self) -> None:
+        """Read the agent's hello."""
         try:
             op, _, _, _, _, data = self._record(time.monotonic() + 30)
             if op == _agent.R_FAIL:  # another mirror writes there (the agent says which)
@@ -168,7 +200,7 @@ class AgentChannel(Channel):
         except (ConnectionLost, ValueError) as e:
             self.close()
             raise MirrorError("the mirror's agent did not start on the server",
-                              log_tail=_proc.tail(log_path),
+                              log_tail=_proc.tail(self.log_path),
                               fix="run mirror() again with the password: it installs the agent") from e
         if hello.get("protocol") != _agent.VERSION:
             self.close()
@@ -217,10 +249,11 @@ class AgentChannel(Channel):
                 raise ConnectionLost(f"the channel to the server closed: {e}") from e
             view = view[n:]
 
-    def _read(self, n: int, deadline: float) -> bytes:
+    def _fill(self, deadline: float) -> None:
+        """Read what the agent sent next into the buffer."""
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        while len(self._buf) < n:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ConnectionLost("the server did not answer in time")
@@ -231,6 +264,11 @@ class AgentChannel(Channel):
             if not chunk:
                 raise ConnectionLost("the channel to the server closed")
             self._buf += chunk
+            return
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        while len(self._buf) < n:
+            self._fill(deadline)
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out

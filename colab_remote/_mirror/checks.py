@@ -1,17 +1,43 @@
 """What mirror() and push() refuse before anything runs: a ValueError or TypeError that says what
-was wrong and what is allowed (a local folder, a destination, ports, flags, the trash's budget)."""
+was wrong and what is allowed (a local folder, a destination, ports, flags, the trash's budget);
+and the mirror's refusal to start from a folder emptied here (:func:`refuse_emptied`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import _ssh, _sync
 from .._daemon import state_path
+from ..errors import MirrorError
+
+log = logging.getLogger("colab_remote.mirror")
+
+
+def refuse_emptied(root: str, destination: str, server_files: int,
+                   count_local: Callable[[int], int]) -> None:
+    """Refuse to start from a folder holding fewer than half of the server copy's files."""
+    if not server_files:
+        return
+    local_files = count_local((server_files + 1) // 2)
+    log.info("server copy: %d files; local: at least %d files", server_files, local_files)
+    if local_files * 2 < server_files:
+        raise refusal(root, destination, "is empty" if local_files == 0 else
+                      f"holds {local_files} files, fewer than half of the server copy's", server_files)
+
+
+def refusal(root: str, destination: str, why: str, server_files: int) -> MirrorError:
+    return MirrorError(
+        f"refusing to mirror: {root} {why}, while the server copy {destination} holds "
+        f"{server_files} files",
+        fix=f"to resume from the server copy, use mirror({root!r}, {destination!r}, "
+            "restore=True); or mirror into another folder")
 
 
 def check_budget(trash_share: object, trash_max_gb: object) -> None:

@@ -117,23 +117,25 @@ class Link:
                              known_hosts=Path(cfg.known_hosts), pinned=cfg.pinned,
                              identity_file=cfg.identity_file)
 
-    def installed(self, purpose: dict[str, Any]) -> str | None:
-        """``restricted=False``: how to start this version's agent when an earlier set-up through
-        this login installed it (no set-up then: one command on the server less at start-up)."""
-        command = _access.installed_agent(Path(self.cfg.state_dir), self.login, purpose)
-        return shlex.join(command) if command is not None else None
+    def installed(self, purpose: dict[str, Any]) -> tuple[str, bool]:
+        """``restricted=False``: how to start this version's agent where a set-up installed it (no
+        set-up then: one command on the server less at start-up), and whether it is on record (a
+        set-up through this login, see :func:`colab_remote._access.installed_agent`)."""
+        command, recorded = _access.installed_agent(Path(self.cfg.state_dir), self.login, purpose)
+        return shlex.join(command), recorded
 
-    def set_up(self, purpose: dict[str, Any]) -> tuple[bool, str]:
-        """``restricted=False``: install the agent through this login (no second login for the
-        set-up); whether the server runs it, and how to start it there."""
+    def set_up(self, purpose: dict[str, Any]) -> tuple[str, bytes]:
+        """``restricted=False``: the command (and its stdin) that installs the agent through this
+        login (no second login for the set-up) and then runs it (see :meth:`set_up_said`)."""
         _access.forget_agent(Path(self.cfg.state_dir), self.login)  # until the set-up says again
+        return _access.setup_then_mirror(Path(self.cfg.state_dir), purpose)
 
-        def run(command: str, data: bytes, timeout: float) -> _proc.Result:
-            return _proc.run(self.mux(command), input=data, timeout=timeout, check=False)
-
-        granted = _access.grant(Path(self.cfg.state_dir), self.login, purpose, password=None,
-                                restricted=False, error=MirrorError, quiet=True, runner=run)
-        return granted.agent, shlex.join(granted.command)
+    def set_up_said(self, purpose: dict[str, Any], said: str) -> str | None:
+        """How to start the agent from now on, by what the set-up said; None: the server has no
+        python3 (the mirror copies with rsync alone)."""
+        command = _access.mirror_set_up(Path(self.cfg.state_dir), self.login, purpose, said,
+                                        MirrorError)
+        return shlex.join(command) if command is not None else None
 
     def close(self) -> None:
         if self.master is not None:

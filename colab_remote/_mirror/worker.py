@@ -23,8 +23,8 @@ from typing import Any
 from .. import _net, _sync
 from .._daemon import Backoff, State
 from ..errors import AuthenticationError, ColabRemoteError, MirrorError
-from . import git
-from .channel import Channel, Sent, open_channel
+from . import checks, git
+from .channel import AgentChannel, Channel, Sent, open_channel
 from .config import MirrorConfig
 from .control import ControlServer
 from .lane import Lane
@@ -348,21 +348,22 @@ class Worker:
     # -- the connection ------------------------------------------------------------------------
     def connect(self) -> None:
         """Log in and start the channel (the set-up found out which one; without restrictions, an
-        agent an earlier set-up installed is started without one, and set up when it fails)."""
+        agent an earlier set-up installed is started without one, else a set-up that then runs
+        the agent in the same session)."""
         self.link.open()
         if self.cfg.setup is not None and self.agent is None:
-            known = self.link.installed(self.cfg.setup)
-            if known is not None:
-                try:
-                    self.channel = open_channel(self.link, self.lane, self.squeeze, agent=True,
-                                                command=known)
-                except MirrorError as e:
-                    log.info("the agent on record did not start (%s): setting the server up", e.what)
-                else:
-                    self.agent, self.agent_command = True, known
+            known, recorded = self.link.installed(self.cfg.setup)
+            try:
+                self.channel = open_channel(self.link, self.lane, self.squeeze, agent=True,
+                                            command=known)
+            except MirrorError as e:
+                log.info("%s (%s): setting the server up", "the agent on record did not start"
+                         if recorded else "no agent of this version on the server", e.what)
+            else:
+                self.agent, self.agent_command = True, known
             if self.agent is None:
-                self.agent, self.agent_command = self.link.set_up(self.cfg.setup)
-            self.planner.inline = self.agent
+                self.channel = self._set_up(self.cfg.setup)
+            self.planner.inline = bool(self.agent)
         if self.channel is None:
             self.channel = open_channel(self.link, self.lane, self.squeeze, agent=bool(self.agent),
                                         command=self.agent_command)
@@ -370,6 +371,25 @@ class Worker:
             self.lane.attach(self.link, getattr(self.channel, "lane_token", ""), self.agent_command)
         self.connected = True
 
+
+    def _set_up(self, purpose: dict[str, Any]) -> Channel | None:
+        """Install the agent through this login; the set-up's command then runs it: the channel
+        (None when the server has no python3: the rsync channel instead)."""
+        command, data = self.link.set_up(purpose)
+        channel = AgentChannel(self.link, command, self.lane, self.squeeze)
+        said = channel.start(data)
+        try:
+            known = self.link.set_up_said(purpose, said)
+            self.agent, self.agent_command = known is not None, known or ""
+            if known is None:
+                channel.close()
+                return None
+            channel.command = known  # how it starts again after an outage
+            channel.greet()
+        except BaseException:
+            channel.close()
+            raise
+        return channel
 
     def disconnect(self) -> None:
         self.connected = False
@@ -534,22 +554,7 @@ class Worker:
         self.watcher.start()
 
     def _guard(self, server_files: int, count_local: Callable[[int], int]) -> None:
-        """Refuse to start from a folder holding fewer than half of the server copy's files."""
-        if not server_files:
-            return
-        local_files = count_local((server_files + 1) // 2)
-        log.info("server copy: %d files; local: at least %d files", server_files, local_files)
-        if local_files * 2 < server_files:
-            raise self._refusal("is empty" if local_files == 0 else
-                                f"holds {local_files} files, fewer than half of the server copy's",
-                                server_files)
-
-    def _refusal(self, why: str, server_files: int) -> MirrorError:
-        return MirrorError(
-            f"refusing to mirror: {self.root} {why}, while the server copy "
-            f"{self.cfg.destination} holds {server_files} files",
-            fix=f"to resume from the server copy, use mirror({self.root!r}, "
-                f"{self.cfg.destination!r}, restore=True); or mirror into another folder")
+        checks.refuse_emptied(self.root, self.cfg.destination, server_files, count_local)
 
     def start(self) -> None:
         """Connect, restore (or refuse an emptied folder), start watching, first push. Raises on
@@ -578,8 +583,8 @@ class Worker:
         elif not root.is_dir():
             server_files = self.channel.count(None)
             if server_files:
-                raise self._refusal("is missing" if not root.exists() else "is not a folder",
-                                    server_files)
+                raise checks.refusal(self.root, self.cfg.destination, "is missing"
+                                     if not root.exists() else "is not a folder", server_files)
         root.mkdir(parents=True, exist_ok=True)
         self._start_watcher()
         assert self.watcher is not None
