@@ -478,6 +478,15 @@ def spawn_pty(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> A
     return child
 
 
+def pty_path() -> list[str]:
+    """The folders :func:`spawn_pty` imports from (pexpect's, ptyprocess's): how a process started
+    with ``python -S`` spawns ssh before its site-packages are set up (see ``_mirror/boot.py``)."""
+    import pexpect
+    import ptyprocess
+
+    return sorted({str(Path(m.__file__).parents[1]) for m in (pexpect, ptyprocess)})
+
+
 def end_pty(child: Any, timeout: float = 2) -> None:
     """Stop a :func:`spawn_pty` child: SIGTERM (ssh closes its connection cleanly), then SIGKILL."""
     with contextlib.suppress(ProcessLookupError, OSError):

@@ -264,8 +264,8 @@ def mirror(
 def _launch(run_dir: Path, secret: str | None, timeout: float, quiet: bool) -> Mirror:
     """Start the mirror process of ``run_dir`` and wait (showing its progress) until it is up, or
     ``timeout``; its failure to start is raised here."""
-    pid = _proc.spawn_detached([sys.executable, str(Path(boot.__file__)), "--run-dir", str(run_dir)],
-                               run_dir=run_dir, name="mirror", secret=secret)
+    pid = _proc.spawn_detached([sys.executable, "-S", str(Path(boot.__file__)), "--run-dir",
+                                str(run_dir)], run_dir=run_dir, name="mirror", secret=secret)
     handle = Mirror(run_dir)
     status = run_dir / "status.json"
     bar = Bar(quiet=quiet)
@@ -361,7 +361,8 @@ def _config(args: dict[str, Any], *, restricted: bool, key_days: float, quiet: b
                           sock_dir=str(socket_dir(run_dir)),  # after the old one removed its own
                           **cfg)
     if secret is None:  # a key login: the mirror process starts it before its imports (see boot)
-        config = dataclasses.replace(config, early_login=Link(config, None).master_argv())
+        config = dataclasses.replace(config, early_login=Link(config, None).master_argv(),
+                                     early_path=_proc.pty_path())
     config.save()
     return config, run_dir, secret, trusted
 

@@ -1,11 +1,14 @@
-"""The detached mirror process's first lines: ``python .../colab_remote/_mirror/boot.py --run-dir DIR``.
+"""The detached mirror process's first lines: ``python -S .../colab_remote/_mirror/boot.py --run-dir DIR``.
 
 Run by path, not as ``-m colab_remote._mirror``: importing the package and the mirror takes about
 0.1 s of Python, and the login to the server (ssh's handshake, about as long) runs meanwhile. The
 login's argv is in the config (``early_login``, written by :func:`colab_remote.mirror` for a key
 login: a password is typed at ssh's prompt by the mirror itself); ssh is started here exactly as
 :func:`colab_remote._proc.spawn_pty` starts it, and :class:`colab_remote._master.Master` takes it
-over. Anything unexpected here just leaves the login to the mirror, as without this file.
+over. ``-S``: the site-packages (their ``.pth`` files: an editable install's finder, namespace
+packages) are set up after ssh has started, not before (``site.main()``, as Python does at start
+without ``-S``; about 25 ms here); pexpect is found meanwhile where the config says
+(``early_path``). Anything unexpected here just leaves the login to the mirror, as without this file.
 """
 
 import os
@@ -27,6 +30,7 @@ def early_login(run_dir: str) -> object:
         argv = cfg.get("early_login") or []
         if not argv or cfg.get("has_secret"):
             return None
+        sys.path += [p for p in cfg.get("early_path") or [] if p not in sys.path]
         import pexpect
 
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as the mirror process does (ssh inherits it)
@@ -45,6 +49,10 @@ def early_login(run_dir: str) -> object:
 def main() -> int:
     args = sys.argv[1:]
     early = early_login(args[args.index("--run-dir") + 1]) if "--run-dir" in args[:-1] else None
+    if sys.flags.no_site:
+        import site
+
+        site.main()
     from colab_remote._mirror.main import main as run
 
     return run(args, early=early)

@@ -34,6 +34,8 @@ class MirrorConfig(Config):
     state_dir: str = ""          # the state folder (the runtime's id, for the set-up)
     early_login: list[str] = dataclasses.field(default_factory=list)  # the master's ssh, started
                                  # before the imports (key logins; see .boot)
+    early_path: list[str] = dataclasses.field(default_factory=list)  # where boot finds pexpect
+                                 # before the site-packages are set up
     restricted: bool = False
     key_id: str | None = None
     key_expires: float | None = None
