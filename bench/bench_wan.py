@@ -838,7 +838,7 @@ def startup(b: Bench, sizes: list[int]) -> None:
     its own) and an empty server copy; the server has this version's agent, as after any earlier
     runtime's first start. The very first contact (a server without the agent: the set-up
     installs it) is shown at the first size. Each figure is the median of runs interleaved with
-    rsync's (5 at 10,000 files, 3 at 100,000, 1 at 300,000: start-ups of a second vary with the
+    rsync's (5 at 10,000 files, 3 at 100,000, 2 at 300,000: start-ups of a second vary with the
     machine's load by more than the gaps measured), the runs' range in the notes."""
     link = Link(b, None)
 
@@ -872,7 +872,7 @@ def startup(b: Bench, sizes: list[int]) -> None:
             t0 = time.perf_counter()
             C.make_tree(src, n, 100, 1024)
             say(f"  [startup] made {n} files in {time.perf_counter() - t0:.1f} s")
-            runs = max(1, min(5, 300_000 // n))
+            runs = max(2, min(5, 300_000 // n))
             rs_fresh: list[float] = []
             first: list[tuple[float, float]] = []
             fresh: list[tuple[float, float]] = []
