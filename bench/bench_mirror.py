@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (  # noqa: E402
     Inotify,
+    cmdline,
     compile_package,
     cpu_seconds,
     pct,
@@ -602,8 +603,12 @@ def targets_1_and_3(server: Server, base: Path, state: Path, dest_base: str, n_f
     rss = rss_mb(m.pid)
     rss_all = sum(rss_mb(p) for p in pids)
     c0, s0 = cpu_seconds(pids), cpu_seconds(srv_pids)
+    each0 = {pid: cpu_seconds([pid]) for pid in pids}
     time.sleep(idle_s)
     c1, s1 = cpu_seconds(pids), cpu_seconds(srv_pids)
+    print("idle CPU per process: " + ", ".join(
+        f"{' '.join(cmdline(pid)[:2])[-30:]} {(cpu_seconds([pid]) - t) / idle_s * 100:.2f} %"
+        for pid, t in each0.items()), flush=True)
     idle_pct = (c1 - c0) / idle_s * 100
     srv_pct = (s1 - s0) / idle_s * 100
     lines.append(f"target 3: RSS of the mirror process watching {n_files} files: {rss:.1f} MB "

@@ -126,6 +126,13 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
     assert fresh.big == ["big.bin"]
     (root / "new" / "a.txt").write_bytes(b"A")
     assert [rel for _, rel, *_ in planner.plan({"new/a.txt"})] == ["new/a.txt"]
+    # a whole-tree pass remembers nothing (memory in proportion to the tree), and what it sends
+    # replaces what an earlier batch remembered
+    whole = planner.plan({"new"}, added={"new"}, remember=False)
+    assert [rel for _, rel, *_ in whole if rel == "new/a.txt"] == ["new/a.txt"]
+    planner.acknowledged(whole, ok=True)
+    assert not whole.sending and "new/a.txt" not in planner.sent
+    assert "new/sub/b.txt" in planner.sent  # not sent again by that pass: still known
     everything = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True, inline=False)
     shell = everything.plan({"new"}, added={"new"})
     assert {op for op, *_ in shell} == {_agent.OP_MKDIR, _agent.OP_LINK}  # files all go to rsync

@@ -382,7 +382,10 @@ class Lane:
                 with self.cond:
                     while not self.closing and (self.link is None or not (self.transfers or self.dropped)
                                                 or time.monotonic() < retry_at):
-                        self.cond.wait(max(0.05, min(1.0, retry_at - time.monotonic())))
+                        # a retry due: until then; else until woken (and a look each second):
+                        # idle, it woke every 50 ms (0.4 % of a core)
+                        left = retry_at - time.monotonic()
+                        self.cond.wait(max(0.05, left) if 0 < left < 1.0 else 1.0)
                         self._drain_wake()
                     if self.closing:
                         return

@@ -213,7 +213,8 @@ class Worker:
         def catch_up() -> Plan | None:
             return self._objects_meanwhile(paths, added, deleted)
 
-        sent = self.channel.send(self.planner.plan(paths, added, deleted, catch_up), progress)
+        sent = self.channel.send(self.planner.plan(paths, added, deleted, catch_up,
+                                                   remember=not whole), progress)
         took = time.monotonic() - t0
         if took > 0.2:
             log.info("pushed %d files (%d ops, %d big) in %.3f s", sent.files, sent.ops, sent.big, took)
