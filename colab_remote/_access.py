@@ -85,6 +85,12 @@ def runtime_id(state: Path) -> str:
     return rid
 
 
+def key_id(state: Path, purpose: dict[str, Any]) -> str:
+    """``<runtime id>.<purpose's name>``: one purpose of this runtime on a server (its key line,
+    its mirror's writer)."""
+    return f"{runtime_id(state)}.{purpose['name']}"
+
+
 def key_file(state: Path, name: str) -> Path:
     """``state/keys/name``: an ed25519 key of this runtime for one purpose, made once (0600)."""
     folder = state / "keys"
@@ -248,7 +254,7 @@ def _request(state: Path, purpose: dict[str, Any], *, restricted: bool, days: fl
     """The set-up's request for one purpose: (the agent's zip, its sha256, the request)."""
     source, sha = agent_source()
     request = {"sha": sha, "restricted": restricted,
-               "keys": [{**purpose, "id": f"{runtime_id(state)}.{purpose['name']}", "days": days,
+               "keys": [{**purpose, "id": key_id(state, purpose), "days": days,
                          "label": f"runtime={socket.gethostname()} set-up={time.strftime('%Y-%m-%d')}",
                          "pubkey": Path(f"{key}.pub").read_text().strip() if key else ""}]}
     return source, sha, json.dumps(request).encode()
@@ -259,8 +265,8 @@ def setup_then_mirror(state: Path, purpose: dict[str, Any]) -> tuple[str, bytes]
     the mirror's agent in the same session (a runtime's first start runs one command on the
     server, not two): (the command, its stdin). Its first line out: see :func:`mirror_set_up`."""
     source, _, request = _request(state, purpose, restricted=False)
-    kid = f"{runtime_id(state)}.{purpose['name']}"
-    return _setup_command(source, then=mirror_args(purpose, kid)), source + request + b"\n"
+    return (_setup_command(source, then=mirror_args(purpose, key_id(state, purpose))),
+            source + request + b"\n")
 
 
 def mirror_set_up(state: Path, login: Login, purpose: dict[str, Any], stdout: str,
@@ -275,8 +281,7 @@ def mirror_set_up(state: Path, login: Login, purpose: dict[str, Any], stdout: st
     reply = _reply(_proc.Result(0, stdout, ""), login, error)
     _record_agent(state, login, reply)
     log.info("set up mirror on %s: the account's own login (its agent runs next)", login.dest.target)
-    return direct_command(reply["python"], reply["agent"], purpose,
-                          f"{runtime_id(state)}.{purpose['name']}")
+    return direct_command(reply["python"], reply["agent"], purpose, key_id(state, purpose))
 
 
 Runner = Callable[[str, bytes, float], "_proc.Result"]  # (command, stdin, timeout) -> what it did
@@ -302,8 +307,7 @@ def grant(state: Path, login: Login, purpose: dict[str, Any], *, password: str |
         error: the server is unreachable, lacks python3 or a new enough OpenSSH, or did not take
             the key.
     """
-    rid = runtime_id(state)
-    kid = f"{rid}.{purpose['name']}"
+    kid = key_id(state, purpose)
     if restricted and trust:
         reused = _reuse(state, login, purpose, kid, check=False)
         if reused is not None:
@@ -417,7 +421,7 @@ def installed_agent(state: Path, login: Login, purpose: dict[str, Any]) -> tuple
     installs this version (``python3``, ``~/.colab-remote/agent-<sha12>.pyz``): another runtime's
     set-up may have. When the command does not start the agent, :func:`forget_agent` and set up."""
     sha = agent_source()[1]
-    kid = f"{runtime_id(state)}.{purpose['name']}"
+    kid = key_id(state, purpose)
     try:
         info = json.loads(_agent_record(state, login).read_text())
     except (OSError, ValueError):
