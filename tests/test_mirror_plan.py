@@ -133,14 +133,18 @@ def test_a_plan_is_a_value_read_from_the_folder(tmp_path: Path) -> None:
     planner.acknowledged(whole, ok=True)
     assert not whole.sending and "new/a.txt" not in planner.sent
     assert "new/sub/b.txt" in planner.sent  # not sent again by that pass: still known
-    # a new folder's files reported with it go once, by its walk; the plan holds the folders
-    # walked, not every path sent (a first push of 300,000 files kept 20 MB more)
+    # a new folder's files reported with it go once, by its walk, and a path deleted under it
+    # is deleted; the plan holds the reported paths it took, not every path a walk read (a first
+    # push of 300,000 files kept 20 MB more)
     (root / "new" / "sub" / "b.txt").write_bytes(b"B")
-    nested = planner.plan({"new", "new/a.txt", "new/sub", "new/sub/b.txt"},
-                          added={"new", "new/sub"}, remember=False)
-    rels = [rel for _, rel, *_ in nested]
-    assert sorted(rels) == ["new", "new/a.txt", "new/link", "new/sub", "new/sub/b.txt"]
-    assert nested._seen == {"new"} and nested._walked == {"new", "new/sub"}
+    nested = planner.plan({"new", "new/a.txt", "new/sub", "new/sub/b.txt", "new/sub/gone"},
+                          added={"new", "new/sub"}, deleted={"new/sub/gone"}, remember=False)
+    ops = [(op, rel) for op, rel, *_ in nested]
+    assert sorted(rel for _, rel in ops) == ["new", "new/a.txt", "new/link", "new/sub",
+                                             "new/sub/b.txt", "new/sub/gone"]
+    assert (_agent.OP_DELETE, "new/sub/gone") in ops
+    whole_tree = planner.plan({"new"}, added={"new"}, remember=False)
+    assert len(list(whole_tree)) == 5 and whole_tree._seen == {"new"}
     everything = Planner(str(root), _sync.MirrorFilter(str(root)), delete=True, inline=False)
     shell = everything.plan({"new"}, added={"new"})
     assert {op for op, *_ in shell} == {_agent.OP_MKDIR, _agent.OP_LINK}  # files all go to rsync
