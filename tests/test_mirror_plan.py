@@ -15,7 +15,7 @@ from colab_remote import _agent, _sync
 from colab_remote._mirror import git
 from colab_remote._mirror import plan as plan_module
 from colab_remote._mirror.compare import Compare
-from colab_remote._mirror.plan import Entry, Plan, Planner, read_file, scan_local
+from colab_remote._mirror.plan import Entry, Plan, Planner, Stage, read_file, scan_local
 from colab_remote._progress import Bar
 from colab_remote.mirror import Mirror, mirror, push
 
@@ -248,6 +248,30 @@ def test_a_repositorys_files_travel_in_the_order_git_writes_them(tmp_path: Path)
     assert order == [f".git/objects/{oid[:2]}/{oid[2:]}" for oid in (sub, top, commit)] + [
         ".git/refs/heads/main"], order
     assert len(calls) == 2  # before the trees and commits, and before the names
+    # before the deletes of packed objects, once the stages before are in place: what git wrote
+    # meanwhile (the pack that holds the objects now: a second gc may have deleted the one this
+    # batch sent) goes first
+    (root / ".git/objects/pack/pack-2.pack").write_bytes(b"q" * _sync.BIG_FILE)
+    calls.clear()
+
+    def pack_meanwhile() -> Plan | None:
+        calls.append(1)
+        return planner.plan({".git/objects/pack/pack-2.pack"})
+
+    gc = planner.plan({".git/objects/12/gone2", ".git/refs/heads/main"}, deleted={".git/objects/12/gone2"},
+                      catch_up=pack_meanwhile)
+    extras, kinds = [], []
+    for stage in gc.stages():  # as the channel sends them: each read once the one before is sent
+        extras.append(gc.catch_up_before(stage))
+        kinds.append(sorted({op for op, *_ in stage.ops}))
+    # the first stage; pack-2 caught up before the names; the names; the deletes
+    assert kinds == [[], [], [_agent.OP_PUT], [_agent.OP_DELETE]]
+    assert [e is not None for e in extras] == [False, False, False, True] and len(calls) == 2
+    late_pack = extras[3]
+    assert late_pack is not None and (list(late_pack), late_pack.big) == (
+        [], [".git/objects/pack/pack-2.pack"])
+    assert planner.plan({".git/objects/12/gone2"}, deleted={".git/objects/12/gone2"}).catch_up_before(
+        Stage()) is None  # a catch-up's own plan asks nothing further
     # an object folder gc emptied and a commit filled again is the same folder: nothing deleted
     again = planner.plan({f".git/objects/{top[:2]}"}, added={f".git/objects/{top[:2]}"},
                          deleted={f".git/objects/{top[:2]}"})

@@ -372,9 +372,11 @@ class AgentChannel(Channel):
                 sent.errors += self._collect()
                 self.lane.wait_for(before)
                 sent.add(self.place(self.lane.take_finished(before), plan.planner))
+            if (extra := plan.catch_up_before(stage)) is not None:
+                sent.add(self.send(extra, progress))
             self._send_stage(stage, plan, sent, progress)
             before = [rel for rel in stage.big if git.in_repository(rel)]
-        sent.deletes = len(plan.deletes)
+        sent.deletes += len(plan.deletes)
         sent.errors += self._collect()
         plan.planner.acknowledged(plan, ok=not sent.errors)
         return sent

@@ -170,6 +170,16 @@ class Plan:
             yield self._stages[n]
             done = n
 
+    def catch_up_before(self, stage: Stage) -> Plan | None:
+        """What git wrote meanwhile (:attr:`catch_up`), asked for once the stages before
+        ``stage`` are in place, when ``stage`` deletes packed objects: the pack that holds them
+        now may have been written after this batch read the folder, or a second gc may have
+        deleted the pack this batch sent before the lane's copy was placed. It goes first, or the
+        server holds neither the pack nor the objects for a while (seen in CI: 15 of 38 cuts)."""
+        if self.catch_up is None or stage is not self._stages.get(git.PACKED):
+            return None
+        return self.catch_up()
+
     def _still_gone(self, ops: Iterable[Op]) -> Iterator[Op]:
         """The deletes that travel last, each only when its path is still gone here: git may have
         made it again since the plan looked (an object folder a gc emptied, then a new object in
