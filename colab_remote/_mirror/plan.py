@@ -150,7 +150,8 @@ class Plan:
         indexes, trees and commits, names, packed-away objects) are known once it has been
         iterated. Before the trees and commits, and again before the names, the objects git wrote
         meanwhile join the batch (:attr:`catch_up`): a commit read here may name a tree written
-        after its folder was listed."""
+        after its folder was listed. (Before the deletes of packed objects the channel asks
+        again, once the lane's files are placed: :meth:`catch_up_before`.)"""
         first = self._stages[git.BLOBS]
         first.ops = self._scan()
         yield first
